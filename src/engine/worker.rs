@@ -1,0 +1,206 @@
+//! The engine thread: loads the model, then answers forward calls one at a time.
+
+use std::io::Read;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use tch::{CModule, IValue, Tensor};
+use tokio::sync::{mpsc, oneshot};
+
+use super::error::{panic_message, torch_message, ForwardError, LoadError};
+use super::tch_device;
+use crate::device::DeviceChoice;
+
+/// One forward call and where its answer goes.
+pub(super) struct Job {
+    pub inputs: Vec<Tensor>,
+    pub reply: oneshot::Sender<Result<Vec<Tensor>, ForwardError>>,
+}
+
+/// The thread's body: load, report the load, then serve until every handle is gone.
+pub(super) fn run(
+    path: PathBuf,
+    device: DeviceChoice,
+    mut queue: mpsc::Receiver<Job>,
+    loaded: oneshot::Sender<Result<(), LoadError>>,
+) {
+    // Grad mode is per thread: every forward on this thread, warm-up included, runs
+    // without building autograd graphs.
+    let _no_grad = tch::no_grad_guard();
+
+    let span = tracing::info_span!("engine.load", path = %path.display(), %device);
+    let started = Instant::now();
+    let module = span.in_scope(|| {
+        catch_unwind(AssertUnwindSafe(|| load(&path, device))).unwrap_or_else(|payload| {
+            Err(LoadError::Panicked {
+                path: path.clone(),
+                message: panic_message(payload.as_ref()),
+            })
+        })
+    });
+    let module = match module {
+        Ok(module) => {
+            span.in_scope(|| {
+                tracing::info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "model loaded"
+                )
+            });
+            let _ = loaded.send(Ok(()));
+            module
+        }
+        Err(err) => {
+            let _ = loaded.send(Err(err));
+            return;
+        }
+    };
+
+    let model_device = tch_device(device);
+    while let Some(job) = queue.blocking_recv() {
+        let _span = tracing::debug_span!("engine.forward", inputs = job.inputs.len()).entered();
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            forward(&module, model_device, job.inputs)
+        }))
+        .unwrap_or_else(|payload| {
+            Err(ForwardError::Panicked {
+                message: panic_message(payload.as_ref()),
+            })
+        });
+        if let Err(err) = &result {
+            tracing::debug!(error = %err, "forward failed");
+        }
+        // The caller may have given up waiting; its answer has nowhere to go.
+        let _ = job.reply.send(result);
+    }
+    tracing::debug!(path = %path.display(), "engine stopped: no handles left");
+}
+
+/// TorchScript files are zip archives: check what we can before torch does, so the
+/// common mistakes get a plain reason rather than a C++ one.
+fn load(path: &Path, device: DeviceChoice) -> Result<CModule, LoadError> {
+    let unreadable = |source: std::io::Error| LoadError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    };
+    let not_torchscript = |reason: String| LoadError::NotTorchScript {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(LoadError::Missing {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(e) => return Err(unreadable(e)),
+    };
+    let meta = file.metadata().map_err(unreadable)?;
+    if meta.is_dir() {
+        return Err(not_torchscript("it is a directory".to_string()));
+    }
+    if meta.len() == 0 {
+        return Err(not_torchscript("the file is empty".to_string()));
+    }
+    let mut magic = [0u8; 4];
+    let n = file.read(&mut magic).map_err(unreadable)?;
+    if n < 4 || &magic != b"PK\x03\x04" {
+        return Err(not_torchscript(format!(
+            "it does not start like a zip archive (TorchScript files are zip archives written by torch.jit.save); its first bytes are {:02x?}",
+            &magic[..n]
+        )));
+    }
+    drop(file);
+
+    if let DeviceChoice::Cuda(index) = device {
+        let count = tch::Cuda::device_count().max(0) as usize;
+        if !tch::Cuda::is_available() || index >= count {
+            return Err(LoadError::Device {
+                path: path.to_path_buf(),
+                device,
+                message: format!("CUDA device {index} is not usable here ({count} usable)"),
+            });
+        }
+    }
+
+    let mut module = CModule::load_on_device(path, tch_device(device)).map_err(|err| {
+        let message = torch_message(&err);
+        if message.to_ascii_lowercase().contains("cuda") {
+            LoadError::Device {
+                path: path.to_path_buf(),
+                device,
+                message,
+            }
+        } else {
+            not_torchscript(message)
+        }
+    })?;
+    module
+        .f_set_eval()
+        .map_err(|err| not_torchscript(torch_message(&err)))?;
+    Ok(module)
+}
+
+fn forward(
+    module: &CModule,
+    device: tch::Device,
+    inputs: Vec<Tensor>,
+) -> Result<Vec<Tensor>, ForwardError> {
+    let inputs = inputs
+        .into_iter()
+        .map(|t| t.f_to_device(device).map(IValue::Tensor))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ForwardError::from_torch)?;
+    let output = module
+        .forward_is(&inputs)
+        .map_err(ForwardError::from_torch)?;
+    output_tensors(output)?
+        .into_iter()
+        .map(|t| {
+            t.f_to_device(tch::Device::Cpu)
+                .map_err(ForwardError::from_torch)
+        })
+        .collect()
+}
+
+/// A tensor, or a tuple or list of tensors, flattened in order.
+fn output_tensors(value: IValue) -> Result<Vec<Tensor>, ForwardError> {
+    match value {
+        IValue::Tensor(t) => Ok(vec![t]),
+        IValue::TensorList(ts) => Ok(ts),
+        IValue::Tuple(items) | IValue::GenericList(items) => items
+            .into_iter()
+            .map(|item| match item {
+                IValue::Tensor(t) => Ok(t),
+                other => Err(ForwardError::UnsupportedOutput {
+                    found: format!("a sequence holding {}", ivalue_kind(&other)),
+                }),
+            })
+            .collect(),
+        other => Err(ForwardError::UnsupportedOutput {
+            found: ivalue_kind(&other).to_string(),
+        }),
+    }
+}
+
+/// A name for what a model returned, for the error text.
+fn ivalue_kind(value: &IValue) -> &'static str {
+    match value {
+        IValue::None => "None",
+        IValue::Tensor(_) => "a tensor",
+        IValue::Double(_) => "a float",
+        IValue::Int(_) => "an int",
+        IValue::Bool(_) => "a bool",
+        IValue::Tuple(_) => "a tuple",
+        IValue::IntList(_) | IValue::DoubleList(_) | IValue::BoolList(_) => "a list of numbers",
+        IValue::String(_) => "a string",
+        IValue::StringList(_) => "a list of strings",
+        IValue::TensorList(_) => "a list of tensors",
+        IValue::GenericList(_) => "a list",
+        IValue::GenericDict(_) => "a dict",
+        IValue::Object(_) => "an object",
+        IValue::Device(_) => "a device",
+        _ => "an unsupported value",
+    }
+}

@@ -1,0 +1,94 @@
+//! Helpers shared by the integration tests: real TorchScript models, traced here.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::{Path, PathBuf};
+
+use harness::engine::{Kind, Tensor};
+
+/// The weights of [`affine`], made outside any traced closure so the trace records
+/// them as constants.
+pub struct Affine {
+    pub w: Tensor,
+    pub b: Tensor,
+}
+
+impl Affine {
+    pub fn new() -> Self {
+        let w = Tensor::from_slice(&[
+            0.5f32, -1.0, 0.25, 2.0, -0.75, 1.5, 0.125, 0.0, -2.0, 1.0, 3.0, -0.5,
+        ])
+        .reshape([4, 3]);
+        let b = Tensor::from_slice(&[0.1f32, 0.2, -0.3]);
+        Affine { w, b }
+    }
+
+    /// `tanh(x·W + b)`. (A traced closure must return one tensor: tch cannot save
+    /// a traced method with several outputs.)
+    pub fn apply(&self, x: &Tensor) -> Vec<Tensor> {
+        vec![(x.matmul(&self.w) + &self.b).tanh()]
+    }
+
+    /// Traces [`Affine::apply`] on a `[2, 4]` input and saves it under `dir`.
+    pub fn save(&self, dir: &Path) -> PathBuf {
+        let _no_grad = tch::no_grad_guard();
+        let path = dir.join("affine.pt");
+        let module =
+            tch::CModule::create_by_tracing("Affine", "forward", &[input(2, 0.0)], &mut |xs| {
+                self.apply(&xs[0])
+            })
+            .expect("tracing the affine model");
+        module.save(&path).expect("saving the affine model");
+        path
+    }
+}
+
+/// A deterministic `[batch, 4]` float input, shifted by `offset` so that callers can
+/// tell their answers apart.
+pub fn input(batch: i64, offset: f64) -> Tensor {
+    Tensor::arange(batch * 4, (Kind::Float, tch::Device::Cpu)).reshape([batch, 4]) / 7.0 + offset
+}
+
+/// Asserts two tensors have the same shape and close values.
+pub fn assert_close(got: &Tensor, want: &Tensor) {
+    assert_eq!(got.size(), want.size(), "shapes differ");
+    assert!(
+        got.allclose(want, 1e-5, 1e-6, false),
+        "values differ:\n got {got}\nwant {want}"
+    );
+}
+
+/// The Python of the libtorch environment (`libtorch/install --python`), where the
+/// project's model tools run.
+pub fn torch_python() -> PathBuf {
+    let install = Path::new(env!("CARGO_MANIFEST_DIR")).join("libtorch/install");
+    let out = std::process::Command::new(&install)
+        .arg("--python")
+        .output()
+        .expect("running libtorch/install --python");
+    assert!(
+        out.status.success(),
+        "libtorch/install --python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// Runs `script` with the torch Python, with `args`, and asserts it succeeded.
+/// (`torch.jit.script` reads the source of what it compiles, so the script is
+/// written to a file rather than passed with `-c`.)
+pub fn run_python(script: &str, args: &[&Path]) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("script.py");
+    std::fs::write(&file, script).unwrap();
+    let out = std::process::Command::new(torch_python())
+        .arg(&file)
+        .args(args)
+        .env("PYTHONWARNINGS", "ignore")
+        .output()
+        .expect("running the torch Python");
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
