@@ -216,6 +216,83 @@ mod tests {
         assert!(err.to_string().contains("has 2"), "{err}");
     }
 
+    fn facts(device_count: usize) -> GpuFacts {
+        GpuFacts {
+            cuda_available: device_count > 0,
+            device_count,
+            devices: (0..device_count)
+                .map(|index| crate::engine::gpu::GpuDevice {
+                    index,
+                    name: "NVIDIA H200".to_string(),
+                })
+                .collect(),
+            cudart_linked: true,
+            cudnn_available: device_count > 0,
+            driver_version: None,
+            libtorch_version: "2.11.0",
+            libtorch_path: None,
+        }
+    }
+
+    /// Runs `f` with a subscriber that writes plain log lines into a buffer.
+    fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let out = tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        (out, text)
+    }
+
+    #[test]
+    fn the_serve_path_logs_what_the_original_harness_did() {
+        let (chosen, log) =
+            logged(|| choose_serving_device(DevicePolicy::Cuda, &facts(1), "embedder"));
+        assert_eq!(chosen, Ok(DeviceChoice::Cuda(0)));
+        assert!(log.contains("INFO"), "{log}");
+        assert!(
+            log.contains("CUDA GPU access confirmed; starting serving embedder"),
+            "{log}"
+        );
+        assert!(log.contains("cuda:0 NVIDIA H200"), "names the GPU: {log}");
+
+        let (chosen, log) =
+            logged(|| choose_serving_device(DevicePolicy::Cuda, &facts(0), "embedder"));
+        assert!(matches!(chosen, Err(NoGpu::NoCuda { .. })));
+        assert!(log.contains("WARN"), "{log}");
+        assert!(
+            log.contains("no CUDA GPU access; serving embedder will NOT be started"),
+            "{log}"
+        );
+
+        let (chosen, log) =
+            logged(|| choose_serving_device(DevicePolicy::Auto, &facts(0), "embedder"));
+        assert_eq!(chosen, Ok(DeviceChoice::Cpu));
+        assert!(
+            log.contains("starting serving embedder on the CPU"),
+            "{log}"
+        );
+        assert!(
+            !log.contains("WARN"),
+            "auto without a GPU is not a warning: {log}"
+        );
+    }
+
     #[test]
     fn only_cuda_policies_require_cuda() {
         assert!(DevicePolicy::Cuda.requires_cuda());

@@ -1,0 +1,55 @@
+# The two commands a newcomer needs: `make run` and `make test`. Each installs
+# what is missing first (libtorch, once per machine, into ~/.cache/harness).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+CARGO ?= cargo
+
+# libtorch/install is a no-op once installed and prints the libtorch folder.
+WITH_LIBTORCH = command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs, then run make again" >&2; exit 1; }; \
+	lt="$$(libtorch/install)"; export LIBTORCH="$$lt";
+
+.PHONY: help run test lint fmt build release gpu-check libtorch clean
+
+help:
+	@echo "make run        show GPU access, then serve a demo model through the engine"
+	@echo "make test       run every test (installs libtorch first if missing)"
+	@echo "make lint       cargo fmt --check and clippy -D warnings"
+	@echo "make release    build target/release/harness"
+	@echo "make gpu-check  prepare the check for a lent GPU machine (scripts/gpu-check)"
+
+libtorch:
+	@libtorch/install
+
+# Until the serving lands, the node is the engine: gpu-check, then a forward on the
+# demo model. HARNESS_DEVICE defaults to auto here, so a laptop uses its CPU.
+run:
+	@$(WITH_LIBTORCH) $(CARGO) build --bin harness
+	@echo "== harness gpu-check"; $(CARGO) run -q --bin harness -- gpu-check || true
+	@echo; echo "== harness demo (HARNESS_DEVICE=$${HARNESS_DEVICE:-auto})"
+	@$(WITH_LIBTORCH) HARNESS_DEVICE="$${HARNESS_DEVICE:-auto}" $(CARGO) run -q --bin harness -- demo
+
+test:
+	@$(WITH_LIBTORCH) $(CARGO) test --workspace
+	@# The client crate must build with no libtorch anywhere in sight.
+	@env -u LIBTORCH -u LIBTORCH_USE_PYTORCH $(CARGO) build -q -p harness-client
+	@echo "harness-client builds without libtorch"
+
+lint:
+	$(CARGO) fmt --all -- --check
+	@$(WITH_LIBTORCH) $(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+build:
+	@$(WITH_LIBTORCH) $(CARGO) build --workspace
+
+release:
+	@$(WITH_LIBTORCH) $(CARGO) build --release --bin harness
+
+gpu-check:
+	@scripts/gpu-check
+
+clean:
+	$(CARGO) clean
+	rm -rf dist
