@@ -1,8 +1,14 @@
 //! Every setting, as a flag and an environment variable (the names are DESIGN.md's
 //! public contract). Settings join this type as the features that use them land.
 
+use std::path::{Path, PathBuf};
+
 use crate::device::DevicePolicy;
+use crate::fetch::{FetchOptions, FetchSpec, Secret};
 use crate::logging::LogFormat;
+
+/// The files a tensor model needs when `HARNESS_MODEL_FILES` is unset.
+pub const DEFAULT_TENSOR_FILES: &[&str] = &["model.pt"];
 
 /// The settings common to every `harness` command.
 #[derive(Debug, Clone, clap::Args)]
@@ -30,4 +36,139 @@ pub struct Config {
         global = true
     )]
     pub log_format: LogFormat,
+
+    #[command(flatten)]
+    pub model: ModelConfig,
+}
+
+/// Where the model comes from.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelConfig {
+    /// The Hub repo, `org/name`.
+    #[arg(long, env = "HARNESS_MODEL_REPO", global = true)]
+    pub model_repo: Option<String>,
+
+    /// Branch, tag or commit. A pinned commit needs no network once cached.
+    #[arg(
+        long,
+        env = "HARNESS_MODEL_REVISION",
+        default_value = "main",
+        global = true
+    )]
+    pub model_revision: String,
+
+    /// Comma-separated files to fetch (default: `model.pt`).
+    #[arg(
+        long,
+        env = "HARNESS_MODEL_FILES",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub model_files: Vec<String>,
+
+    /// Serve from this local folder instead of the Hub.
+    #[arg(long, env = "HARNESS_MODEL_DIR", global = true)]
+    pub model_dir: Option<PathBuf>,
+
+    /// The cache root (the Hub layout is under `huggingface/hub`). Default:
+    /// `/data/cache` when `/data` is writable (the Fly volume), else the user cache dir.
+    #[arg(long, env = "HARNESS_CACHE_DIR", global = true)]
+    pub cache_dir: Option<PathBuf>,
+
+    /// The Hub's base URL (mirrors, tests).
+    #[arg(
+        long,
+        env = "HF_ENDPOINT",
+        default_value = "https://huggingface.co",
+        global = true
+    )]
+    pub hf_endpoint: String,
+
+    /// A Hub token for gated or private repos. Never logged.
+    #[arg(long, env = "HF_TOKEN", hide_env_values = true, global = true)]
+    pub hf_token: Option<Secret>,
+
+    /// Use the cache only; a missing file is an error naming it.
+    #[arg(long, env = "HARNESS_OFFLINE", global = true)]
+    pub offline: bool,
+}
+
+/// Where the model's files come from, resolved from the settings.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    Hub(FetchSpec),
+    Dir { dir: PathBuf, files: Vec<String> },
+}
+
+impl ModelConfig {
+    /// The files to fetch: `HARNESS_MODEL_FILES`, else the task's defaults.
+    pub fn files(&self) -> Vec<String> {
+        let files: Vec<String> = self
+            .model_files
+            .iter()
+            .map(|f| f.trim().to_string())
+            .filter(|f| !f.is_empty())
+            .collect();
+        if files.is_empty() {
+            DEFAULT_TENSOR_FILES.iter().map(|f| f.to_string()).collect()
+        } else {
+            files
+        }
+    }
+
+    /// `HARNESS_CACHE_DIR`, or its default.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir.clone().unwrap_or_else(default_cache_dir)
+    }
+
+    /// The model's source, or what setting is missing.
+    pub fn source(&self) -> Result<ModelSource, String> {
+        let files = self.files();
+        if let Some(dir) = &self.model_dir {
+            return Ok(ModelSource::Dir {
+                dir: dir.clone(),
+                files,
+            });
+        }
+        let repo = self
+            .model_repo
+            .clone()
+            .filter(|r| !r.trim().is_empty())
+            .ok_or(
+            "set HARNESS_MODEL_REPO (a Hub repo, org/name) or HARNESS_MODEL_DIR (a local folder)",
+        )?;
+        Ok(ModelSource::Hub(FetchSpec {
+            repo: repo.trim().to_string(),
+            revision: self.model_revision.trim().to_string(),
+            files,
+            cache_dir: self.cache_dir(),
+            endpoint: self.hf_endpoint.clone(),
+            token: self.hf_token.clone().filter(|t| !t.expose().is_empty()),
+            offline: self.offline,
+            options: FetchOptions::default(),
+        }))
+    }
+}
+
+/// `/data/cache` when `/data` (the Fly volume) is writable, else `$XDG_CACHE_HOME`
+/// or `~/.cache`, where Python's Hub cache also lives by default.
+pub fn default_cache_dir() -> PathBuf {
+    let data = Path::new("/data");
+    if is_writable_dir(data) {
+        return data.join("cache");
+    }
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| std::env::temp_dir().join("harness-cache"))
+}
+
+fn is_writable_dir(dir: &Path) -> bool {
+    if !dir.is_dir() {
+        return false;
+    }
+    let probe = dir.join(format!(".harness-write-check-{}", std::process::id()));
+    let ok = std::fs::write(&probe, b"").is_ok();
+    let _ = std::fs::remove_file(&probe);
+    ok
 }

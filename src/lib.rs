@@ -9,4 +9,5 @@ pub mod cli;
 pub mod config;
 pub mod device;
 pub mod engine;
+pub mod fetch;
 pub mod logging;

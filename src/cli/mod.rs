@@ -1,6 +1,7 @@
 //! The `harness` command line: one file per verb.
 
 mod demo;
+mod fetch;
 mod gpu_check;
 
 use std::process::ExitCode;
@@ -28,6 +29,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Download and verify the model's files into the cache (or find them there),
+    /// print their local paths, and exit.
+    Fetch,
     /// Trace a small built-in model, serve one batch through the engine on the
     /// configured device, and check the answer against a direct computation.
     Demo {
@@ -42,6 +46,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     crate::logging::init(cli.config.log_format);
     match cli.command {
         Command::GpuCheck { json } => gpu_check::run(json),
+        Command::Fetch => fetch::run(&cli.config),
         Command::Demo { batch } => demo::run(&cli.config, batch),
     }
 }

@@ -92,3 +92,4 @@ pub fn run_python(script: &str, args: &[&Path]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+pub mod hub;

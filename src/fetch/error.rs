@@ -1,0 +1,95 @@
+//! The fetch's errors, each saying what to do about it.
+
+use std::path::PathBuf;
+
+/// Why the model's files could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{repo} is gated or private and {}: the Hub answered {status} for {url}", token_advice(*.token_sent))]
+    Unauthorized {
+        repo: String,
+        url: String,
+        status: u16,
+        token_sent: bool,
+    },
+    #[error("{}", not_found_message(.repo, .revision, .file.as_deref(), .code.as_deref()))]
+    NotFound {
+        repo: String,
+        revision: String,
+        file: Option<String>,
+        /// The Hub's `X-Error-Code` (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`).
+        code: Option<String>,
+    },
+    #[error("{file} failed its check {attempts} times (expected {expected}, got {got}); the Hub or a proxy is serving wrong bytes")]
+    Integrity {
+        file: String,
+        expected: String,
+        got: String,
+        attempts: u32,
+    },
+    #[error("the disk is full writing {path}: free space on that volume, or point HARNESS_CACHE_DIR at a larger one (the model needs {needed_bytes} bytes)")]
+    DiskFull { path: PathBuf, needed_bytes: u64 },
+    #[error("cannot write the cache at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the Hub answered {status} for {url} after {attempts} attempts")]
+    Http {
+        url: String,
+        status: u16,
+        attempts: u32,
+    },
+    #[error("cannot reach the Hub at {url} after {attempts} attempts: {message}; check HF_ENDPOINT and the network, or set HARNESS_OFFLINE=1 to use the cache")]
+    Unreachable {
+        url: String,
+        message: String,
+        attempts: u32,
+    },
+    #[error("the Hub's answer for {url} is missing {what}")]
+    Protocol { url: String, what: String },
+    #[error("HARNESS_OFFLINE is set and the cache at {cache} lacks {repo} at {revision}: missing {}; run `harness fetch` once with network access", .missing.join(", "))]
+    OfflineMissing {
+        repo: String,
+        revision: String,
+        cache: PathBuf,
+        missing: Vec<String>,
+    },
+    #[error("HARNESS_MODEL_DIR {dir} lacks {}", .missing.join(", "))]
+    LocalMissing { dir: PathBuf, missing: Vec<String> },
+    #[error("invalid fetch setting: {0}")]
+    Config(String),
+}
+
+fn token_advice(token_sent: bool) -> &'static str {
+    if token_sent {
+        "HF_TOKEN was refused: check the token has read access and that its account accepted the model's terms"
+    } else {
+        "no token was sent: set HF_TOKEN to a token with read access (https://huggingface.co/settings/tokens)"
+    }
+}
+
+fn not_found_message(repo: &str, revision: &str, file: Option<&str>, code: Option<&str>) -> String {
+    let advice = "check HARNESS_MODEL_REPO, HARNESS_MODEL_REVISION and HARNESS_MODEL_FILES";
+    match (code, file) {
+        (Some("RepoNotFound"), _) | (_, None) => format!(
+            "repo {repo} not found on the Hub (or it is private and HF_TOKEN is unset): {advice}"
+        ),
+        (Some("RevisionNotFound"), _) => {
+            format!("revision {revision} not found in {repo}: {advice}")
+        }
+        (_, Some(file)) => {
+            format!("file {file} not found in {repo} at revision {revision}: {advice}")
+        }
+    }
+}
+
+impl FetchError {
+    /// Whether this is the Hub being unreachable (or failing), as opposed to an
+    /// answer about the request: only then does a branch fall back to the cache.
+    pub fn is_hub_unavailable(&self) -> bool {
+        matches!(self, FetchError::Unreachable { .. })
+            || matches!(self, FetchError::Http { status, .. } if *status >= 500 || *status == 429)
+    }
+}

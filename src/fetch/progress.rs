@@ -1,0 +1,214 @@
+//! Download progress: published in-process (for `/status`) and logged as lines,
+//! since a deploy is watched through its logs, not a terminal.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Shared progress of one fetch. Cheap to read from any thread.
+#[derive(Debug, Default)]
+pub struct FetchProgress {
+    bytes_done: AtomicU64,
+    bytes_total: AtomicU64,
+    file: Mutex<Option<String>>,
+}
+
+/// A reading of [`FetchProgress`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ProgressSnapshot {
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// The file being downloaded now, if any.
+    pub file: Option<String>,
+}
+
+impl FetchProgress {
+    pub fn snapshot(&self) -> ProgressSnapshot {
+        ProgressSnapshot {
+            bytes_done: self.bytes_done.load(Ordering::Relaxed),
+            bytes_total: self.bytes_total.load(Ordering::Relaxed),
+            file: self.file.lock().map(|f| f.clone()).unwrap_or_default(),
+        }
+    }
+
+    pub(crate) fn set_total(&self, bytes: u64) {
+        self.bytes_total.store(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_done(&self, bytes: u64) {
+        self.bytes_done.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn sub_done(&self, bytes: u64) {
+        self.bytes_done.fetch_sub(
+            bytes.min(self.bytes_done.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+    }
+
+    pub(crate) fn set_file(&self, file: Option<&str>) {
+        if let Ok(mut current) = self.file.lock() {
+            *current = file.map(str::to_string);
+        }
+    }
+}
+
+/// Logs one file's transfer: a line when it starts and ends, and every `every` a
+/// line with bytes, percent, rate and ETA.
+pub(crate) struct FileMeter<'a> {
+    progress: &'a FetchProgress,
+    file: &'a str,
+    size: u64,
+    /// Bytes of this file held so far (a resumed transfer starts above zero).
+    have: u64,
+    started: Instant,
+    started_at: u64,
+    last_log: Instant,
+    every: Duration,
+}
+
+impl<'a> FileMeter<'a> {
+    pub fn start(progress: &'a FetchProgress, file: &'a str, size: u64, every: Duration) -> Self {
+        progress.set_file(Some(file));
+        tracing::info!(
+            file,
+            bytes = size,
+            "downloading {file} ({})",
+            human_bytes(size)
+        );
+        let now = Instant::now();
+        FileMeter {
+            progress,
+            file,
+            size,
+            have: 0,
+            started: now,
+            started_at: 0,
+            last_log: now,
+            every,
+        }
+    }
+
+    /// The transfer (re)starts with `have` bytes already on disk.
+    pub fn resume_at(&mut self, have: u64) {
+        if have < self.have {
+            self.progress.sub_done(self.have - have);
+        } else {
+            self.progress.add_done(have - self.have);
+        }
+        if have > 0 {
+            tracing::info!(
+                file = self.file,
+                offset = have,
+                "resuming {} at {}",
+                self.file,
+                human_bytes(have)
+            );
+        }
+        self.have = have;
+        self.started = Instant::now();
+        self.started_at = have;
+    }
+
+    pub fn advance(&mut self, bytes: u64) {
+        self.have += bytes;
+        self.progress.add_done(bytes);
+        if self.last_log.elapsed() >= self.every {
+            self.last_log = Instant::now();
+            let elapsed = self.started.elapsed().as_secs_f64().max(1e-3);
+            let rate = (self.have - self.started_at) as f64 / elapsed;
+            let left = self.size.saturating_sub(self.have);
+            let eta = if rate > 0.0 {
+                format!("{:.0}s", left as f64 / rate)
+            } else {
+                "unknown".to_string()
+            };
+            let percent = if self.size > 0 {
+                self.have as f64 * 100.0 / self.size as f64
+            } else {
+                100.0
+            };
+            tracing::info!(
+                file = self.file,
+                bytes_done = self.have,
+                bytes_total = self.size,
+                "downloading {}: {percent:.1}% ({} of {}) at {}/s, ETA {eta}",
+                self.file,
+                human_bytes(self.have),
+                human_bytes(self.size),
+                human_bytes(rate as u64),
+            );
+        }
+    }
+
+    pub fn finish(self) {
+        let elapsed = self.started.elapsed();
+        let rate = (self.have - self.started_at) as f64 / elapsed.as_secs_f64().max(1e-3);
+        tracing::info!(
+            file = self.file,
+            bytes = self.size,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "downloaded and verified {} ({} at {}/s)",
+            self.file,
+            human_bytes(self.size),
+            human_bytes(rate as u64)
+        );
+        self.progress.set_file(None);
+    }
+}
+
+/// `1.5 GiB`, `12.0 MiB`, `512 B`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_read_as_people_write_them() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(1 << 30), "1.0 GiB");
+    }
+
+    #[test]
+    fn a_resumed_file_counts_its_bytes_once() {
+        let progress = FetchProgress::default();
+        progress.set_total(100);
+        let mut meter = FileMeter::start(&progress, "f", 100, Duration::from_secs(60));
+        meter.resume_at(0);
+        meter.advance(30);
+        // The transfer broke and 30 bytes are on disk: resume there.
+        meter.resume_at(30);
+        meter.advance(70);
+        assert_eq!(progress.snapshot().bytes_done, 100);
+        // A restart from zero (the server ignored Range) takes the bytes back.
+        meter.resume_at(0);
+        assert_eq!(progress.snapshot().bytes_done, 0);
+        meter.advance(100);
+        meter.finish();
+        assert_eq!(
+            progress.snapshot(),
+            ProgressSnapshot {
+                bytes_done: 100,
+                bytes_total: 100,
+                file: None
+            }
+        );
+    }
+}
