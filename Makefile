@@ -8,11 +8,12 @@ CARGO ?= cargo
 WITH_LIBTORCH = command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs, then run make again" >&2; exit 1; }; \
 	lt="$$(libtorch/install)"; export LIBTORCH="$$lt";
 
-.PHONY: help run test lint fmt build release gpu-check libtorch clean
+.PHONY: help run test bench lint fmt build release gpu-check libtorch clean
 
 help:
 	@echo "make run        show GPU access, then serve a demo model through the engine"
 	@echo "make test       run every test (installs libtorch first if missing)"
+	@echo "make bench      benchmarks (results go in BENCHMARKS.md)"
 	@echo "make lint       cargo fmt --check and clippy -D warnings"
 	@echo "make release    build target/release/harness"
 	@echo "make gpu-check  prepare the check for a lent GPU machine (scripts/gpu-check)"
@@ -34,6 +35,10 @@ test:
 	@# The client crate must build with no libtorch anywhere in sight.
 	@env -u LIBTORCH -u LIBTORCH_USE_PYTORCH $(CARGO) build -q -p harness-client
 	@echo "harness-client builds without libtorch"
+
+# Side-by-side benchmarks, release build; see BENCHMARKS.md.
+bench:
+	@$(WITH_LIBTORCH) $(CARGO) bench --bench fetch
 
 lint:
 	$(CARGO) fmt --all -- --check

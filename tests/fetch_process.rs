@@ -25,7 +25,9 @@ fn fetch_command(hub: &TestHub, cache: &Path) -> Command {
 }
 
 async fn run(mut cmd: Command) -> Output {
-    tokio::task::spawn_blocking(move || cmd.output().expect("running harness fetch")).await.unwrap()
+    tokio::task::spawn_blocking(move || cmd.output().expect("running harness fetch"))
+        .await
+        .unwrap()
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -44,7 +46,11 @@ fn repo_dir(cache: &Path) -> PathBuf {
 async fn hub_with_model(len: usize) -> (TestHub, Vec<u8>) {
     let hub = TestHub::start().await;
     let model = content(len, 7);
-    hub.commit(REPO, "main", &[("model.pt", &model, true), ("config.json", b"{}", false)]);
+    hub.commit(
+        REPO,
+        "main",
+        &[("model.pt", &model, true), ("config.json", b"{}", false)],
+    );
     (hub, model)
 }
 
@@ -54,24 +60,38 @@ async fn fetch_prints_the_local_paths_and_keeps_the_token_out_of_its_logs() {
     hub.require_token(REPO, "hf_never_print_me");
     let cache = tempfile::tempdir().unwrap();
     let mut cmd = fetch_command(&hub, cache.path());
-    cmd.env("HF_TOKEN", "hf_never_print_me").env("RUST_LOG", "trace");
+    cmd.env("HF_TOKEN", "hf_never_print_me")
+        .env("RUST_LOG", "trace");
     let out = run(cmd).await;
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "{stderr}");
     let paths: Vec<&str> = stdout.lines().collect();
     assert_eq!(paths.len(), 2, "{stdout}");
-    assert!(paths[0].ends_with("/model.pt") && paths[1].ends_with("/config.json"), "{stdout}");
+    assert!(
+        paths[0].ends_with("/model.pt") && paths[1].ends_with("/config.json"),
+        "{stdout}"
+    );
     assert_eq!(std::fs::read(paths[0]).unwrap(), model);
-    assert!(stderr.contains("downloaded and verified model.pt"), "{stderr}");
-    assert!(!stderr.contains("hf_never_print_me") && !stdout.contains("hf_never_print_me"), "the token leaked:\n{stderr}");
+    assert!(
+        stderr.contains("downloaded and verified model.pt"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("hf_never_print_me") && !stdout.contains("hf_never_print_me"),
+        "the token leaked:\n{stderr}"
+    );
 
     // An error: non-zero, and the message says what to do.
     let mut cmd = fetch_command(&hub, cache.path());
-    cmd.env("HARNESS_MODEL_FILES", "weights.bin").env("HF_TOKEN", "hf_never_print_me");
+    cmd.env("HARNESS_MODEL_FILES", "weights.bin")
+        .env("HF_TOKEN", "hf_never_print_me");
     let out = run(cmd).await;
     assert_eq!(out.status.code(), Some(2));
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("file weights.bin not found in acme/big-model"), "{stderr}");
+    assert!(
+        stderr.contains("file weights.bin not found in acme/big-model"),
+        "{stderr}"
+    );
     assert!(stderr.contains("HARNESS_MODEL_FILES"), "{stderr}");
 }
 
@@ -81,9 +101,15 @@ async fn a_fetch_killed_mid_download_resumes_on_the_next_run() {
     hub.set_rate(Some(1_000_000));
     let cache = tempfile::tempdir().unwrap();
     let blob_name = sha256(&model);
-    let part = repo_dir(cache.path()).join("blobs").join(format!("{blob_name}.incomplete"));
+    let part = repo_dir(cache.path())
+        .join("blobs")
+        .join(format!("{blob_name}.incomplete"));
 
-    let mut child = fetch_command(&hub, cache.path()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = fetch_command(&hub, cache.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0) < 1_000_000 {
         assert!(Instant::now() < deadline, "the download never got going");
@@ -93,8 +119,17 @@ async fn a_fetch_killed_mid_download_resumes_on_the_next_run() {
     child.wait().unwrap();
     let kept = std::fs::metadata(&part).unwrap().len();
     assert!(kept > 0 && kept < model.len() as u64, "{kept}");
-    assert!(!repo_dir(cache.path()).join("blobs").join(&blob_name).exists(), "no half file under its final name");
-    assert!(!repo_dir(cache.path()).join("snapshots").exists(), "nothing in a snapshot");
+    assert!(
+        !repo_dir(cache.path())
+            .join("blobs")
+            .join(&blob_name)
+            .exists(),
+        "no half file under its final name"
+    );
+    assert!(
+        !repo_dir(cache.path()).join("snapshots").exists(),
+        "nothing in a snapshot"
+    );
 
     hub.set_rate(None);
     hub.clear_served();
@@ -102,10 +137,21 @@ async fn a_fetch_killed_mid_download_resumes_on_the_next_run() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let path = text(&out.stdout).lines().next().unwrap().to_string();
     assert_eq!(sha256(&std::fs::read(path).unwrap()), blob_name);
-    let gets: Vec<_> = hub.served().into_iter().filter(|s| s.method == "GET" && s.path.starts_with("/cdn/")).collect();
+    let gets: Vec<_> = hub
+        .served()
+        .into_iter()
+        .filter(|s| s.method == "GET" && s.path.starts_with("/cdn/"))
+        .collect();
     assert_eq!(gets.len(), 1, "{gets:?}");
-    let start: u64 = gets[0].range.as_deref().and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok()).expect("a Range request");
-    assert!(start >= kept.min(1_000_000), "resumed at {start}, had {kept}");
+    let start: u64 = gets[0]
+        .range
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+        .expect("a Range request");
+    assert!(
+        start >= kept.min(1_000_000),
+        "resumed at {start}, had {kept}"
+    );
     assert!(!part.exists());
 }
 
@@ -114,15 +160,25 @@ async fn two_processes_fetching_one_cache_both_succeed_and_download_once() {
     let (hub, model) = hub_with_model(2_000_000).await;
     hub.set_rate(Some(4_000_000));
     let cache = tempfile::tempdir().unwrap();
-    let (a, b) = tokio::join!(run(fetch_command(&hub, cache.path())), run(fetch_command(&hub, cache.path())));
+    let (a, b) = tokio::join!(
+        run(fetch_command(&hub, cache.path())),
+        run(fetch_command(&hub, cache.path()))
+    );
     for out in [&a, &b] {
         assert!(out.status.success(), "{}", text(&out.stderr));
     }
     assert_eq!(a.stdout, b.stdout, "the same paths");
     let path = text(&a.stdout).lines().next().unwrap().to_string();
     assert_eq!(std::fs::read(path).unwrap(), model);
-    let full_gets = hub.served().iter().filter(|s| s.method == "GET" && s.path.starts_with("/cdn/")).count();
-    assert_eq!(full_gets, 1, "one process downloaded, the other waited for it");
+    let full_gets = hub
+        .served()
+        .iter()
+        .filter(|s| s.method == "GET" && s.path.starts_with("/cdn/"))
+        .count();
+    assert_eq!(
+        full_gets, 1,
+        "one process downloaded, the other waited for it"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

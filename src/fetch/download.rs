@@ -9,8 +9,8 @@ use futures_util::StreamExt;
 use reqwest::header;
 use reqwest::{Method, StatusCode};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 
+use super::blob_writer::BlobWriter;
 use super::cache::{BlobLock, RepoCache};
 use super::hub::{Attempt, FileMeta, Hub};
 use super::progress::{FetchProgress, FileMeter};
@@ -46,8 +46,8 @@ pub(super) async fn ensure_blob(
     let mut bad_content = 0u32;
     loop {
         let before = file_len(&part);
-        match transfer(hub, meta, &part, &mut meter).await {
-            Ok(()) => {}
+        let digest = match transfer(hub, meta, &part, &mut meter).await {
+            Ok(digest) => digest,
             Err(Attempt::Fatal(err)) => return Err(err),
             Err(Attempt::Retry {
                 reason,
@@ -79,8 +79,8 @@ pub(super) async fn ensure_blob(
                 tokio::time::sleep(delay).await;
                 continue;
             }
-        }
-        match check_content(&part, meta).await? {
+        };
+        match check_content(&part, meta, digest.as_deref()) {
             None => {
                 std::fs::rename(&part, &blob).map_err(|source| FetchError::Io {
                     path: blob.clone(),
@@ -109,21 +109,32 @@ pub(super) async fn ensure_blob(
 }
 
 /// One GET into the `.incomplete` file, resuming after what it already holds.
-/// `Ok` means the file now holds exactly the announced size.
+/// `Ok` means the file now holds exactly the announced size; for an LFS file it
+/// carries the sha256 of the whole file, hashed as the bytes arrived (so a
+/// gigabyte is not read back from disk to be checked).
 async fn transfer(
     hub: &Hub,
     meta: &FileMeta,
     part: &Path,
     meter: &mut FileMeter<'_>,
-) -> Result<(), Attempt> {
+) -> Result<Option<String>, Attempt> {
     let mut have = file_len(part);
     if have > meta.size {
         truncate(part, 0, meta.size)?;
         have = 0;
     }
     meter.resume_at(have);
+    // The hash of what is already on disk (only a resumed file has any).
+    let mut hasher = match meta.sha256() {
+        Some(_) => Some(
+            hash_prefix(part, have)
+                .await
+                .map_err(|e| Attempt::Fatal(write_error(part, e, meta.size)))?,
+        ),
+        None => None,
+    };
     if have == meta.size {
-        return Ok(());
+        return Ok(hasher.map(hex_digest));
     }
 
     let mut url = meta.download_url.clone();
@@ -169,6 +180,7 @@ async fn transfer(
                 truncate(part, 0, meta.size)?;
                 have = 0;
                 meter.resume_at(0);
+                hasher = hasher.map(|_| Sha256::new());
             }
         }
         StatusCode::RANGE_NOT_SATISFIABLE => {
@@ -180,44 +192,45 @@ async fn transfer(
         _ => return Err(hub.status_failure(&url, Some(&meta.file), &response)),
     }
 
-    let file = tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(part)
-        .await
-        .map_err(|e| write_error(part, e, meta.size))?;
-    let mut out = tokio::io::BufWriter::with_capacity(1 << 20, file);
-    let mut body = response.bytes_stream();
-    // Whatever happens, what arrived is flushed to disk so that the next attempt
+    // Whatever happens, what arrived reaches the disk, so that the next attempt
     // (or the next process) resumes after it.
-    let streamed: Result<(), Attempt> = async {
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| hub.transport(&url, e))?;
-            if have + chunk.len() as u64 > meta.size {
-                return Err(retry_now("the server sent more bytes than it announced"));
+    let writer = BlobWriter::start(part, hasher.take())
+        .map_err(|e| Attempt::Fatal(write_error(part, e, meta.size)))?;
+    let mut body = response.bytes_stream();
+    let mut broken = None;
+    let mut overflow = false;
+    while let Some(chunk) = body.next().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(err) => {
+                broken = Some(hub.transport(&url, err));
+                break;
             }
-            out.write_all(&chunk)
-                .await
-                .map_err(|e| write_error(part, e, meta.size))?;
-            have += chunk.len() as u64;
-            meter.advance(chunk.len() as u64);
+        };
+        let len = chunk.len() as u64;
+        if have + len > meta.size {
+            overflow = true;
+            break;
         }
-        Ok(())
-    }
-    .await;
-    out.flush()
-        .await
-        .map_err(|e| write_error(part, e, meta.size))?;
-    out.get_ref()
-        .sync_data()
-        .await
-        .map_err(|e| write_error(part, e, meta.size))?;
-    if let Err(Attempt::Retry { reason, .. }) = &streamed {
-        if reason.contains("more bytes") {
-            truncate(part, 0, meta.size)?;
+        if !writer.write(chunk).await {
+            break; // the disk side failed: finish() says why
         }
+        have += len;
+        meter.advance(len);
     }
-    streamed?;
+    let hasher = writer
+        .finish()
+        .await
+        .map_err(|e| Attempt::Fatal(write_error(part, e, meta.size)))?;
+    if overflow {
+        truncate(part, 0, meta.size)?;
+        return Err(retry_now(
+            "the server sent more bytes than it announced; starting over",
+        ));
+    }
+    if let Some(broken) = broken {
+        return Err(broken);
+    }
     if have < meta.size {
         return Err(Attempt::Retry {
             reason: format!("the transfer ended early, at {have} of {} bytes", meta.size),
@@ -225,50 +238,50 @@ async fn transfer(
             status: None,
         });
     }
-    Ok(())
+    Ok(hasher.map(hex_digest))
 }
 
 /// `None` when the file is right; else what its digest (or size) was.
-async fn check_content(part: &Path, meta: &FileMeta) -> Result<Option<String>, FetchError> {
+fn check_content(part: &Path, meta: &FileMeta, digest: Option<&str>) -> Option<String> {
     let len = file_len(part);
     if len != meta.size {
-        return Ok(Some(format!("{len} bytes instead of {}", meta.size)));
+        return Some(format!("{len} bytes instead of {}", meta.size));
     }
-    let Some(expected) = meta.sha256().map(str::to_ascii_lowercase) else {
-        return Ok(None); // not an LFS file: its size is what the Hub lets us check
-    };
-    let path = part.to_path_buf();
-    let digest = tokio::task::spawn_blocking(move || sha256_file(&path))
-        .await
-        .map_err(|e| FetchError::Io {
-            path: part.to_path_buf(),
-            source: std::io::Error::other(e),
-        })?
-        .map_err(|source| FetchError::Io {
-            path: part.to_path_buf(),
-            source,
-        })?;
-    Ok((digest != expected).then_some(digest))
+    // A file that is not LFS has no sha256 on the Hub: its size is what we can check.
+    let expected = meta.sha256()?.to_ascii_lowercase();
+    let digest = digest.unwrap_or_default();
+    (digest != expected).then(|| digest.to_string())
 }
 
-/// The sha256 of a file, as lowercase hex.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
+/// The sha256 state after the first `len` bytes of `path`.
+async fn hash_prefix(path: &Path, len: u64) -> std::io::Result<Sha256> {
+    if len == 0 {
+        return Ok(Sha256::new());
     }
-    Ok(hasher
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut hasher = Sha256::new();
+        let mut file = std::fs::File::open(&path)?.take(len);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                return Ok(hasher);
+            }
+            hasher.update(&buf[..n]);
+        }
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+fn hex_digest(hasher: Sha256) -> String {
+    hasher
         .finalize()
         .iter()
         .map(|b| format!("{b:02x}"))
-        .collect())
+        .collect()
 }
 
 fn blob_is_whole(blob: &Path, size: u64) -> bool {

@@ -7,6 +7,7 @@
 //! with backoff and resume with `Range`. A cached pinned commit costs no request; a
 //! branch falls back to its cached snapshot when the Hub cannot be reached.
 
+mod blob_writer;
 pub mod cache;
 mod download;
 mod error;
@@ -17,7 +18,6 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use download::sha256_file;
 pub use error::FetchError;
 pub use progress::{FetchProgress, ProgressSnapshot};
 
