@@ -22,12 +22,16 @@ fn options() -> FetchOptions {
 }
 
 fn spec(hub: &TestHub, cache: &Path, revision: &str, files: &[&str]) -> FetchSpec {
+    spec_at(hub.url(), cache, revision, files)
+}
+
+fn spec_at(endpoint: String, cache: &Path, revision: &str, files: &[&str]) -> FetchSpec {
     FetchSpec {
         repo: REPO.to_string(),
         revision: revision.to_string(),
         files: files.iter().map(|f| f.to_string()).collect(),
         cache_dir: cache.to_path_buf(),
-        endpoint: hub.url(),
+        endpoint,
         token: None,
         offline: false,
         options: options(),
@@ -221,17 +225,9 @@ async fn offline_uses_the_cache_and_names_what_is_missing() {
     );
 }
 
+/// A spec whose Hub is gone: nothing listens at that address.
 fn spec_without_hub(cache: &Path, revision: &str, files: &[&str]) -> FetchSpec {
-    FetchSpec {
-        repo: REPO.to_string(),
-        revision: revision.to_string(),
-        files: files.iter().map(|f| f.to_string()).collect(),
-        cache_dir: cache.to_path_buf(),
-        endpoint: "http://127.0.0.1:9".to_string(),
-        token: None,
-        offline: false,
-        options: options(),
-    }
+    spec_at("http://127.0.0.1:9".to_string(), cache, revision, files)
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::blob_writer::BlobWriter;
 use super::cache::{BlobLock, RepoCache};
-use super::hub::{Attempt, FileMeta, Hub};
+use super::hub::{gave_up, Attempt, FileMeta, Hub};
 use super::progress::{FetchProgress, FileMeter};
 use super::{FetchError, FetchOptions};
 
@@ -61,18 +61,7 @@ pub(super) async fn ensure_blob(
                 }
                 failures += 1;
                 if failures >= options.max_attempts {
-                    return Err(match status {
-                        Some(status) => FetchError::Http {
-                            url: meta.download_url.clone(),
-                            status,
-                            attempts: failures,
-                        },
-                        None => FetchError::Unreachable {
-                            url: meta.download_url.clone(),
-                            message: reason,
-                            attempts: failures,
-                        },
-                    });
+                    return Err(gave_up(meta.download_url.clone(), reason, status, failures));
                 }
                 let delay = options.delay(failures, after);
                 tracing::warn!(file = %meta.file, attempt = failures, "{}: {reason}; retrying in {delay:?}", meta.file);

@@ -214,7 +214,7 @@ async fn online(
     // that commit, so a branch that moves meanwhile cannot mix two snapshots.
     let first = &spec.files[0];
     let known = cached_etag(cache, first);
-    let first_meta = with_retries(spec, first, || {
+    let first_meta = with_retries(spec, first, hub.resolve_url(&spec.revision, first), || {
         hub.head(&spec.revision, first, known.as_deref())
     })
     .await?;
@@ -227,7 +227,12 @@ async fn online(
     }
     let mut metas = vec![first_meta];
     for file in &spec.files[1..] {
-        metas.push(with_retries(spec, file, || hub.head(&commit, file, None)).await?);
+        metas.push(
+            with_retries(spec, file, hub.resolve_url(&commit, file), || {
+                hub.head(&commit, file, None)
+            })
+            .await?,
+        );
     }
 
     let total: u64 = metas.iter().map(|m| m.size).sum();
@@ -262,6 +267,7 @@ async fn online(
 async fn with_retries<F, Fut>(
     spec: &FetchSpec,
     file: &str,
+    url: String,
     mut attempt: F,
 ) -> Result<FileMeta, FetchError>
 where
@@ -280,24 +286,7 @@ where
             }) => {
                 failures += 1;
                 if failures >= spec.options.max_attempts {
-                    let url = format!(
-                        "{}/{}/resolve/{}/{file}",
-                        spec.endpoint.trim_end_matches('/'),
-                        spec.repo,
-                        spec.revision.replace('/', "%2F")
-                    );
-                    return Err(match status {
-                        Some(status) => FetchError::Http {
-                            url,
-                            status,
-                            attempts: failures,
-                        },
-                        None => FetchError::Unreachable {
-                            url,
-                            message: reason,
-                            attempts: failures,
-                        },
-                    });
+                    return Err(hub::gave_up(url, reason, status, failures));
                 }
                 let delay = spec.options.delay(failures, after);
                 tracing::warn!(
