@@ -1,0 +1,273 @@
+//! The wire protocol between a client and a Harness node.
+//!
+//! [`ServingMessage`] is what remote nodes send to the `DelayedServing` actor over
+//! `ractor_cluster`. Each payload is a serde type encoded with postcard inside a
+//! [`Payload`], whose decoding never panics: a frame that does not decode arrives
+//! as an error the node answers with [`ServingError::BadInput`], and the node keeps
+//! serving. Tensor bytes travel little-endian, with their dtype and shape.
+
+use ractor::{BytesConvertable, RpcReplyPort};
+use ractor_cluster::RactorClusterMessage;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// The protocol version every request carries. A node answers a request of
+/// another version with [`ServingError::BadInput`] naming both versions.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The process group of the serving named `name`: `harness.serving.<name>`.
+pub fn serving_group(name: &str) -> String {
+    format!("harness.serving.{name}")
+}
+
+/// A postcard-encoded value, or why it could not be decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Payload<T>(pub Result<T, String>);
+
+impl<T> Payload<T> {
+    pub fn new(value: T) -> Self {
+        Payload(Ok(value))
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> BytesConvertable for Payload<T> {
+    fn into_bytes(self) -> Vec<u8> {
+        // Tag 0: a value; tag 1: an error text (a payload that failed to decode
+        // and is passed on, which is rare but must not panic either).
+        let encoded = match &self.0 {
+            Ok(value) => postcard::to_allocvec(value).map(|mut bytes| {
+                bytes.insert(0, 0);
+                bytes
+            }),
+            Err(text) => postcard::to_allocvec(text).map(|mut bytes| {
+                bytes.insert(0, 1);
+                bytes
+            }),
+        };
+        encoded.unwrap_or_else(|err| {
+            let mut bytes =
+                postcard::to_allocvec(&format!("cannot encode: {err}")).unwrap_or_default();
+            bytes.insert(0, 1);
+            bytes
+        })
+    }
+
+    fn from_bytes(bytes: Vec<u8>) -> Self {
+        let decoded = match bytes.split_first() {
+            Some((0, rest)) => postcard::from_bytes::<T>(rest)
+                .map_err(|e| format!("cannot decode the message: {e}")),
+            Some((1, rest)) => Err(postcard::from_bytes::<String>(rest)
+                .unwrap_or_else(|e| format!("cannot decode the error: {e}"))),
+            Some((tag, _)) => Err(format!(
+                "unknown payload tag {tag}: is the peer a Harness node of this protocol?"
+            )),
+            None => Err("an empty message".to_string()),
+        };
+        Payload(decoded)
+    }
+}
+
+/// A tensor element type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DType {
+    F32,
+    F64,
+    F16,
+    BF16,
+    I64,
+    I32,
+    I16,
+    I8,
+    U8,
+    Bool,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F64 | DType::I64 => 8,
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::BF16 | DType::I16 => 2,
+            DType::I8 | DType::U8 | DType::Bool => 1,
+        }
+    }
+}
+
+/// A tensor on the wire: dtype, shape, and the elements little-endian, row-major.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WireTensor {
+    pub dtype: DType,
+    pub shape: Vec<i64>,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+impl WireTensor {
+    /// A float tensor from its values.
+    pub fn from_f32(shape: &[i64], values: &[f32]) -> Self {
+        WireTensor {
+            dtype: DType::F32,
+            shape: shape.to_vec(),
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    /// An i64 tensor from its values (token ids, masks).
+    pub fn from_i64(shape: &[i64], values: &[i64]) -> Self {
+        WireTensor {
+            dtype: DType::I64,
+            shape: shape.to_vec(),
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    /// The values of a float tensor, or `None` for another dtype.
+    pub fn to_f32(&self) -> Option<Vec<f32>> {
+        (self.dtype == DType::F32).then(|| {
+            self.data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        })
+    }
+
+    /// Elements the shape holds, or `None` if a dimension is negative or it overflows.
+    pub fn element_count(&self) -> Option<usize> {
+        self.shape.iter().try_fold(1usize, |acc, &d| {
+            usize::try_from(d).ok().and_then(|d| acc.checked_mul(d))
+        })
+    }
+}
+
+/// `Run`: tensors in (sharing their leading dimension, the items), tensors out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRequest {
+    pub version: u32,
+    pub inputs: Vec<WireTensor>,
+    /// How long the caller will wait, in milliseconds from when the node receives
+    /// the request (a budget, since the two clocks may differ).
+    pub timeout_ms: u64,
+}
+
+/// `Embed`: texts in, one vector per text out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmbedRequest {
+    pub version: u32,
+    pub texts: Vec<String>,
+    pub timeout_ms: u64,
+}
+
+/// `Status`: ask for the serving's status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusRequest {
+    pub version: u32,
+}
+
+/// The answer to `Run`.
+pub type RunReply = Result<Vec<WireTensor>, ServingError>;
+/// The answer to `Embed`.
+pub type EmbedReply = Result<Vec<Vec<f32>>, ServingError>;
+
+/// The serving's state, as `Status` and `/status` report it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServingStatus {
+    /// `starting`, `downloading`, `loading`, `warming`, `ready`, `no_gpu`,
+    /// `failed`, `draining`.
+    pub phase: String,
+    /// Why, for `failed` and `no_gpu`.
+    pub message: Option<String>,
+    pub serving: String,
+    pub device: Option<String>,
+    pub queue_depth: u64,
+    pub restarts: u64,
+}
+
+/// Why a request was not answered with a result. Each says what to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ServingError {
+    #[error("the serving is not ready (phase: {phase}); retry until your deadline")]
+    NotReady { phase: String },
+    #[error("the serving is overloaded ({queued} items queued of {capacity}); back off and retry")]
+    Overloaded { queued: u64, capacity: u64 },
+    #[error("bad input: {reason}")]
+    BadInput { reason: String },
+    #[error("the model failed on this batch: {message}")]
+    Model { message: String },
+    #[error("the deadline passed after {waited_ms} ms in the queue; the request was not run")]
+    DeadlineExceeded { waited_ms: u64 },
+    #[error("internal error: {message}; the serving is restarting, retry")]
+    Internal { message: String },
+}
+
+/// What remote nodes send to a `DelayedServing` actor.
+#[derive(RactorClusterMessage)]
+pub enum ServingMessage {
+    /// Run the model on tensors.
+    #[rpc]
+    Run(Payload<RunRequest>, RpcReplyPort<Payload<RunReply>>),
+    /// Embed texts (the embedding task).
+    #[rpc]
+    Embed(Payload<EmbedRequest>, RpcReplyPort<Payload<EmbedReply>>),
+    /// The serving's status.
+    #[rpc]
+    Status(Payload<StatusRequest>, RpcReplyPort<Payload<ServingStatus>>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_round_trip() {
+        let request = RunRequest {
+            version: PROTOCOL_VERSION,
+            inputs: vec![WireTensor::from_f32(&[2, 2], &[1.0, -2.0, 3.5, 0.0])],
+            timeout_ms: 250,
+        };
+        let bytes = Payload::new(request.clone()).into_bytes();
+        assert_eq!(
+            Payload::<RunRequest>::from_bytes(bytes),
+            Payload::new(request.clone())
+        );
+        assert_eq!(
+            request.inputs[0].to_f32().unwrap(),
+            vec![1.0, -2.0, 3.5, 0.0]
+        );
+
+        let reply: RunReply = Err(ServingError::Overloaded {
+            queued: 9,
+            capacity: 8,
+        });
+        let bytes = Payload::new(reply.clone()).into_bytes();
+        assert_eq!(Payload::<RunReply>::from_bytes(bytes).0, Ok(reply));
+    }
+
+    #[test]
+    fn garbage_decodes_to_an_error_not_a_panic() {
+        for bytes in [
+            vec![],
+            vec![0],
+            vec![0, 0xff, 0xff, 0xff],
+            vec![7, 1, 2],
+            vec![1],
+        ] {
+            let decoded = Payload::<RunRequest>::from_bytes(bytes.clone());
+            assert!(decoded.0.is_err(), "{bytes:?} decoded to {decoded:?}");
+        }
+    }
+
+    #[test]
+    fn element_counts_refuse_negative_and_overflowing_shapes() {
+        let mut t = WireTensor::from_f32(&[2, 3], &[0.0; 6]);
+        assert_eq!(t.element_count(), Some(6));
+        t.shape = vec![2, -3];
+        assert_eq!(t.element_count(), None);
+        t.shape = vec![i64::MAX, i64::MAX];
+        assert_eq!(t.element_count(), None);
+    }
+
+    #[test]
+    fn the_group_name_is_the_designs() {
+        assert_eq!(serving_group("embedder"), "harness.serving.embedder");
+    }
+}
