@@ -5,13 +5,13 @@ mod support;
 use std::path::Path;
 
 use harness::device::DeviceChoice;
-use harness::engine::{Engine, ForwardError, Kind, LoadError, Tensor};
+use harness::engine::{BatchConfig, Engine, ForwardError, Kind, LoadError, Tensor};
 use support::{assert_close, input, Affine};
 
 async fn load_affine(dir: &Path) -> (Affine, Engine) {
     let model = Affine::new();
     let path = model.save(dir);
-    let engine = Engine::load(&path, DeviceChoice::Cpu, 16)
+    let engine = Engine::load(&path, DeviceChoice::Cpu, BatchConfig::default())
         .await
         .expect("loading a good model");
     (model, engine)
@@ -68,7 +68,7 @@ torch.jit.save(torch.jit.script(Named()), sys.argv[2])
         &[&tuple_path, &dict_path],
     );
 
-    let pair = Engine::load(&tuple_path, DeviceChoice::Cpu, 4)
+    let pair = Engine::load(&tuple_path, DeviceChoice::Cpu, BatchConfig::default())
         .await
         .unwrap();
     let (x, y) = (input(3, 0.0), input(3, 2.0));
@@ -80,7 +80,7 @@ torch.jit.save(torch.jit.script(Named()), sys.argv[2])
     assert_close(&got[0], &(&x + &y));
     assert_close(&got[1], &(&x * &y).sum_dim_intlist(1, false, Kind::Float));
 
-    let named = Engine::load(&dict_path, DeviceChoice::Cpu, 4)
+    let named = Engine::load(&dict_path, DeviceChoice::Cpu, BatchConfig::default())
         .await
         .unwrap();
     let err = named.forward(vec![input(1, 0.0)]).await.unwrap_err();
@@ -101,7 +101,9 @@ torch.jit.save(torch.jit.script(Named()), sys.argv[2])
 async fn a_missing_file_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nope.pt");
-    let err = Engine::load(&path, DeviceChoice::Cpu, 1).await.unwrap_err();
+    let err = Engine::load(&path, DeviceChoice::Cpu, BatchConfig::default())
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, LoadError::Missing { path: p } if p == &path),
         "{err:?}"
@@ -113,7 +115,9 @@ async fn load_bytes(bytes: &[u8]) -> LoadError {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.pt");
     std::fs::write(&path, bytes).unwrap();
-    Engine::load(&path, DeviceChoice::Cpu, 1).await.unwrap_err()
+    Engine::load(&path, DeviceChoice::Cpu, BatchConfig::default())
+        .await
+        .unwrap_err()
 }
 
 fn not_torchscript_reason(err: LoadError) -> String {
@@ -224,7 +228,7 @@ async fn loading_onto_an_absent_gpu_is_a_device_error() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = Affine::new().save(dir.path());
-    let err = Engine::load(&path, DeviceChoice::Cuda(0), 1)
+    let err = Engine::load(&path, DeviceChoice::Cuda(0), BatchConfig::default())
         .await
         .unwrap_err();
     assert!(
@@ -242,10 +246,11 @@ async fn loading_onto_an_absent_gpu_is_a_device_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_callers_each_get_their_own_answer() {
     let dir = tempfile::tempdir().unwrap();
-    // A queue smaller than the callers, so some wait for room.
     let model = Affine::new();
     let path = model.save(dir.path());
-    let engine = Engine::load(&path, DeviceChoice::Cpu, 4).await.unwrap();
+    let engine = Engine::load(&path, DeviceChoice::Cpu, BatchConfig::default())
+        .await
+        .unwrap();
 
     let callers: Vec<_> = (0..64)
         .map(|i| {

@@ -4,7 +4,7 @@
 mod support;
 
 use harness::device::{choose_serving_device, DeviceChoice, DevicePolicy};
-use harness::engine::{gpu::GpuFacts, Engine};
+use harness::engine::{gpu::GpuFacts, BatchConfig, Engine};
 use support::{input, Affine};
 
 /// CUDA kernels sum in another order than the CPU's: allow float32 rounding.
@@ -39,10 +39,10 @@ async fn a_cuda_forward_matches_the_cpu() {
     let dir = tempfile::tempdir().unwrap();
     let model = Affine::new();
     let path = model.save(dir.path());
-    let cpu = Engine::load(&path, DeviceChoice::Cpu, 4)
+    let cpu = Engine::load(&path, DeviceChoice::Cpu, BatchConfig::default())
         .await
         .expect("load on the CPU");
-    let gpu = Engine::load(&path, DeviceChoice::Cuda(0), 4)
+    let gpu = Engine::load(&path, DeviceChoice::Cuda(0), BatchConfig::default())
         .await
         .expect("load on cuda:0");
     for batch in [1, 7, 64] {

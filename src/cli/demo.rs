@@ -27,7 +27,7 @@ pub fn run(config: &Config, batch: i64) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let engine = Engine::load(&path, device, 8).await?;
+        let engine = Engine::load(&path, device, crate::engine::BatchConfig::default()).await?;
         engine.warm_up(&[demo::sample_input(batch)], 3).await?;
         let input = demo::sample_input(batch);
         let started = std::time::Instant::now();

@@ -53,6 +53,17 @@ pub enum ForwardError {
     Stopped,
 }
 
+/// Why a batched run did not produce outputs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RunError {
+    #[error("the queue is full ({queued} items queued of {capacity})")]
+    Overloaded { queued: u64, capacity: u64 },
+    #[error("the deadline passed after {waited:?} in the queue; not run")]
+    DeadlineExceeded { waited: std::time::Duration },
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+}
+
 impl ForwardError {
     /// Sorts a torch error from `forward` by what the caller can do about it.
     pub(crate) fn from_torch(err: tch::TchError) -> Self {

@@ -7,27 +7,34 @@
 //! [`ForwardError`] and a panic inside libtorch's wrappers is caught on the engine
 //! thread, so no panic reaches a caller and the engine keeps serving.
 
+mod batcher;
 pub mod demo;
 mod error;
 pub mod gpu;
 mod worker;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, watch};
 
 use crate::device::DeviceChoice;
-pub use error::{ForwardError, LoadError};
+pub use batcher::{BatchConfig, EngineStats};
+pub use error::{ForwardError, LoadError, RunError};
 pub use tch::{Kind, Tensor};
 
 /// A handle to a loaded model. Clones share the one engine thread; the thread ends
 /// when the last handle is dropped and the queue has drained.
 #[derive(Clone)]
 pub struct Engine {
-    jobs: mpsc::Sender<worker::Job>,
+    jobs: std::sync::mpsc::Sender<batcher::Job>,
     device: DeviceChoice,
     model_path: Arc<PathBuf>,
+    config: BatchConfig,
+    stats: Arc<EngineStats>,
+    fatal: watch::Receiver<Option<String>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -35,32 +42,44 @@ impl std::fmt::Debug for Engine {
         f.debug_struct("Engine")
             .field("device", &self.device)
             .field("model_path", &self.model_path)
+            .field("config", &self.config)
             .finish()
     }
 }
 
 impl Engine {
-    /// Loads the TorchScript file at `path` onto `device` and starts its engine thread.
-    /// `queue_capacity` bounds the calls waiting for the thread; further callers wait
-    /// for room (backpressure) rather than growing memory.
+    /// Loads the TorchScript file at `path` onto `device` and starts its engine
+    /// thread, which batches [`Engine::run`] calls as `config` says.
     pub async fn load(
         path: impl AsRef<Path>,
         device: DeviceChoice,
-        queue_capacity: usize,
+        config: BatchConfig,
     ) -> Result<Self, LoadError> {
         let model_path = path.as_ref().to_path_buf();
-        let (jobs, queue) = mpsc::channel(queue_capacity.max(1));
+        // Unbounded: admission is counted in items against `max_queue` before a
+        // request is sent, so a full queue answers at once instead of blocking.
+        let (jobs, queue) = std::sync::mpsc::channel();
         let (loaded_tx, loaded_rx) = oneshot::channel();
+        let (fatal_tx, fatal) = watch::channel(None);
+        let stats = Arc::new(EngineStats::default());
+        let shared = worker::Shared {
+            config,
+            stats: stats.clone(),
+            fatal: fatal_tx,
+        };
         let thread_path = model_path.clone();
         std::thread::Builder::new()
             .name("harness-engine".to_string())
-            .spawn(move || worker::run(thread_path, device, queue, loaded_tx))
+            .spawn(move || worker::run(thread_path, device, queue, shared, loaded_tx))
             .map_err(LoadError::Thread)?;
         match loaded_rx.await {
             Ok(Ok(())) => Ok(Engine {
                 jobs,
                 device,
                 model_path: Arc::new(model_path),
+                config,
+                stats,
+                fatal,
             }),
             Ok(Err(err)) => Err(err),
             Err(_) => Err(LoadError::Panicked {
@@ -70,16 +89,67 @@ impl Engine {
         }
     }
 
-    /// Runs the model's `forward` on `inputs` (moved to the model's device first) and
-    /// returns its output tensors, on the CPU. A model that returns one tensor gives a
-    /// vector of one; a tuple or list of tensors gives them in order.
+    /// Runs the model's `forward` on exactly `inputs` (moved to the model's device
+    /// first), alone, and returns its output tensors on the CPU. A model that
+    /// returns one tensor gives a vector of one; a tuple or list of tensors gives
+    /// them in order. For serving, [`Engine::run`] batches.
     pub async fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, ForwardError> {
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(worker::Job { inputs, reply })
-            .await
+            .send(batcher::Job::Direct { inputs, reply })
             .map_err(|_| ForwardError::Stopped)?;
         answer.await.map_err(|_| ForwardError::Stopped)?
+    }
+
+    /// Runs `inputs` (tensors sharing their leading dimension: the items) batched
+    /// with other callers' items of the same dtype and trailing shape, and returns
+    /// this caller's rows of the outputs. Refused at once with `Overloaded` when
+    /// the queue holds `max_queue` items; answered `DeadlineExceeded`, unrun, if
+    /// `deadline` passes while it waits.
+    pub async fn run(
+        &self,
+        inputs: Vec<Tensor>,
+        deadline: Instant,
+    ) -> Result<Vec<Tensor>, RunError> {
+        let items = inputs
+            .first()
+            .and_then(|t| t.size().first().copied())
+            .unwrap_or(0);
+        if items <= 0 || inputs.iter().any(|t| t.size().first() != Some(&items)) {
+            return Err(RunError::Forward(ForwardError::Shape {
+                message: "every input must lead with the same, non-zero number of items"
+                    .to_string(),
+            }));
+        }
+        let capacity = self.config.max_queue as u64;
+        let queued = self
+            .stats
+            .queued_items
+            .fetch_add(items as u64, Ordering::SeqCst);
+        if queued + items as u64 > capacity {
+            self.stats
+                .queued_items
+                .fetch_sub(items as u64, Ordering::SeqCst);
+            return Err(RunError::Overloaded { queued, capacity });
+        }
+        let (reply, answer) = oneshot::channel();
+        let request = batcher::Request {
+            key: batcher::BatchKey::of(&inputs),
+            inputs,
+            items,
+            enqueued: Instant::now(),
+            deadline,
+            reply,
+        };
+        if self.jobs.send(batcher::Job::Batched(request)).is_err() {
+            self.stats
+                .queued_items
+                .fetch_sub(items as u64, Ordering::SeqCst);
+            return Err(RunError::Forward(ForwardError::Stopped));
+        }
+        answer
+            .await
+            .map_err(|_| RunError::Forward(ForwardError::Stopped))?
     }
 
     /// Runs `rounds` forwards on `sample` and drops the outputs. TorchScript's
@@ -101,6 +171,22 @@ impl Engine {
     /// The file the model was loaded from.
     pub fn model_path(&self) -> &Path {
         &self.model_path
+    }
+
+    /// The batching settings.
+    pub fn config(&self) -> BatchConfig {
+        self.config
+    }
+
+    /// The engine's counters: queued items, forwards run.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Resolves when the engine fails for good (a CUDA error, a panic), with why.
+    /// The engine answers no more work after that: the serving must restart.
+    pub fn failure(&self) -> watch::Receiver<Option<String>> {
+        self.fatal.clone()
     }
 }
 

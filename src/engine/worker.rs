@@ -1,4 +1,4 @@
-//! The engine thread: loads the model, then answers forward calls one at a time.
+//! The engine thread: loads the model, then hands the queue to the batcher.
 
 use std::io::Read;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -6,23 +6,26 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use tch::{CModule, IValue, Tensor};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, watch};
 
+use super::batcher::{self, BatchConfig, EngineStats, Job};
 use super::error::{panic_message, torch_message, ForwardError, LoadError};
 use super::tch_device;
 use crate::device::DeviceChoice;
 
-/// One forward call and where its answer goes.
-pub(super) struct Job {
-    pub inputs: Vec<Tensor>,
-    pub reply: oneshot::Sender<Result<Vec<Tensor>, ForwardError>>,
+/// What the engine thread needs besides the model.
+pub(super) struct Shared {
+    pub config: BatchConfig,
+    pub stats: std::sync::Arc<EngineStats>,
+    pub fatal: watch::Sender<Option<String>>,
 }
 
 /// The thread's body: load, report the load, then serve until every handle is gone.
 pub(super) fn run(
     path: PathBuf,
     device: DeviceChoice,
-    mut queue: mpsc::Receiver<Job>,
+    queue: std::sync::mpsc::Receiver<Job>,
+    shared: Shared,
     loaded: oneshot::Sender<Result<(), LoadError>>,
 ) {
     // Grad mode is per thread: every forward on this thread, warm-up included, runs
@@ -56,24 +59,15 @@ pub(super) fn run(
         }
     };
 
-    let model_device = tch_device(device);
-    while let Some(job) = queue.blocking_recv() {
-        let _span = tracing::debug_span!("engine.forward", inputs = job.inputs.len()).entered();
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            forward(&module, model_device, job.inputs)
-        }))
-        .unwrap_or_else(|payload| {
-            Err(ForwardError::Panicked {
-                message: panic_message(payload.as_ref()),
-            })
-        });
-        if let Err(err) = &result {
-            tracing::debug!(error = %err, "forward failed");
-        }
-        // The caller may have given up waiting; its answer has nowhere to go.
-        let _ = job.reply.send(result);
-    }
-    tracing::debug!(path = %path.display(), "engine stopped: no handles left");
+    batcher::serve(
+        &module,
+        tch_device(device),
+        queue,
+        shared.config,
+        &shared.stats,
+        &shared.fatal,
+    );
+    tracing::debug!(path = %path.display(), "engine stopped");
 }
 
 /// TorchScript files are zip archives: check what we can before torch does, so the
@@ -142,7 +136,8 @@ fn load(path: &Path, device: DeviceChoice) -> Result<CModule, LoadError> {
     Ok(module)
 }
 
-fn forward(
+/// One forward: inputs to the model's device, outputs back to the CPU.
+pub(super) fn forward(
     module: &CModule,
     device: tch::Device,
     inputs: Vec<Tensor>,

@@ -1,0 +1,275 @@
+//! Dynamic batching on a real traced model: shared forwards, shapes kept apart,
+//! overload, deadlines, oversized requests, model errors.
+
+mod support;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use harness::device::DeviceChoice;
+use harness::engine::{BatchConfig, Engine, ForwardError, Kind, RunError, Tensor};
+use support::{assert_close, input, Affine};
+
+fn config(max_batch_size: usize, delay_ms: u64, max_queue: usize) -> BatchConfig {
+    BatchConfig {
+        max_batch_size,
+        max_batch_delay: Duration::from_millis(delay_ms),
+        max_queue,
+    }
+}
+
+fn far() -> Instant {
+    Instant::now() + Duration::from_secs(60)
+}
+
+/// `2x + 1`, traced: elementwise, so it serves any trailing shape.
+fn elementwise_model(dir: &std::path::Path) -> PathBuf {
+    let _no_grad = tch::no_grad_guard();
+    let path = dir.join("elementwise.pt");
+    let module =
+        tch::CModule::create_by_tracing("Elementwise", "forward", &[input(2, 0.0)], &mut |xs| {
+            vec![&xs[0] * 2.0 + 1.0]
+        })
+        .unwrap();
+    module.save(&path).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_callers_share_forwards_and_each_gets_its_own_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Affine::new();
+    let engine = Engine::load(
+        model.save(dir.path()),
+        DeviceChoice::Cpu,
+        config(16, 50, 1024),
+    )
+    .await
+    .unwrap();
+    let callers: Vec<_> = (0..64)
+        .map(|i| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let x = input(1, i as f64);
+                let out = engine
+                    .run(vec![x.shallow_clone()], far())
+                    .await
+                    .expect("run");
+                (x, out)
+            })
+        })
+        .collect();
+    for caller in callers {
+        let (x, out) = caller.await.unwrap();
+        assert_close(&out[0], &model.apply(&x)[0]);
+    }
+    let stats = engine.stats();
+    let forwards = stats.forwards.load(Ordering::Relaxed);
+    assert_eq!(stats.batched_items.load(Ordering::Relaxed), 64);
+    assert!(
+        (4..64).contains(&forwards),
+        "64 single items in batches of at most 16 took {forwards} forwards"
+    );
+    assert_eq!(stats.queued_items.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shapes_are_never_mixed_in_a_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::load(
+        elementwise_model(dir.path()),
+        DeviceChoice::Cpu,
+        config(32, 30, 1024),
+    )
+    .await
+    .unwrap();
+    let callers: Vec<_> = (0..24)
+        .map(|i| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                // Three trailing shapes, and a dtype of their own for some.
+                let x = match i % 3 {
+                    0 => Tensor::full([1, 4], i as f64, (Kind::Float, tch::Device::Cpu)),
+                    1 => Tensor::full([2, 3], i as f64, (Kind::Float, tch::Device::Cpu)),
+                    _ => Tensor::full([1, 4], i as f64, (Kind::Double, tch::Device::Cpu)),
+                };
+                let out = engine
+                    .run(vec![x.shallow_clone()], far())
+                    .await
+                    .expect("run");
+                (x, out)
+            })
+        })
+        .collect();
+    for caller in callers {
+        let (x, out) = caller.await.unwrap();
+        assert_eq!(out[0].kind(), x.kind());
+        assert_close(&out[0], &(&x * 2.0 + 1.0));
+    }
+    let forwards = engine.stats().forwards.load(Ordering::Relaxed);
+    assert!(
+        (3..24).contains(&forwards),
+        "three keys, batched: {forwards} forwards"
+    );
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_at_once_and_the_queued_are_still_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Affine::new();
+    // A long gathering delay keeps the first requests queued.
+    let engine = Engine::load(
+        model.save(dir.path()),
+        DeviceChoice::Cpu,
+        config(100, 300, 4),
+    )
+    .await
+    .unwrap();
+    let queued: Vec<_> = (0..2)
+        .map(|i| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.run(vec![input(2, i as f64)], far()).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let err = engine.run(vec![input(1, 9.0)], far()).await.unwrap_err();
+    assert_eq!(
+        err,
+        RunError::Overloaded {
+            queued: 4,
+            capacity: 4
+        }
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(200),
+        "refused without waiting for room"
+    );
+    for q in queued {
+        q.await.unwrap().expect("queued requests are answered");
+    }
+    // Room again.
+    engine
+        .run(vec![input(1, 9.0)], far())
+        .await
+        .expect("after the queue drained");
+}
+
+#[tokio::test]
+async fn a_request_whose_deadline_passes_in_the_queue_is_never_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Affine::new();
+    let engine = Engine::load(
+        model.save(dir.path()),
+        DeviceChoice::Cpu,
+        config(100, 200, 1024),
+    )
+    .await
+    .unwrap();
+    let err = engine
+        .run(
+            vec![input(3, 0.0)],
+            Instant::now() + Duration::from_millis(20),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RunError::DeadlineExceeded { waited } if waited >= Duration::from_millis(20)),
+        "{err:?}"
+    );
+    assert_eq!(
+        engine.stats().forwards.load(Ordering::Relaxed),
+        0,
+        "nothing ran"
+    );
+    assert_eq!(engine.stats().queued_items.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_request_larger_than_a_batch_is_split_and_put_back_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Affine::new();
+    let engine = Engine::load(
+        model.save(dir.path()),
+        DeviceChoice::Cpu,
+        config(4, 1, 1024),
+    )
+    .await
+    .unwrap();
+    let x = input(10, -1.0);
+    let out = engine.run(vec![x.shallow_clone()], far()).await.unwrap();
+    assert_close(&out[0], &model.apply(&x)[0]);
+    assert_eq!(
+        engine.stats().forwards.load(Ordering::Relaxed),
+        3,
+        "4 + 4 + 2 items"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_model_error_answers_its_batch_and_the_engine_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Affine::new();
+    let engine = Engine::load(
+        model.save(dir.path()),
+        DeviceChoice::Cpu,
+        config(8, 20, 1024),
+    )
+    .await
+    .unwrap();
+    // Five features where the model takes four: torch refuses the batch.
+    let bad: Vec<_> = (0..3)
+        .map(|_| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                engine
+                    .run(
+                        vec![Tensor::ones([1, 5], (Kind::Float, tch::Device::Cpu))],
+                        far(),
+                    )
+                    .await
+            })
+        })
+        .collect();
+    for b in bad {
+        let err = b.await.unwrap().unwrap_err();
+        assert!(
+            matches!(err, RunError::Forward(ForwardError::Shape { .. })),
+            "{err:?}"
+        );
+    }
+    let x = input(2, 0.5);
+    let out = engine
+        .run(vec![x.shallow_clone()], far())
+        .await
+        .expect("still serving");
+    assert_close(&out[0], &model.apply(&x)[0]);
+    assert!(
+        engine.failure().borrow().is_none(),
+        "a model error is not an engine failure"
+    );
+}
+
+#[tokio::test]
+async fn inputs_must_share_a_non_zero_leading_dimension() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::load(
+        Affine::new().save(dir.path()),
+        DeviceChoice::Cpu,
+        BatchConfig::default(),
+    )
+    .await
+    .unwrap();
+    for inputs in [
+        vec![],
+        vec![Tensor::zeros([0, 4], (Kind::Float, tch::Device::Cpu))],
+        vec![input(2, 0.0), input(3, 0.0)],
+    ] {
+        let err = engine.run(inputs, far()).await.unwrap_err();
+        assert!(
+            matches!(err, RunError::Forward(ForwardError::Shape { .. })),
+            "{err:?}"
+        );
+    }
+}
