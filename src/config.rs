@@ -39,6 +39,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub model: ModelConfig,
+
+    #[command(flatten)]
+    pub serving: ServingConfig,
 }
 
 /// Where the model comes from.
@@ -171,4 +174,77 @@ fn is_writable_dir(dir: &Path) -> bool {
     let ok = std::fs::write(&probe, b"").is_ok();
     let _ = std::fs::remove_file(&probe);
     ok
+}
+
+/// The task the model serves (`HARNESS_TASK`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Task {
+    /// `Run`: tensors in, tensors out.
+    Tensor,
+}
+
+/// How the serving batches, restarts and warms up.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServingConfig {
+    /// What the model does: `tensor` (tensors in, tensors out).
+    #[arg(
+        long,
+        env = "HARNESS_TASK",
+        default_value = "tensor",
+        value_enum,
+        global = true
+    )]
+    pub task: Task,
+
+    /// Items per forward.
+    #[arg(long, env = "HARNESS_MAX_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=65536), global = true)]
+    pub max_batch_size: u32,
+
+    /// The longest a request waits for others to fill a batch, in milliseconds.
+    #[arg(
+        long,
+        env = "HARNESS_MAX_BATCH_DELAY_MS",
+        default_value_t = 5,
+        global = true
+    )]
+    pub max_batch_delay_ms: u64,
+
+    /// Items queued before requests are refused with `Overloaded`.
+    #[arg(long, env = "HARNESS_MAX_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub max_queue: u32,
+
+    /// Restarts allowed within the restart window before the process gives up
+    /// (exit code 3) so the platform restarts the machine.
+    #[arg(long, env = "HARNESS_MAX_RESTARTS", default_value_t = 5, global = true)]
+    pub max_restarts: u32,
+
+    /// The restart window, in seconds.
+    #[arg(
+        long,
+        env = "HARNESS_RESTART_WINDOW_S",
+        default_value_t = 60,
+        global = true
+    )]
+    pub restart_window_s: u64,
+
+    /// The per-item inputs to warm up with, e.g. `f32[4]` or `i64[128],i64[128]`:
+    /// the model runs on zeros of these shapes (one item, and a full batch) before
+    /// it is ready, and requests must bring that many inputs.
+    #[arg(long, env = "HARNESS_WARMUP_INPUTS", global = true)]
+    pub warmup_inputs: Option<String>,
+
+    /// Accept fault-injection requests (tests only).
+    #[arg(long, env = "HARNESS_FAULT_INJECTION", global = true)]
+    pub fault_injection: bool,
+}
+
+impl ServingConfig {
+    /// The batcher's settings.
+    pub fn batch(&self) -> crate::engine::BatchConfig {
+        crate::engine::BatchConfig {
+            max_batch_size: self.max_batch_size as usize,
+            max_batch_delay: std::time::Duration::from_millis(self.max_batch_delay_ms),
+            max_queue: self.max_queue as usize,
+        }
+    }
 }

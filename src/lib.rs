@@ -11,3 +11,7 @@ pub mod device;
 pub mod engine;
 pub mod fetch;
 pub mod logging;
+pub mod node;
+pub mod serving;
+pub mod supervisor;
+pub mod tasks;

@@ -31,7 +31,10 @@ async fn a_traced_model_gives_the_closures_answer() {
     let dir = tempfile::tempdir().unwrap();
     let (model, engine) = load_affine(dir.path()).await;
     assert_eq!(engine.device(), DeviceChoice::Cpu);
-    engine.warm_up(&[input(5, 0.0)], 3).await.expect("warm-up");
+    engine
+        .warm_up(vec![input(5, 0.0)], 3)
+        .await
+        .expect("warm-up");
 
     // A batch size other than the traced one: the trace is shape-generic in dim 0.
     let x = input(5, -0.5);

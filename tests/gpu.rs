@@ -47,7 +47,7 @@ async fn a_cuda_forward_matches_the_cpu() {
         .expect("load on cuda:0");
     for batch in [1, 7, 64] {
         let x = input(batch, -1.0);
-        gpu.warm_up(&[x.shallow_clone()], 3).await.unwrap();
+        gpu.warm_up(vec![x.shallow_clone()], 3).await.unwrap();
         let on_gpu = gpu.forward(vec![x.shallow_clone()]).await.unwrap();
         let on_cpu = cpu.forward(vec![x.shallow_clone()]).await.unwrap();
         assert_eq!(

@@ -7,6 +7,7 @@
 pub mod protocol;
 
 pub use protocol::{
-    serving_group, DType, EmbedReply, EmbedRequest, Payload, RunReply, RunRequest, ServingError,
-    ServingMessage, ServingStatus, StatusRequest, WireTensor, PROTOCOL_VERSION,
+    serving_group, DType, EmbedReply, EmbedRequest, Fault, FaultRequest, Payload, RunReply,
+    RunRequest, ServingError, ServingMessage, ServingStatus, StatusRequest, WireTensor,
+    PROTOCOL_VERSION,
 };

@@ -199,6 +199,21 @@ pub enum ServingError {
     Internal { message: String },
 }
 
+/// A fault to inject, for tests of the restart path. A node refuses it with
+/// `BadInput` unless it runs with `HARNESS_FAULT_INJECTION=1`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FaultRequest {
+    pub version: u32,
+    pub fault: Fault,
+}
+
+/// The faults a node can be asked to suffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Fault {
+    /// The serving actor panics in its handler: the supervisor restarts it.
+    Crash,
+}
+
 /// What remote nodes send to a `DelayedServing` actor.
 #[derive(RactorClusterMessage)]
 pub enum ServingMessage {
@@ -211,6 +226,12 @@ pub enum ServingMessage {
     /// The serving's status.
     #[rpc]
     Status(Payload<StatusRequest>, RpcReplyPort<Payload<ServingStatus>>),
+    /// Inject a fault (tests only; refused unless enabled on the node).
+    #[rpc]
+    Inject(
+        Payload<FaultRequest>,
+        RpcReplyPort<Payload<Result<(), ServingError>>>,
+    ),
 }
 
 #[cfg(test)]

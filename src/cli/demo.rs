@@ -28,7 +28,7 @@ pub fn run(config: &Config, batch: i64) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     runtime.block_on(async {
         let engine = Engine::load(&path, device, crate::engine::BatchConfig::default()).await?;
-        engine.warm_up(&[demo::sample_input(batch)], 3).await?;
+        engine.warm_up(vec![demo::sample_input(batch)], 3).await?;
         let input = demo::sample_input(batch);
         let started = std::time::Instant::now();
         let output = engine.forward(vec![input.shallow_clone()]).await?;
@@ -55,4 +55,13 @@ pub fn run(config: &Config, batch: i64) -> anyhow::Result<ExitCode> {
         println!("ok");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Writes the demo model to `dir/model.pt`.
+pub fn write_model(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("model.pt");
+    demo::save(&path).context("tracing the demo model")?;
+    println!("{}", path.display());
+    Ok(ExitCode::SUCCESS)
 }

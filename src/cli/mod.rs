@@ -3,6 +3,7 @@
 mod demo;
 mod fetch;
 mod gpu_check;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -29,6 +30,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the node: download, load and serve the model, restart it when it fails,
+    /// drain on SIGTERM or SIGINT. Exits 3 after too many restarts.
+    Serve,
     /// Download and verify the model's files into the cache (or find them there),
     /// print their local paths, and exit.
     Fetch,
@@ -38,6 +42,10 @@ pub enum Command {
         /// Items in the batch.
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i64).range(1..=4096))]
         batch: i64,
+        /// Only write the demo model to DIR/model.pt (a model folder for
+        /// `HARNESS_MODEL_DIR`; its inputs are `f32[4]`) and exit.
+        #[arg(long, value_name = "DIR")]
+        write_model: Option<std::path::PathBuf>,
     },
 }
 
@@ -46,7 +54,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     crate::logging::init(cli.config.log_format);
     match cli.command {
         Command::GpuCheck { json } => gpu_check::run(json),
+        Command::Serve => serve::run(cli.config),
         Command::Fetch => fetch::run(&cli.config),
-        Command::Demo { batch } => demo::run(&cli.config, batch),
+        Command::Demo {
+            write_model: Some(dir),
+            ..
+        } => demo::write_model(&dir),
+        Command::Demo { batch, .. } => demo::run(&cli.config, batch),
     }
 }

@@ -155,7 +155,7 @@ impl Engine {
     /// Runs `rounds` forwards on `sample` and drops the outputs. TorchScript's
     /// profiling executor optimises a graph per input shape over its first calls, so
     /// warm up with the shapes that will be served.
-    pub async fn warm_up(&self, sample: &[Tensor], rounds: usize) -> Result<(), ForwardError> {
+    pub async fn warm_up(&self, sample: Vec<Tensor>, rounds: usize) -> Result<(), ForwardError> {
         for _ in 0..rounds {
             let inputs = sample.iter().map(Tensor::shallow_clone).collect();
             self.forward(inputs).await?;

@@ -1,0 +1,151 @@
+//! A Harness node's life: start the supervision tree, run until a signal (or until
+//! the supervisor gives up), then drain: stop taking work, leave the group, answer
+//! what is queued, stop.
+
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use harness_client::{serving_group, ServingMessage};
+use ractor::{call_t, Actor, ActorRef};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::serving::{Phase, PhaseInfo, ServingShared};
+use crate::supervisor::{RootSupervisor, SupervisorArgs, SupervisorMsg};
+
+/// How long a shutdown waits for queued requests before it stops anyway.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running node.
+pub struct Node {
+    supervisor: ActorRef<SupervisorMsg>,
+    handle: JoinHandle<()>,
+    shared: Arc<ServingShared>,
+    exit_code: Arc<AtomicI32>,
+}
+
+impl Node {
+    /// Starts the supervisor, which starts the serving. Returns at once: the
+    /// serving downloads, loads and warms up in the background.
+    pub async fn start(config: Config) -> anyhow::Result<Node> {
+        let shared = ServingShared::new(&config.serving_name);
+        let exit_code = Arc::new(AtomicI32::new(0));
+        let args = SupervisorArgs {
+            config: Arc::new(config),
+            shared: shared.clone(),
+            exit_code: exit_code.clone(),
+        };
+        let (supervisor, handle) = Actor::spawn(None, RootSupervisor, args)
+            .await
+            .map_err(|e| anyhow::anyhow!("starting the supervisor: {e}"))?;
+        Ok(Node {
+            supervisor,
+            handle,
+            shared,
+            exit_code,
+        })
+    }
+
+    /// The serving's shared state (phase, progress, counters).
+    pub fn shared(&self) -> &Arc<ServingShared> {
+        &self.shared
+    }
+
+    /// The serving actor running now, if any.
+    pub async fn serving(&self) -> Option<ActorRef<ServingMessage>> {
+        call_t!(self.supervisor, SupervisorMsg::Serving, 5_000)
+            .ok()
+            .flatten()
+    }
+
+    /// Waits until the serving is ready; `Err` with the phase it settled in
+    /// instead (`no_gpu`) or was in when `timeout` passed.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), PhaseInfo> {
+        let mut phases = self.shared.watch_phase();
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            let info = phases.borrow_and_update().clone();
+            match info.phase {
+                Phase::Ready => return Ok(()),
+                Phase::NoGpu | Phase::Draining => return Err(info),
+                _ => {}
+            }
+            if tokio::time::timeout_at(until, phases.changed())
+                .await
+                .is_err()
+            {
+                return Err(self.shared.phase());
+            }
+        }
+    }
+
+    /// Serves until SIGTERM or SIGINT, then drains; or until the supervisor gives
+    /// up. Returns the process's exit code.
+    pub async fn run_until_signal(mut self) -> i32 {
+        tokio::select! {
+            () = shutdown_signal() => {
+                tracing::info!("shutdown signal received; draining");
+                self.shutdown(DRAIN_TIMEOUT).await
+            }
+            _ = &mut self.handle => self.exit_code.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Stops taking work (`NotReady { draining }`), leaves the process group,
+    /// answers everything queued (waiting at most `drain_timeout`), and stops the
+    /// tree. Returns the exit code (0 for a clean drain).
+    pub async fn shutdown(self, drain_timeout: Duration) -> i32 {
+        let started = Instant::now();
+        self.shared.begin_draining();
+        let serving = call_t!(self.supervisor, SupervisorMsg::Shutdown, 5_000)
+            .ok()
+            .flatten();
+        if let Some(serving) = &serving {
+            ractor::pg::leave(serving_group(&self.shared.name), vec![serving.get_cell()]);
+        }
+        while self.shared.in_flight() > 0 && started.elapsed() < drain_timeout {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let left = self.shared.in_flight();
+        if left > 0 {
+            tracing::warn!(
+                left,
+                "the drain timed out; {left} request(s) are answered Internal"
+            );
+        } else {
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "drained: every queued request was answered"
+            );
+        }
+        if let Some(serving) = serving {
+            let _ = serving
+                .stop_and_wait(Some("shutdown".to_string()), Some(Duration::from_secs(5)))
+                .await;
+        }
+        let _ = self
+            .supervisor
+            .stop_and_wait(Some("shutdown".to_string()), Some(Duration::from_secs(5)))
+            .await;
+        let _ = self.handle.await;
+        self.exit_code.load(Ordering::SeqCst)
+    }
+}
+
+/// SIGTERM (the platform stopping the machine) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers there is nothing to wait for but the end.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

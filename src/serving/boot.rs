@@ -1,0 +1,119 @@
+//! The serving's slow start, run after the actor has started so that requests are
+//! answered (`NotReady`) meanwhile: device check, download, load, warm-up, ready.
+
+use std::sync::{Arc, OnceLock};
+
+use harness_client::{serving_group, ServingMessage};
+use ractor::ActorRef;
+
+use super::shared::{Phase, ServingShared};
+use crate::config::{Config, ModelSource};
+use crate::device::choose_serving_device;
+use crate::engine::{gpu::GpuFacts, Engine};
+use crate::fetch;
+use crate::tasks::tensor::InputSpec;
+
+/// What a ready serving runs requests with.
+pub struct Ready {
+    pub engine: Engine,
+    /// Inputs per request, when the warm-up learned it.
+    pub arity: Option<usize>,
+}
+
+/// Brings the serving to `ready` (or `no_gpu`), then watches the engine. A failure
+/// on the way, or of the engine later, stops the actor with the reason, and the
+/// supervisor restarts it.
+pub async fn run(
+    myself: ActorRef<ServingMessage>,
+    config: Arc<Config>,
+    shared: Arc<ServingShared>,
+    ready: Arc<OnceLock<Ready>>,
+) {
+    let engine = match start(&myself, &config, &shared, &ready).await {
+        Ok(Some(engine)) => engine,
+        Ok(None) => return, // no GPU: alive, never ready
+        Err(reason) => {
+            shared.set_phase(Phase::Failed, Some(reason.clone()));
+            myself.stop(Some(reason));
+            return;
+        }
+    };
+    let mut failure = engine.failure();
+    let reason = loop {
+        if let Some(reason) = failure.borrow().clone() {
+            break reason;
+        }
+        if failure.changed().await.is_err() {
+            break "the engine thread ended".to_string();
+        }
+    };
+    shared.set_phase(Phase::Failed, Some(reason.clone()));
+    myself.stop(Some(reason));
+}
+
+async fn start(
+    myself: &ActorRef<ServingMessage>,
+    config: &Config,
+    shared: &ServingShared,
+    ready: &OnceLock<Ready>,
+) -> Result<Option<Engine>, String> {
+    let facts = tokio::task::spawn_blocking(GpuFacts::probe)
+        .await
+        .map_err(|e| format!("probing the GPU: {e}"))?;
+    let device = match choose_serving_device(config.device, &facts, &shared.name) {
+        Ok(device) => device,
+        Err(no_gpu) => {
+            shared.set_phase(Phase::NoGpu, Some(no_gpu.to_string()));
+            return Ok(None);
+        }
+    };
+    let warmup = config
+        .serving
+        .warmup_inputs
+        .as_deref()
+        .map(InputSpec::parse_list)
+        .transpose()
+        .map_err(|e| format!("HARNESS_WARMUP_INPUTS: {e}"))?;
+
+    shared.set_phase(Phase::Downloading, None);
+    let source = config.model.source()?;
+    let snapshot = match &source {
+        ModelSource::Dir { dir, files } => fetch::local_dir(dir, files),
+        ModelSource::Hub(spec) => fetch::fetch(spec, &shared.progress).await,
+    }
+    .map_err(|e| e.to_string())?;
+    // The first file is the TorchScript model; the others are for the task.
+    let model = snapshot.files.first().ok_or("no model file")?.clone();
+
+    shared.set_phase(Phase::Loading, None);
+    let engine = Engine::load(&model, device, config.serving.batch())
+        .await
+        .map_err(|e| e.to_string())?;
+
+    shared.set_phase(Phase::Warming, None);
+    let arity = match &warmup {
+        Some(specs) => {
+            // One item and a full batch: the shapes the batcher will send.
+            for items in [1, config.serving.max_batch_size as i64] {
+                let sample: Vec<_> = specs.iter().map(|s| s.zeros(items)).collect();
+                engine.warm_up(sample, 3).await.map_err(|e| {
+                    format!("the warm-up forward failed (check HARNESS_WARMUP_INPUTS): {e}")
+                })?;
+            }
+            Some(specs.len())
+        }
+        None => {
+            tracing::warn!("HARNESS_WARMUP_INPUTS is unset: no warm-up, so the first requests of each shape are slow");
+            None
+        }
+    };
+
+    let _ = ready.set(Ready {
+        engine: engine.clone(),
+        arity,
+    });
+    shared.set_engine(Some(engine.clone()));
+    ractor::pg::join(serving_group(&shared.name), vec![myself.get_cell()]);
+    shared.set_phase(Phase::Ready, None);
+    Ok(Some(engine))
+}

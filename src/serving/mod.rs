@@ -1,0 +1,156 @@
+//! `DelayedServing`: the actor remote nodes call. It starts at once, answers
+//! `NotReady` while it downloads, loads and warms the model (in [`boot`]), joins
+//! the process group `harness.serving.<name>` when ready, and hands each request
+//! to the batcher. Its phase and counters live in [`ServingShared`], which
+//! outlives restarts.
+
+mod boot;
+mod request;
+mod shared;
+
+use std::sync::{Arc, OnceLock};
+
+use harness_client::{serving_group, Fault, Payload, ServingError, ServingMessage};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::watch;
+
+pub use shared::{InFlight, Phase, PhaseInfo, ServingShared};
+
+use crate::config::Config;
+
+/// The serving actor.
+pub struct DelayedServing;
+
+/// What the supervisor starts a serving with.
+pub struct ServingArgs {
+    pub config: Arc<Config>,
+    pub shared: Arc<ServingShared>,
+}
+
+/// One life of the serving.
+pub struct ServingState {
+    config: Arc<Config>,
+    shared: Arc<ServingShared>,
+    ready: Arc<OnceLock<boot::Ready>>,
+    /// Set (or dropped, on a panic) when this life ends: requests in flight are
+    /// then answered `Internal` at once.
+    stopped: watch::Sender<bool>,
+    boot: Option<AbortOnDrop>,
+}
+
+/// Aborts the boot task when this life of the actor ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Actor for DelayedServing {
+    type Msg = ServingMessage;
+    type State = ServingState;
+    type Arguments = ServingArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: ServingArgs,
+    ) -> Result<ServingState, ActorProcessingErr> {
+        // Nothing slow here: a failure in pre_start is not a supervision event.
+        args.shared.set_phase(Phase::Starting, None);
+        Ok(ServingState {
+            config: args.config,
+            shared: args.shared,
+            ready: Arc::new(OnceLock::new()),
+            stopped: watch::channel(false).0,
+            boot: None,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut ServingState,
+    ) -> Result<(), ActorProcessingErr> {
+        let task = boot::run(
+            myself,
+            state.config.clone(),
+            state.shared.clone(),
+            state.ready.clone(),
+        );
+        state.boot = Some(AbortOnDrop(tokio::spawn(task)));
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: ServingMessage,
+        state: &mut ServingState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            ServingMessage::Run(payload, port) => {
+                request::spawn_run(
+                    payload,
+                    port,
+                    state.ready.get(),
+                    &state.shared,
+                    state.stopped.subscribe(),
+                );
+            }
+            ServingMessage::Embed(payload, port) => {
+                let answer = match payload.0.map(|r| request::check_version(r.version)) {
+                    Err(reason) => Err(ServingError::BadInput { reason }),
+                    Ok(Err(err)) => Err(err),
+                    Ok(Ok(())) => Err(ServingError::BadInput {
+                        reason: "this node serves the tensor task: send Run, or start it with HARNESS_TASK=embedding".to_string(),
+                    }),
+                };
+                let _ = port.send(Payload::new(answer));
+            }
+            ServingMessage::Status(_, port) => {
+                let _ = port.send(Payload::new(state.shared.status()));
+            }
+            ServingMessage::Inject(payload, port) => {
+                let fault = payload
+                    .0
+                    .map_err(|reason| ServingError::BadInput { reason })
+                    .and_then(|r| {
+                        request::check_version(r.version)?;
+                        if state.config.serving.fault_injection {
+                            Ok(r.fault)
+                        } else {
+                            Err(ServingError::BadInput {
+                                reason:
+                                    "fault injection is off on this node (HARNESS_FAULT_INJECTION)"
+                                        .to_string(),
+                            })
+                        }
+                    });
+                match fault {
+                    Err(err) => {
+                        let _ = port.send(Payload::new(Err(err)));
+                    }
+                    Ok(Fault::Crash) => {
+                        let _ = port.send(Payload::new(Ok(())));
+                        tracing::warn!("crashing the serving on request (HARNESS_FAULT_INJECTION)");
+                        panic!("injected crash (HARNESS_FAULT_INJECTION)");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut ServingState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.stopped.send_replace(true);
+        state.boot.take();
+        ractor::pg::leave(serving_group(&state.shared.name), vec![myself.get_cell()]);
+        Ok(())
+    }
+}

@@ -1,0 +1,194 @@
+//! What outlives one life of the serving actor: its phase (a watch channel that
+//! HTTP and `Status` read), the download progress, the restart count, the engine
+//! in use, and the requests in flight.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use harness_client::ServingStatus;
+use tokio::sync::watch;
+
+use crate::engine::Engine;
+use crate::fetch::FetchProgress;
+
+/// The serving's phases (DESIGN.md), plus `draining` during shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Starting,
+    Downloading,
+    Loading,
+    Warming,
+    Ready,
+    NoGpu,
+    Failed,
+    Draining,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Downloading => "downloading",
+            Phase::Loading => "loading",
+            Phase::Warming => "warming",
+            Phase::Ready => "ready",
+            Phase::NoGpu => "no_gpu",
+            Phase::Failed => "failed",
+            Phase::Draining => "draining",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A phase and, for `failed` and `no_gpu`, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PhaseInfo {
+    pub phase: Phase,
+    pub message: Option<String>,
+}
+
+/// The serving's state shared across restarts.
+#[derive(Debug)]
+pub struct ServingShared {
+    pub name: String,
+    phase: watch::Sender<PhaseInfo>,
+    pub progress: Arc<FetchProgress>,
+    restarts: AtomicU64,
+    in_flight: AtomicU64,
+    draining: AtomicBool,
+    engine: Mutex<Option<Engine>>,
+    /// The latest phase changes, oldest first (the watch channel keeps only the last).
+    history: Mutex<std::collections::VecDeque<Phase>>,
+}
+
+/// Phase changes remembered for [`ServingShared::history`].
+const HISTORY: usize = 64;
+
+impl ServingShared {
+    pub fn new(name: &str) -> Arc<Self> {
+        let (phase, _) = watch::channel(PhaseInfo {
+            phase: Phase::Starting,
+            message: None,
+        });
+        Arc::new(ServingShared {
+            name: name.to_string(),
+            phase,
+            progress: Arc::new(FetchProgress::default()),
+            restarts: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            engine: Mutex::new(None),
+            history: Mutex::new(std::collections::VecDeque::new()),
+        })
+    }
+
+    /// Moves to `phase` (logged). Once draining, the phase stays `draining`.
+    pub fn set_phase(&self, phase: Phase, message: Option<String>) {
+        if self.is_draining() && phase != Phase::Draining {
+            return;
+        }
+        match &message {
+            Some(why) => {
+                tracing::info!(serving = %self.name, %phase, "serving {} is {phase}: {why}", self.name)
+            }
+            None => {
+                tracing::info!(serving = %self.name, %phase, "serving {} is {phase}", self.name)
+            }
+        }
+        if let Ok(mut history) = self.history.lock() {
+            if history.len() == HISTORY {
+                history.pop_front();
+            }
+            history.push_back(phase);
+        }
+        self.phase.send_replace(PhaseInfo { phase, message });
+    }
+
+    /// The latest phase changes, oldest first.
+    pub fn history(&self) -> Vec<Phase> {
+        self.history
+            .lock()
+            .map(|h| h.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn phase(&self) -> PhaseInfo {
+        self.phase.borrow().clone()
+    }
+
+    /// A receiver that sees every phase change.
+    pub fn watch_phase(&self) -> watch::Receiver<PhaseInfo> {
+        self.phase.subscribe()
+    }
+
+    /// Stop taking work: from now on requests are answered `NotReady { draining }`.
+    pub fn begin_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.set_phase(Phase::Draining, None);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    pub fn note_restart(&self) -> u64 {
+        self.restarts.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request from when it is accepted until it is answered.
+    pub fn request_started(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self.clone())
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    pub fn set_engine(&self, engine: Option<Engine>) {
+        if let Ok(mut current) = self.engine.lock() {
+            *current = engine;
+        }
+    }
+
+    pub fn engine(&self) -> Option<Engine> {
+        self.engine.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Items waiting in the engine's queue.
+    pub fn queue_depth(&self) -> u64 {
+        self.engine()
+            .map_or(0, |e| e.stats().queued_items.load(Ordering::Relaxed))
+    }
+
+    /// The `Status` answer.
+    pub fn status(&self) -> ServingStatus {
+        let info = self.phase();
+        ServingStatus {
+            phase: info.phase.as_str().to_string(),
+            message: info.message,
+            serving: self.name.clone(),
+            device: self.engine().map(|e| e.device().to_string()),
+            queue_depth: self.queue_depth(),
+            restarts: self.restarts(),
+        }
+    }
+}
+
+/// A request being handled; dropping it marks the request answered.
+pub struct InFlight(Arc<ServingShared>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,4 @@
+//! Tasks: what a request means to the model, on each side of the engine. With the
+//! engine, the only room that touches `tch`.
+
+pub mod tensor;

@@ -1,0 +1,309 @@
+//! The tensor task: `Run` takes tensors sharing their leading dimension (the
+//! items) and returns the model's output tensors for those items.
+//!
+//! Every rule is checked before anything is queued, and each failure says which.
+
+use harness_client::{DType, WireTensor};
+use tch::{Kind, Tensor};
+
+/// Elements one request may carry, over all its tensors: a guard against a
+/// request that would exhaust memory (256 Mi elements, 1 GiB of f32).
+pub const MAX_ELEMENTS: usize = 1 << 28;
+
+/// The per-item signature of one input: dtype and trailing shape, as
+/// `HARNESS_WARMUP_INPUTS` writes it (`f32[4]`, `i64[128]`, `f32[3,224,224]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputSpec {
+    pub dtype: DType,
+    pub shape: Vec<i64>,
+}
+
+impl InputSpec {
+    /// Parses `f32[4],i64[2,8]` into one spec per input.
+    pub fn parse_list(text: &str) -> Result<Vec<InputSpec>, String> {
+        let mut specs = Vec::new();
+        let mut rest = text.trim();
+        while !rest.is_empty() {
+            let open = rest
+                .find('[')
+                .ok_or_else(|| format!("{rest:?}: expected dtype[dims], e.g. f32[4]"))?;
+            let close = rest
+                .find(']')
+                .ok_or_else(|| format!("{rest:?}: missing ]"))?;
+            let dtype = parse_dtype(rest[..open].trim())?;
+            let shape = rest[open + 1..close]
+                .split(',')
+                .map(str::trim)
+                .filter(|d| !d.is_empty())
+                .map(|d| {
+                    d.parse::<i64>()
+                        .ok()
+                        .filter(|d| *d > 0)
+                        .ok_or_else(|| format!("{d:?} is not a positive dimension"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            specs.push(InputSpec { dtype, shape });
+            rest = rest[close + 1..].trim_start_matches([',', ' ']);
+        }
+        if specs.is_empty() {
+            return Err("no inputs given".to_string());
+        }
+        Ok(specs)
+    }
+
+    /// A batch of `items` zero-filled items of this input, for warm-up.
+    pub fn zeros(&self, items: i64) -> Tensor {
+        let mut shape = vec![items];
+        shape.extend(&self.shape);
+        Tensor::zeros(shape.as_slice(), (kind_of(self.dtype), tch::Device::Cpu))
+    }
+}
+
+fn parse_dtype(name: &str) -> Result<DType, String> {
+    Ok(match name.to_ascii_lowercase().as_str() {
+        "f32" | "float" | "float32" => DType::F32,
+        "f64" | "double" | "float64" => DType::F64,
+        "f16" | "half" | "float16" => DType::F16,
+        "bf16" | "bfloat16" => DType::BF16,
+        "i64" | "long" | "int64" => DType::I64,
+        "i32" | "int" | "int32" => DType::I32,
+        "i16" | "int16" => DType::I16,
+        "i8" | "int8" => DType::I8,
+        "u8" | "uint8" => DType::U8,
+        "bool" => DType::Bool,
+        other => {
+            return Err(format!(
+                "unknown dtype {other:?} (f32, f64, f16, bf16, i64, i32, i16, i8, u8, bool)"
+            ))
+        }
+    })
+}
+
+fn kind_of(dtype: DType) -> Kind {
+    match dtype {
+        DType::F32 => Kind::Float,
+        DType::F64 => Kind::Double,
+        DType::F16 => Kind::Half,
+        DType::BF16 => Kind::BFloat16,
+        DType::I64 => Kind::Int64,
+        DType::I32 => Kind::Int,
+        DType::I16 => Kind::Int16,
+        DType::I8 => Kind::Int8,
+        DType::U8 => Kind::Uint8,
+        DType::Bool => Kind::Bool,
+    }
+}
+
+fn dtype_of(kind: Kind) -> Option<DType> {
+    Some(match kind {
+        Kind::Float => DType::F32,
+        Kind::Double => DType::F64,
+        Kind::Half => DType::F16,
+        Kind::BFloat16 => DType::BF16,
+        Kind::Int64 => DType::I64,
+        Kind::Int => DType::I32,
+        Kind::Int16 => DType::I16,
+        Kind::Int8 => DType::I8,
+        Kind::Uint8 => DType::U8,
+        Kind::Bool => DType::Bool,
+        _ => return None,
+    })
+}
+
+/// Checks a request's tensors against every rule and builds them. `arity` is how
+/// many inputs the model takes, when the warm-up learned it.
+pub fn to_tensors(inputs: &[WireTensor], arity: Option<usize>) -> Result<Vec<Tensor>, String> {
+    if inputs.is_empty() {
+        return Err("no input tensors".to_string());
+    }
+    if let Some(arity) = arity {
+        if inputs.len() != arity {
+            return Err(format!(
+                "the model takes {arity} input tensor(s), the request has {}",
+                inputs.len()
+            ));
+        }
+    }
+    let mut total = 0usize;
+    let mut items = None;
+    for (i, t) in inputs.iter().enumerate() {
+        if t.shape.is_empty() {
+            return Err(format!(
+                "input {i} is a scalar; inputs lead with the item dimension"
+            ));
+        }
+        if let Some(d) = t.shape.iter().find(|d| **d < 0) {
+            return Err(format!(
+                "input {i} has a negative dimension ({d}) in shape {:?}",
+                t.shape
+            ));
+        }
+        let count = t
+            .element_count()
+            .ok_or_else(|| format!("input {i}'s shape {:?} is too large", t.shape))?;
+        total = total.saturating_add(count);
+        if total > MAX_ELEMENTS {
+            return Err(format!("the request carries more than {MAX_ELEMENTS} elements; send fewer items per request"));
+        }
+        let expected = count
+            .checked_mul(t.dtype.size())
+            .ok_or_else(|| format!("input {i} is too large"))?;
+        if expected != t.data.len() {
+            return Err(format!(
+                "input {i}: shape {:?} of {:?} needs {expected} bytes, the request carries {}",
+                t.shape,
+                t.dtype,
+                t.data.len()
+            ));
+        }
+        match items {
+            None if t.shape[0] == 0 => {
+                return Err("the request has no items (leading dimension 0)".to_string())
+            }
+            None => items = Some(t.shape[0]),
+            Some(n) if n != t.shape[0] => {
+                return Err(format!(
+                    "inputs disagree on the number of items: {n} and {} (input {i})",
+                    t.shape[0]
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    inputs
+        .iter()
+        .map(|t| {
+            Tensor::f_from_data_size(&t.data, &t.shape, kind_of(t.dtype)).map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
+/// The model's outputs, on the wire.
+pub fn to_wire(outputs: Vec<Tensor>) -> Result<Vec<WireTensor>, String> {
+    outputs
+        .into_iter()
+        .map(|t| {
+            let dtype = dtype_of(t.kind()).ok_or_else(|| {
+                format!(
+                    "the model returned a {:?} tensor, which the protocol cannot carry",
+                    t.kind()
+                )
+            })?;
+            let t = t.f_contiguous().map_err(|e| e.to_string())?;
+            let numel = t.numel();
+            let mut data = vec![0u8; numel * dtype.size()];
+            t.f_copy_data_u8(&mut data, numel)
+                .map_err(|e| e.to_string())?;
+            Ok(WireTensor {
+                dtype,
+                shape: t.size(),
+                data,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_specs_parse() {
+        assert_eq!(
+            InputSpec::parse_list("f32[4], i64[2,8]").unwrap(),
+            vec![
+                InputSpec {
+                    dtype: DType::F32,
+                    shape: vec![4]
+                },
+                InputSpec {
+                    dtype: DType::I64,
+                    shape: vec![2, 8]
+                }
+            ]
+        );
+        assert_eq!(
+            InputSpec::parse_list("f32[]").unwrap()[0].shape,
+            Vec::<i64>::new()
+        );
+        for bad in ["", "f32", "x9[4]", "f32[-1]", "f32[4"] {
+            assert!(InputSpec::parse_list(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_rule_is_checked() {
+        let good = WireTensor::from_f32(&[2, 2], &[1.0, 2.0, 3.0, 4.0]);
+        assert!(to_tensors(std::slice::from_ref(&good), Some(1)).is_ok());
+        let cases: Vec<(Vec<WireTensor>, Option<usize>, &str)> = vec![
+            (vec![], None, "no input"),
+            (vec![good.clone()], Some(2), "takes 2 input"),
+            (
+                vec![WireTensor {
+                    shape: vec![],
+                    ..good.clone()
+                }],
+                None,
+                "scalar",
+            ),
+            (
+                vec![WireTensor {
+                    shape: vec![2, -2],
+                    ..good.clone()
+                }],
+                None,
+                "negative dimension",
+            ),
+            (
+                vec![WireTensor {
+                    shape: vec![2, 3],
+                    ..good.clone()
+                }],
+                None,
+                "needs 24 bytes",
+            ),
+            (
+                vec![WireTensor {
+                    shape: vec![0, 2],
+                    data: vec![],
+                    ..good.clone()
+                }],
+                None,
+                "no items",
+            ),
+            (
+                vec![good.clone(), WireTensor::from_f32(&[1, 2], &[0.0, 0.0])],
+                None,
+                "disagree",
+            ),
+            (
+                vec![WireTensor {
+                    shape: vec![1 << 20, 1 << 9],
+                    data: vec![],
+                    ..good.clone()
+                }],
+                None,
+                "more than",
+            ),
+        ];
+        for (inputs, arity, says) in cases {
+            let err = to_tensors(&inputs, arity).unwrap_err();
+            assert!(err.contains(says), "{says}: {err}");
+        }
+    }
+
+    #[test]
+    fn tensors_round_trip_through_the_wire() {
+        let x = Tensor::from_slice(&[1i64, -2, 3, 4, 5, 6]).reshape([3, 2]);
+        let wire = to_wire(vec![x.shallow_clone()]).unwrap();
+        assert_eq!(
+            (wire[0].dtype, wire[0].shape.clone()),
+            (DType::I64, vec![3, 2])
+        );
+        let back = to_tensors(&wire, None).unwrap();
+        assert!(back[0].equal(&x));
+        // A non-contiguous view is made contiguous first.
+        let t = to_wire(vec![x.tr()]).unwrap();
+        assert_eq!(to_tensors(&t, None).unwrap()[0].size(), vec![2, 3]);
+    }
+}

@@ -1,0 +1,551 @@
+//! The serving's whole life in-process: the supervisor, the DelayedServing actor,
+//! the batcher, a real traced model fetched from the test hub.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use clap::Parser;
+use harness::node::Node;
+use harness::serving::Phase;
+use harness_client::{
+    serving_group, Fault, FaultRequest, Payload, RunReply, RunRequest, ServingError,
+    ServingMessage, StatusRequest, WireTensor, PROTOCOL_VERSION,
+};
+use ractor::ActorRef;
+use support::hub::TestHub;
+use support::{input, Affine};
+
+const REPO: &str = "acme/affine";
+
+/// The same command line an operator would use, parsed the same way. Each test
+/// names its serving after itself: process groups are process-wide.
+fn config(
+    name: &str,
+    hub: &TestHub,
+    cache: &std::path::Path,
+    extra: &[&str],
+) -> harness::config::Config {
+    let mut args = vec![
+        "harness".to_string(),
+        format!("--hf-endpoint={}", hub.url()),
+        format!("--model-repo={REPO}"),
+        format!("--cache-dir={}", cache.display()),
+        "--warmup-inputs=f32[4]".to_string(),
+        format!("--serving-name={name}"),
+    ];
+    if !extra.iter().any(|a| a.starts_with("--device")) {
+        args.push("--device=cpu".to_string());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.push("serve".to_string());
+    harness::cli::Cli::try_parse_from(args)
+        .expect("arguments")
+        .config
+}
+
+/// A hub holding the affine model as `model.pt`.
+async fn hub_with_model() -> (TestHub, Affine) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Affine::new();
+    let bytes = std::fs::read(model.save(dir.path())).unwrap();
+    let hub = TestHub::start().await;
+    hub.commit(REPO, "main", &[("model.pt", &bytes, true)]);
+    (hub, model)
+}
+
+fn wire(x: &tch::Tensor) -> WireTensor {
+    let values = Vec::<f32>::try_from(x.flatten(0, -1)).unwrap();
+    WireTensor::from_f32(&x.size(), &values)
+}
+
+async fn run(
+    serving: &ActorRef<ServingMessage>,
+    inputs: Vec<WireTensor>,
+    timeout_ms: u64,
+) -> RunReply {
+    let request = RunRequest {
+        version: PROTOCOL_VERSION,
+        inputs,
+        timeout_ms,
+    };
+    let reply = serving
+        .call(
+            |port| ServingMessage::Run(Payload::new(request), port),
+            Some(Duration::from_secs(30)),
+        )
+        .await
+        .expect("the serving answers")
+        .expect("within the call's timeout");
+    reply.0.expect("the reply decodes")
+}
+
+fn assert_rows(got: &[WireTensor], want: &tch::Tensor) {
+    let values = got[0].to_f32().expect("f32 output");
+    let want_values = Vec::<f32>::try_from(want.flatten(0, -1)).unwrap();
+    assert_eq!(got[0].shape, want.size());
+    for (g, w) in values.iter().zip(&want_values) {
+        assert!((g - w).abs() < 1e-5, "{values:?} vs {want_values:?}");
+    }
+}
+
+async fn ready_node(
+    name: &str,
+    hub: &TestHub,
+    cache: &std::path::Path,
+    extra: &[&str],
+) -> (Node, ActorRef<ServingMessage>) {
+    let node = Node::start(config(name, hub, cache, extra)).await.unwrap();
+    node.wait_ready(Duration::from_secs(30))
+        .await
+        .expect("ready");
+    let serving = node.serving().await.expect("a serving");
+    (node, serving)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_whole_life_from_the_hub_to_an_answer() {
+    let (hub, model) = hub_with_model().await;
+    let cache = tempfile::tempdir().unwrap();
+    let node = Node::start(config(
+        "the_whole_life_from_the_hub_to_an_answer",
+        &hub,
+        cache.path(),
+        &[],
+    ))
+    .await
+    .unwrap();
+    node.wait_ready(Duration::from_secs(30))
+        .await
+        .expect("ready");
+    assert_eq!(
+        node.shared().history(),
+        [
+            Phase::Starting,
+            Phase::Downloading,
+            Phase::Loading,
+            Phase::Warming,
+            Phase::Ready
+        ]
+    );
+    let serving = node.serving().await.unwrap();
+    let members =
+        ractor::pg::get_members(&serving_group("the_whole_life_from_the_hub_to_an_answer"));
+    assert_eq!(
+        members.iter().map(|m| m.get_id()).collect::<Vec<_>>(),
+        vec![serving.get_id()],
+        "in the group when ready"
+    );
+
+    let x = input(3, 0.25);
+    let out = run(&serving, vec![wire(&x)], 5_000)
+        .await
+        .expect("a result");
+    assert_rows(&out, &model.apply(&x)[0]);
+
+    let status = serving
+        .call(
+            |port| {
+                ServingMessage::Status(
+                    Payload::new(StatusRequest {
+                        version: PROTOCOL_VERSION,
+                    }),
+                    port,
+                )
+            },
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .0
+        .unwrap();
+    assert_eq!(
+        (
+            status.phase.as_str(),
+            status.device.as_deref(),
+            status.restarts
+        ),
+        ("ready", Some("cpu"), 0)
+    );
+    assert_eq!(node.shutdown(Duration::from_secs(5)).await, 0);
+    assert!(
+        ractor::pg::get_members(&serving_group("the_whole_life_from_the_hub_to_an_answer"))
+            .is_empty(),
+        "left the group"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn before_ready_requests_are_answered_not_ready_at_once() {
+    let (hub, _model) = hub_with_model().await;
+    // A stalled download keeps the serving in `downloading`.
+    hub.fault(
+        support::hub::On::Download,
+        support::hub::Fault::Stall { after: 100 },
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let node = Node::start(config(
+        "before_ready_requests_are_answered_not_ready_at_once",
+        &hub,
+        cache.path(),
+        &[],
+    ))
+    .await
+    .unwrap();
+    let mut serving = node.serving().await;
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while serving.is_none() || node.shared().phase().phase != Phase::Downloading {
+        assert!(
+            std::time::Instant::now() < until,
+            "never downloading: {:?}",
+            node.shared().phase()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        serving = node.serving().await;
+    }
+    let err = run(&serving.unwrap(), vec![wire(&input(1, 0.0))], 1_000)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        ServingError::NotReady {
+            phase: "downloading".to_string()
+        }
+    );
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_bad_input_rule_answers_bad_input_and_the_serving_stays_ready() {
+    let (hub, model) = hub_with_model().await;
+    let cache = tempfile::tempdir().unwrap();
+    let (node, serving) = ready_node(
+        "every_bad_input_rule_answers_bad_input_and_the_serving_stays_ready",
+        &hub,
+        cache.path(),
+        &[],
+    )
+    .await;
+    let good = wire(&input(2, 0.0));
+    let cases: Vec<(Vec<WireTensor>, &str)> = vec![
+        (vec![], "no input tensors"),
+        (vec![good.clone(), good.clone()], "takes 1 input"),
+        (
+            vec![WireTensor {
+                shape: vec![2, -4],
+                ..good.clone()
+            }],
+            "negative dimension",
+        ),
+        (
+            vec![WireTensor {
+                shape: vec![2, 5],
+                ..good.clone()
+            }],
+            "needs 40 bytes",
+        ),
+        (
+            vec![WireTensor {
+                shape: vec![],
+                data: vec![0; 4],
+                ..good.clone()
+            }],
+            "scalar",
+        ),
+        (
+            vec![WireTensor::from_f32(&[2, 5], &[0.0; 10])],
+            "wrong input shape",
+        ),
+        (
+            vec![WireTensor::from_i64(&[2, 4], &[0; 8])],
+            "wrong input dtype",
+        ),
+    ];
+    for (inputs, says) in cases {
+        match run(&serving, inputs, 5_000).await {
+            Err(ServingError::BadInput { reason }) => {
+                assert!(reason.contains(says), "{says}: {reason}")
+            }
+            other => panic!("{says}: {other:?}"),
+        }
+    }
+    // Another protocol version, a zero budget, and a frame that does not decode.
+    let old = RunRequest {
+        version: PROTOCOL_VERSION + 1,
+        inputs: vec![good.clone()],
+        timeout_ms: 100,
+    };
+    let reply = serving
+        .call(|port| ServingMessage::Run(Payload::new(old), port), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(reply.0.unwrap(), Err(ServingError::BadInput { reason }) if reason.contains("protocol version 2"))
+    );
+    assert!(matches!(
+        run(&serving, vec![good.clone()], 0).await,
+        Err(ServingError::BadInput { .. })
+    ));
+    let garbage =
+        Payload::<RunRequest>(Err("cannot decode the message: unexpected end".to_string()));
+    let reply = serving
+        .call(|port| ServingMessage::Run(garbage, port), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(reply.0.unwrap(), Err(ServingError::BadInput { reason }) if reason.contains("cannot decode"))
+    );
+
+    let x = input(2, 1.0);
+    assert_rows(
+        &run(&serving, vec![wire(&x)], 5_000).await.unwrap(),
+        &model.apply(&x)[0],
+    );
+    assert_eq!(node.shared().phase().phase, Phase::Ready);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_callers_share_forwards_through_the_actor() {
+    let (hub, model) = hub_with_model().await;
+    let cache = tempfile::tempdir().unwrap();
+    let (node, serving) = ready_node(
+        "concurrent_callers_share_forwards_through_the_actor",
+        &hub,
+        cache.path(),
+        &["--max-batch-size=16", "--max-batch-delay-ms=30"],
+    )
+    .await;
+    let engine = node.shared().engine().unwrap();
+    let before = engine.stats().forwards.load(Ordering::Relaxed);
+    let callers: Vec<_> = (0..48)
+        .map(|i| {
+            let serving = serving.clone();
+            tokio::spawn(async move {
+                let x = input(1, i as f64);
+                (run(&serving, vec![wire(&x)], 10_000).await, x)
+            })
+        })
+        .collect();
+    for caller in callers {
+        let (out, x) = caller.await.unwrap();
+        assert_rows(&out.unwrap(), &model.apply(&x)[0]);
+    }
+    let forwards = engine.stats().forwards.load(Ordering::Relaxed) - before;
+    assert!(
+        (3..48).contains(&forwards),
+        "48 callers took {forwards} forwards"
+    );
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overload_and_deadlines_are_answered_not_run() {
+    let (hub, _model) = hub_with_model().await;
+    let cache = tempfile::tempdir().unwrap();
+    let (node, serving) = ready_node(
+        "overload_and_deadlines_are_answered_not_run",
+        &hub,
+        cache.path(),
+        &[
+            "--max-queue=4",
+            "--max-batch-delay-ms=300",
+            "--max-batch-size=64",
+        ],
+    )
+    .await;
+    let queued = {
+        let serving = serving.clone();
+        tokio::spawn(async move { run(&serving, vec![wire(&input(4, 0.0))], 5_000).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        run(&serving, vec![wire(&input(1, 0.0))], 5_000)
+            .await
+            .unwrap_err(),
+        ServingError::Overloaded {
+            queued: 4,
+            capacity: 4
+        }
+    );
+    queued
+        .await
+        .unwrap()
+        .expect("the queued request is answered");
+
+    match run(&serving, vec![wire(&input(1, 0.0))], 20).await {
+        Err(ServingError::DeadlineExceeded { waited_ms }) => assert!(waited_ms >= 20),
+        other => panic!("{other:?}"),
+    }
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_restarts_the_serving_from_the_cache() {
+    let (hub, model) = hub_with_model().await;
+    let cache = tempfile::tempdir().unwrap();
+    let (node, serving) = ready_node(
+        "a_crash_restarts_the_serving_from_the_cache",
+        &hub,
+        cache.path(),
+        &["--fault-injection"],
+    )
+    .await;
+    let downloads = hub.count("GET", "/cdn/");
+    assert_eq!(downloads, 1);
+
+    let crash = FaultRequest {
+        version: PROTOCOL_VERSION,
+        fault: Fault::Crash,
+    };
+    let reply = serving
+        .call(
+            |port| ServingMessage::Inject(Payload::new(crash), port),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.0.unwrap(), Ok(()));
+    serving
+        .wait(Some(Duration::from_secs(5)))
+        .await
+        .expect("the crashed serving is gone");
+    // The supervisor hears of it and schedules the restart.
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while node.shared().restarts() == 0 {
+        assert!(std::time::Instant::now() < until, "no restart");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    node.wait_ready(Duration::from_secs(30))
+        .await
+        .expect("ready again");
+    let again = node.serving().await.unwrap();
+    assert_ne!(again.get_id(), serving.get_id(), "a new serving");
+    assert_eq!(node.shared().restarts(), 1);
+    assert_eq!(
+        hub.count("GET", "/cdn/"),
+        downloads,
+        "the restart loaded from the cache"
+    );
+    let x = input(2, 3.0);
+    assert_rows(
+        &run(&again, vec![wire(&x)], 5_000).await.unwrap(),
+        &model.apply(&x)[0],
+    );
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fault_injection_is_refused_unless_enabled() {
+    let (hub, _model) = hub_with_model().await;
+    let cache = tempfile::tempdir().unwrap();
+    let (node, serving) = ready_node(
+        "fault_injection_is_refused_unless_enabled",
+        &hub,
+        cache.path(),
+        &[],
+    )
+    .await;
+    let crash = FaultRequest {
+        version: PROTOCOL_VERSION,
+        fault: Fault::Crash,
+    };
+    let reply = serving
+        .call(
+            |port| ServingMessage::Inject(Payload::new(crash), port),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(reply.0.unwrap(), Err(ServingError::BadInput { reason }) if reason.contains("HARNESS_FAULT_INJECTION"))
+    );
+    assert_eq!(node.shared().phase().phase, Phase::Ready);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_drains_every_queued_request() {
+    let (hub, model) = hub_with_model().await;
+    let cache = tempfile::tempdir().unwrap();
+    let (node, serving) = ready_node(
+        "shutdown_drains_every_queued_request",
+        &hub,
+        cache.path(),
+        &["--max-batch-delay-ms=300", "--max-batch-size=64"],
+    )
+    .await;
+    let callers: Vec<_> = (0..10)
+        .map(|i| {
+            let serving = serving.clone();
+            tokio::spawn(async move {
+                let x = input(1, i as f64);
+                (run(&serving, vec![wire(&x)], 10_000).await, x)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(node.shared().in_flight(), 10, "all queued");
+    let drained = {
+        let serving = serving.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            run(&serving, vec![wire(&input(1, 0.0))], 1_000).await
+        })
+    };
+    assert_eq!(node.shutdown(Duration::from_secs(10)).await, 0);
+    for caller in callers {
+        let (out, x) = caller.await.unwrap();
+        assert_rows(&out.expect("answered, not dropped"), &model.apply(&x)[0]);
+    }
+    assert_eq!(
+        drained.await.unwrap().unwrap_err(),
+        ServingError::NotReady {
+            phase: "draining".to_string()
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_gpu_the_cuda_policy_stays_alive_and_never_ready() {
+    if tch::Cuda::is_available() {
+        return;
+    }
+    let (hub, _model) = hub_with_model().await;
+    let cache = tempfile::tempdir().unwrap();
+    let node = Node::start(config(
+        "without_a_gpu_the_cuda_policy_stays_alive_and_never_ready",
+        &hub,
+        cache.path(),
+        &["--device=cuda"],
+    ))
+    .await
+    .unwrap();
+    let settled = node.wait_ready(Duration::from_secs(10)).await.unwrap_err();
+    assert_eq!(settled.phase, Phase::NoGpu);
+    let serving = node.serving().await.expect("alive");
+    assert_eq!(
+        run(&serving, vec![wire(&input(1, 0.0))], 1_000)
+            .await
+            .unwrap_err(),
+        ServingError::NotReady {
+            phase: "no_gpu".to_string()
+        }
+    );
+    assert!(
+        ractor::pg::get_members(&serving_group(
+            "without_a_gpu_the_cuda_policy_stays_alive_and_never_ready"
+        ))
+        .is_empty(),
+        "never in the group"
+    );
+    assert_eq!(hub.served().len(), 0, "nothing downloaded");
+    node.shutdown(Duration::from_secs(1)).await;
+}
