@@ -21,14 +21,21 @@ help:
 libtorch:
 	@libtorch/install
 
-# Until the serving lands, the node is the engine: gpu-check, then a forward on the
-# demo model. HARNESS_DEVICE defaults to auto here, so a laptop uses its CPU.
+# A real node serving a traced demo model (inputs f32[4]) from a local folder: no
+# network. HARNESS_DEVICE defaults to auto here, so a laptop uses its CPU.
+# Ctrl-C (or SIGTERM) drains and stops it.
+DEMO_MODEL_DIR := target/demo-model
 run:
 	@$(WITH_LIBTORCH) $(CARGO) build --bin harness
 	@# gpu-check exits 1 on a machine without a GPU: that is an answer, not a failure.
 	@echo "== harness gpu-check"; $(WITH_LIBTORCH) $(CARGO) run -q --bin harness -- gpu-check || [ $$? -eq 1 ]
-	@echo; echo "== harness demo (HARNESS_DEVICE=$${HARNESS_DEVICE:-auto})"
-	@$(WITH_LIBTORCH) HARNESS_DEVICE="$${HARNESS_DEVICE:-auto}" $(CARGO) run -q --bin harness -- demo
+	@$(WITH_LIBTORCH) $(CARGO) run -q --bin harness -- demo --write-model $(DEMO_MODEL_DIR) >/dev/null
+	@echo; echo "== harness serve: the demo model from $(DEMO_MODEL_DIR) on HARNESS_DEVICE=$${HARNESS_DEVICE:-auto}"
+	@echo "   It takes Run requests of f32[N,4] tensors in process group harness.serving.$${HARNESS_SERVING_NAME:-default}."
+	@echo "   The cluster listener and the HTTP endpoints arrive with their issues; until then the"
+	@echo "   log shows the node's phases. Ctrl-C drains and stops it."
+	@$(WITH_LIBTORCH) HARNESS_DEVICE="$${HARNESS_DEVICE:-auto}" HARNESS_MODEL_DIR="$(DEMO_MODEL_DIR)" \
+		HARNESS_WARMUP_INPUTS="$${HARNESS_WARMUP_INPUTS:-f32[4]}" exec $(CARGO) run -q --bin harness -- serve
 
 test:
 	@$(WITH_LIBTORCH) $(CARGO) test --workspace
@@ -38,7 +45,7 @@ test:
 
 # Side-by-side benchmarks, release build; see BENCHMARKS.md.
 bench:
-	@$(WITH_LIBTORCH) $(CARGO) bench --bench fetch
+	@$(WITH_LIBTORCH) $(CARGO) bench --bench fetch --bench serving
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -1,0 +1,79 @@
+//! `harness serve` as a process: it gives up with its exit code after too many
+//! restarts, and drains and exits 0 on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn serve(model_dir: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_harness"));
+    cmd.arg("serve")
+        .env("HARNESS_MODEL_DIR", model_dir)
+        .env("HARNESS_DEVICE", "cpu")
+        .env("HARNESS_WARMUP_INPUTS", "f32[4]")
+        .env("RUST_LOG", "info")
+        .env_remove("HARNESS_MODEL_REPO");
+    cmd
+}
+
+#[test]
+fn too_many_restarts_end_the_process_with_exit_code_3() {
+    let dir = tempfile::tempdir().unwrap();
+    // A model file that never loads: every start of the serving fails.
+    std::fs::write(dir.path().join("model.pt"), b"not a model").unwrap();
+    let started = Instant::now();
+    let out = serve(dir.path())
+        .env("HARNESS_MAX_RESTARTS", "2")
+        .env("HARNESS_RESTART_WINDOW_S", "60")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(harness::supervisor::EXIT_TOO_MANY_RESTARTS),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("restarting it in").count(), 2, "{stderr}");
+    assert!(
+        stderr.contains("restarting it in 100ms") && stderr.contains("restarting it in 200ms"),
+        "backoff: {stderr}"
+    );
+    assert!(stderr.contains("giving up with exit code 3"), "{stderr}");
+    assert!(
+        stderr.contains("is not a TorchScript model"),
+        "the reason is logged: {stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Command::new(env!("CARGO_BIN_EXE_harness"))
+        .args(["demo", "--write-model"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(model.status.success());
+    let mut child = serve(dir.path()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("serving default is ready") {
+            break;
+        }
+    }
+    assert!(log.contains("is ready"), "{log}");
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    for line in lines {
+        log.push_str(&line.unwrap());
+        log.push('\n');
+    }
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("draining") && log.contains("drained"), "{log}");
+}
