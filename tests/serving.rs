@@ -90,6 +90,40 @@ fn assert_rows(got: &[WireTensor], want: &tch::Tensor) {
     }
 }
 
+/// `n` callers at once, each sending one item of its own; each answers with its
+/// reply and its input.
+fn spawn_callers(
+    serving: &ActorRef<ServingMessage>,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<(RunReply, tch::Tensor)>> {
+    (0..n)
+        .map(|i| {
+            let serving = serving.clone();
+            tokio::spawn(async move {
+                let x = input(1, i as f64);
+                (run(&serving, vec![wire(&x)], 10_000).await, x)
+            })
+        })
+        .collect()
+}
+
+/// Asks the serving to crash; the answer says whether it agreed.
+async fn inject_crash(serving: &ActorRef<ServingMessage>) -> Result<(), ServingError> {
+    let crash = FaultRequest {
+        version: PROTOCOL_VERSION,
+        fault: Fault::Crash,
+    };
+    let reply = serving
+        .call(
+            |port| ServingMessage::Inject(Payload::new(crash), port),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    reply.0.unwrap()
+}
+
 async fn ready_node(
     name: &str,
     hub: &TestHub,
@@ -322,15 +356,7 @@ async fn concurrent_callers_share_forwards_through_the_actor() {
     .await;
     let engine = node.shared().engine().unwrap();
     let before = engine.stats().forwards.load(Ordering::Relaxed);
-    let callers: Vec<_> = (0..48)
-        .map(|i| {
-            let serving = serving.clone();
-            tokio::spawn(async move {
-                let x = input(1, i as f64);
-                (run(&serving, vec![wire(&x)], 10_000).await, x)
-            })
-        })
-        .collect();
+    let callers = spawn_callers(&serving, 48);
     for caller in callers {
         let (out, x) = caller.await.unwrap();
         assert_rows(&out.unwrap(), &model.apply(&x)[0]);
@@ -398,19 +424,7 @@ async fn a_crash_restarts_the_serving_from_the_cache() {
     let downloads = hub.count("GET", "/cdn/");
     assert_eq!(downloads, 1);
 
-    let crash = FaultRequest {
-        version: PROTOCOL_VERSION,
-        fault: Fault::Crash,
-    };
-    let reply = serving
-        .call(
-            |port| ServingMessage::Inject(Payload::new(crash), port),
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(reply.0.unwrap(), Ok(()));
+    assert_eq!(inject_crash(&serving).await, Ok(()));
     serving
         .wait(Some(Duration::from_secs(5)))
         .await
@@ -452,20 +466,10 @@ async fn fault_injection_is_refused_unless_enabled() {
         &[],
     )
     .await;
-    let crash = FaultRequest {
-        version: PROTOCOL_VERSION,
-        fault: Fault::Crash,
-    };
-    let reply = serving
-        .call(
-            |port| ServingMessage::Inject(Payload::new(crash), port),
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let refused = inject_crash(&serving).await.unwrap_err();
     assert!(
-        matches!(reply.0.unwrap(), Err(ServingError::BadInput { reason }) if reason.contains("HARNESS_FAULT_INJECTION"))
+        matches!(&refused, ServingError::BadInput { reason } if reason.contains("HARNESS_FAULT_INJECTION")),
+        "{refused:?}"
     );
     assert_eq!(node.shared().phase().phase, Phase::Ready);
     node.shutdown(Duration::from_secs(1)).await;
@@ -482,15 +486,7 @@ async fn shutdown_drains_every_queued_request() {
         &["--max-batch-delay-ms=300", "--max-batch-size=64"],
     )
     .await;
-    let callers: Vec<_> = (0..10)
-        .map(|i| {
-            let serving = serving.clone();
-            tokio::spawn(async move {
-                let x = input(1, i as f64);
-                (run(&serving, vec![wire(&x)], 10_000).await, x)
-            })
-        })
-        .collect();
+    let callers = spawn_callers(&serving, 10);
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(node.shared().in_flight(), 10, "all queued");
     let drained = {

@@ -12,8 +12,9 @@ use sha2::{Digest, Sha256};
 
 use super::blob_writer::BlobWriter;
 use super::cache::{BlobLock, RepoCache};
-use super::hub::{gave_up, Attempt, FileMeta, Hub};
+use super::hub::{Attempt, FileMeta, Hub};
 use super::progress::{FetchProgress, FileMeter};
+use super::retry::Retries;
 use super::{FetchError, FetchOptions};
 
 /// How many times wrong content is fetched again before giving up.
@@ -42,30 +43,17 @@ pub(super) async fn ensure_blob(
     let part = cache.incomplete_path(&meta.etag);
     super::cache::create_dir_all(part.parent().expect("a blob has a folder"))?;
     let mut meter = FileMeter::start(progress, &meta.file, meta.size, options.progress_every);
-    let mut failures = 0u32;
+    let mut retries = Retries::new(options, meta.download_url.clone(), meta.file.clone());
     let mut bad_content = 0u32;
     loop {
         let before = file_len(&part);
         let digest = match transfer(hub, meta, &part, &mut meter).await {
             Ok(digest) => digest,
-            Err(Attempt::Fatal(err)) => return Err(err),
-            Err(Attempt::Retry {
-                reason,
-                after,
-                status,
-            }) => {
-                // A transfer that moved forward resets the count: a slow, flaky link
-                // still finishes, while a dead one gives up.
+            Err(failure) => {
                 if file_len(&part) > before {
-                    failures = 0;
+                    retries.progressed();
                 }
-                failures += 1;
-                if failures >= options.max_attempts {
-                    return Err(gave_up(meta.download_url.clone(), reason, status, failures));
-                }
-                let delay = options.delay(failures, after);
-                tracing::warn!(file = %meta.file, attempt = failures, "{}: {reason}; retrying in {delay:?}", meta.file);
-                tokio::time::sleep(delay).await;
+                retries.after(failure).await?;
                 continue;
             }
         };

@@ -245,23 +245,6 @@ impl Hub {
     }
 }
 
-/// The error for a request retried `attempts` times without success: the last
-/// HTTP status if there was one, else the transport failure.
-pub fn gave_up(url: String, reason: String, status: Option<u16>, attempts: u32) -> FetchError {
-    match status {
-        Some(status) => FetchError::Http {
-            url,
-            status,
-            attempts,
-        },
-        None => FetchError::Unreachable {
-            url,
-            message: reason,
-            attempts,
-        },
-    }
-}
-
 /// `reqwest`'s error with its causes, which hold the useful part ("connection refused").
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();

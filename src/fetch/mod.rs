@@ -13,6 +13,7 @@ mod download;
 mod error;
 mod hub;
 pub mod progress;
+mod retry;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ pub use progress::{FetchProgress, ProgressSnapshot};
 
 use cache::{is_commit, RepoCache};
 use hub::{Attempt, FileMeta, Hub};
+use retry::Retries;
 
 /// A secret (`HF_TOKEN`) that never prints: `Debug` and `Display` show a placeholder.
 #[derive(Clone, PartialEq, Eq)]
@@ -274,28 +276,11 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<FileMeta, Attempt>>,
 {
-    let mut failures = 0;
+    let mut retries = Retries::new(&spec.options, url, format!("asking the Hub about {file}"));
     loop {
         match attempt().await {
             Ok(meta) => return Ok(meta),
-            Err(Attempt::Fatal(err)) => return Err(err),
-            Err(Attempt::Retry {
-                reason,
-                after,
-                status,
-            }) => {
-                failures += 1;
-                if failures >= spec.options.max_attempts {
-                    return Err(hub::gave_up(url, reason, status, failures));
-                }
-                let delay = spec.options.delay(failures, after);
-                tracing::warn!(
-                    file,
-                    attempt = failures,
-                    "asking the Hub about {file}: {reason}; retrying in {delay:?}"
-                );
-                tokio::time::sleep(delay).await;
-            }
+            Err(failure) => retries.after(failure).await?,
         }
     }
 }
