@@ -32,8 +32,8 @@ run:
 	@$(WITH_LIBTORCH) $(CARGO) run -q --bin harness -- demo --write-model $(DEMO_MODEL_DIR) >/dev/null
 	@echo; echo "== harness serve: the demo model from $(DEMO_MODEL_DIR) on HARNESS_DEVICE=$${HARNESS_DEVICE:-auto}"
 	@echo "   It takes Run requests of f32[N,4] tensors in process group harness.serving.$${HARNESS_SERVING_NAME:-default}."
-	@echo "   The cluster listener and the HTTP endpoints arrive with their issues; until then the"
-	@echo "   log shows the node's phases. Ctrl-C drains and stops it."
+	@echo "   Watch it: curl localhost:8080/status, /health/ready, /metrics (HARNESS_HTTP_ADDR)."
+	@echo "   The cluster listener that remote nodes call arrives with its issue. Ctrl-C drains and stops it."
 	@$(WITH_LIBTORCH) HARNESS_DEVICE="$${HARNESS_DEVICE:-auto}" HARNESS_MODEL_DIR="$(DEMO_MODEL_DIR)" \
 		HARNESS_WARMUP_INPUTS="$${HARNESS_WARMUP_INPUTS:-f32[4]}" exec $(CARGO) run -q --bin harness -- serve
 

@@ -78,6 +78,7 @@ fn main() {
         format!("--max-batch-size={BATCH}"),
         "--max-batch-delay-ms=5".to_string(),
         "--fault-injection".to_string(),
+        "--http-addr=127.0.0.1:0".to_string(),
         "serve".to_string(),
     ])
     .unwrap()

@@ -37,6 +37,16 @@ pub struct Config {
     )]
     pub log_format: LogFormat,
 
+    /// Where health, status and metrics are served. `[::]` falls back to
+    /// `0.0.0.0` where IPv6 is off.
+    #[arg(
+        long,
+        env = "HARNESS_HTTP_ADDR",
+        default_value = "[::]:8080",
+        global = true
+    )]
+    pub http_addr: String,
+
     #[command(flatten)]
     pub model: ModelConfig,
 

@@ -11,6 +11,7 @@ use ractor::{call_t, Actor, ActorRef};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::http::{self, HttpServer, HttpState};
 use crate::serving::{Phase, PhaseInfo, ServingShared};
 use crate::supervisor::{RootSupervisor, SupervisorArgs, SupervisorMsg};
 
@@ -19,6 +20,7 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running node.
 pub struct Node {
+    http: HttpServer,
     supervisor: ActorRef<SupervisorMsg>,
     handle: JoinHandle<()>,
     shared: Arc<ServingShared>,
@@ -31,6 +33,21 @@ impl Node {
     pub async fn start(config: Config) -> anyhow::Result<Node> {
         let shared = ServingShared::new(&config.serving_name);
         let exit_code = Arc::new(AtomicI32::new(0));
+        // First, so that health checks are answered during a long download.
+        let liveness = Arc::new(std::sync::OnceLock::<ActorRef<SupervisorMsg>>::new());
+        let live = liveness.clone();
+        let http = http::start(
+            &config.http_addr,
+            HttpState {
+                shared: shared.clone(),
+                live: Arc::new(move || {
+                    live.get()
+                        .is_some_and(|s| s.get_status() == ractor::ActorStatus::Running)
+                }),
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("HTTP on HARNESS_HTTP_ADDR={}: {e}", config.http_addr))?;
         let args = SupervisorArgs {
             config: Arc::new(config),
             shared: shared.clone(),
@@ -39,12 +56,19 @@ impl Node {
         let (supervisor, handle) = Actor::spawn(None, RootSupervisor, args)
             .await
             .map_err(|e| anyhow::anyhow!("starting the supervisor: {e}"))?;
+        let _ = liveness.set(supervisor.clone());
         Ok(Node {
+            http,
             supervisor,
             handle,
             shared,
             exit_code,
         })
+    }
+
+    /// Where health, status and metrics are served.
+    pub fn http_addr(&self) -> std::net::SocketAddr {
+        self.http.local_addr()
     }
 
     /// The serving's shared state (phase, progress, counters).

@@ -11,6 +11,7 @@ fn serve(model_dir: &std::path::Path) -> Command {
         .env("HARNESS_MODEL_DIR", model_dir)
         .env("HARNESS_DEVICE", "cpu")
         .env("HARNESS_WARMUP_INPUTS", "f32[4]")
+        .env("HARNESS_HTTP_ADDR", "127.0.0.1:0")
         .env("RUST_LOG", "info")
         .env_remove("HARNESS_MODEL_REPO");
     cmd

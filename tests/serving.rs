@@ -34,6 +34,7 @@ fn config(
         format!("--cache-dir={}", cache.display()),
         "--warmup-inputs=f32[4]".to_string(),
         format!("--serving-name={name}"),
+        "--http-addr=127.0.0.1:0".to_string(),
     ];
     if !extra.iter().any(|a| a.starts_with("--device")) {
         args.push("--device=cpu".to_string());

@@ -40,9 +40,17 @@ impl Default for BatchConfig {
     }
 }
 
+/// Told of every batch the engine runs (metrics, without the engine knowing them).
+pub trait BatchObserver: Send + Sync {
+    /// A batch of `items` ran; `queue_waits` are how long each request in it waited.
+    fn batch(&self, items: usize, queue_waits: &[Duration]);
+}
+
 /// Counters the engine thread keeps, read by handles (for metrics and tests).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct EngineStats {
+    /// Who hears of each batch, once set.
+    pub observer: std::sync::OnceLock<std::sync::Arc<dyn BatchObserver>>,
     /// Items waiting in the queue.
     pub queued_items: AtomicU64,
     /// Forwards run (batches and direct calls).
@@ -242,6 +250,10 @@ fn run_batch(
 ) {
     let sizes: Vec<i64> = batch.iter().map(|r| r.items).collect();
     let total: i64 = sizes.iter().sum();
+    if let Some(observer) = stats.observer.get() {
+        let waits: Vec<Duration> = batch.iter().map(|r| r.enqueued.elapsed()).collect();
+        observer.batch(total as usize, &waits);
+    }
     let _span =
         tracing::debug_span!("engine.batch", requests = batch.len(), items = total).entered();
     let (inputs, replies): (Vec<_>, Vec<_>) =
@@ -289,6 +301,9 @@ fn run_oversized(
         return;
     }
     let _span = tracing::debug_span!("engine.oversized", items = request.items).entered();
+    if let Some(observer) = stats.observer.get() {
+        observer.batch(request.items as usize, &[request.enqueued.elapsed()]);
+    }
     let mut pieces: Vec<Vec<Tensor>> = Vec::new();
     let mut offset = 0;
     let mut result = Ok(());

@@ -21,7 +21,7 @@ use std::time::Instant;
 use tokio::sync::{oneshot, watch};
 
 use crate::device::DeviceChoice;
-pub use batcher::{BatchConfig, EngineStats};
+pub use batcher::{BatchConfig, BatchObserver, EngineStats};
 pub use error::{ForwardError, LoadError, RunError};
 pub use tch::{Kind, Tensor};
 
@@ -176,6 +176,11 @@ impl Engine {
     /// The batching settings.
     pub fn config(&self) -> BatchConfig {
         self.config
+    }
+
+    /// Tells `observer` of every batch from now on (once per engine).
+    pub fn observe(&self, observer: Arc<dyn BatchObserver>) {
+        let _ = self.stats.observer.set(observer);
     }
 
     /// The engine's counters: queued items, forwards run.

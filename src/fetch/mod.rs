@@ -142,6 +142,7 @@ pub async fn fetch(spec: &FetchSpec, progress: &FetchProgress) -> Result<Snapsho
             "{bad:?} is not a file path inside a repo (no leading /, no .., not empty)"
         )));
     }
+    progress.reset();
     let cache = RepoCache::new(&spec.cache_dir, &spec.repo, &spec.revision);
 
     // A pinned commit that is cached costs no request at all.

@@ -10,6 +10,8 @@ use serde::Serialize;
 /// Shared progress of one fetch. Cheap to read from any thread.
 #[derive(Debug, Default)]
 pub struct FetchProgress {
+    /// Bytes received from the network over this process's life (for metrics).
+    downloaded: AtomicU64,
     bytes_done: AtomicU64,
     bytes_total: AtomicU64,
     file: Mutex<Option<String>>,
@@ -31,6 +33,18 @@ impl FetchProgress {
             bytes_total: self.bytes_total.load(Ordering::Relaxed),
             file: self.file.lock().map(|f| f.clone()).unwrap_or_default(),
         }
+    }
+
+    /// Bytes received from the network so far, across fetches.
+    pub fn downloaded_bytes(&self) -> u64 {
+        self.downloaded.load(Ordering::Relaxed)
+    }
+
+    /// A new fetch starts from nothing (a restart fetches again from the cache).
+    pub(crate) fn reset(&self) {
+        self.bytes_done.store(0, Ordering::Relaxed);
+        self.bytes_total.store(0, Ordering::Relaxed);
+        self.set_file(None);
     }
 
     pub(crate) fn set_total(&self, bytes: u64) {
@@ -115,6 +129,7 @@ impl<'a> FileMeter<'a> {
     pub fn advance(&mut self, bytes: u64) {
         self.have += bytes;
         self.progress.add_done(bytes);
+        self.progress.downloaded.fetch_add(bytes, Ordering::Relaxed);
         if self.last_log.elapsed() >= self.every {
             self.last_log = Instant::now();
             let elapsed = self.started.elapsed().as_secs_f64().max(1e-3);

@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use harness_client::{serving_group, ServingMessage};
 use ractor::ActorRef;
 
-use super::shared::{Phase, ServingShared};
+use super::shared::{DeviceInfo, FileInfo, ModelInfo, Phase, ServingShared};
 use crate::config::{Config, ModelSource};
 use crate::device::choose_serving_device;
 use crate::engine::{gpu::GpuFacts, Engine};
@@ -61,7 +61,20 @@ async fn start(
         .await
         .map_err(|e| format!("probing the GPU: {e}"))?;
     let device = match choose_serving_device(config.device, &facts, &shared.name) {
-        Ok(device) => device,
+        Ok(device) => {
+            let (kind, name) = match device {
+                crate::device::DeviceChoice::Cpu => ("cpu", "cpu".to_string()),
+                crate::device::DeviceChoice::Cuda(i) => {
+                    let gpu = facts.devices.get(i).map_or("unknown", |d| d.name.as_str());
+                    ("cuda", format!("cuda:{i} {gpu}"))
+                }
+            };
+            shared.set_device(DeviceInfo {
+                kind: kind.to_string(),
+                name,
+            });
+            device
+        }
         Err(no_gpu) => {
             shared.set_phase(Phase::NoGpu, Some(no_gpu.to_string()));
             return Ok(None);
@@ -77,18 +90,48 @@ async fn start(
 
     shared.set_phase(Phase::Downloading, None);
     let source = config.model.source()?;
+    let (repo, revision, names) = match &source {
+        ModelSource::Dir { dir, files } => (
+            dir.display().to_string(),
+            "local".to_string(),
+            files.clone(),
+        ),
+        ModelSource::Hub(spec) => (spec.repo.clone(), spec.revision.clone(), spec.files.clone()),
+    };
+    shared.set_model(ModelInfo {
+        repo: repo.clone(),
+        revision: revision.clone(),
+        commit: None,
+        files: Vec::new(),
+    });
     let snapshot = match &source {
         ModelSource::Dir { dir, files } => fetch::local_dir(dir, files),
         ModelSource::Hub(spec) => fetch::fetch(spec, &shared.progress).await,
     }
     .map_err(|e| e.to_string())?;
+    shared.set_model(ModelInfo {
+        repo,
+        revision,
+        commit: snapshot.commit.clone(),
+        files: names
+            .iter()
+            .zip(&snapshot.files)
+            .map(|(name, path)| FileInfo {
+                name: name.clone(),
+                size: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+            })
+            .collect(),
+    });
     // The first file is the TorchScript model; the others are for the task.
     let model = snapshot.files.first().ok_or("no model file")?.clone();
 
     shared.set_phase(Phase::Loading, None);
+    let loading = std::time::Instant::now();
     let engine = Engine::load(&model, device, config.serving.batch())
         .await
         .map_err(|e| e.to_string())?;
+    shared.metrics.model_loaded(loading.elapsed());
+    engine.observe(shared.metrics.clone());
 
     shared.set_phase(Phase::Warming, None);
     let arity = match &warmup {

@@ -14,7 +14,7 @@ use harness_client::{serving_group, Fault, Payload, ServingError, ServingMessage
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::watch;
 
-pub use shared::{InFlight, Phase, PhaseInfo, ServingShared};
+pub use shared::{DeviceInfo, FileInfo, InFlight, ModelInfo, Phase, PhaseInfo, ServingShared};
 
 use crate::config::Config;
 

@@ -22,7 +22,9 @@ pub fn spawn_run(
     stopped: watch::Receiver<bool>,
 ) {
     let received = Instant::now();
-    let reply = |port: RpcReplyPort<Payload<RunReply>>, answer: RunReply| {
+    let metrics = shared.metrics.clone();
+    let reply = move |port: RpcReplyPort<Payload<RunReply>>, answer: RunReply| {
+        metrics.request(outcome(&answer), received.elapsed());
         let _ = port.send(Payload::new(answer));
     };
     let request = match payload.0 {
@@ -53,8 +55,21 @@ pub fn spawn_run(
                 message: "the serving stopped while the request was in flight".to_string(),
             }),
         };
-        let _ = port.send(Payload::new(answer));
+        reply(port, answer);
     });
+}
+
+/// The `outcome` label of an answer.
+fn outcome(answer: &RunReply) -> &'static str {
+    match answer {
+        Ok(_) => "ok",
+        Err(ServingError::NotReady { .. }) => "not_ready",
+        Err(ServingError::Overloaded { .. }) => "overloaded",
+        Err(ServingError::BadInput { .. }) => "bad_input",
+        Err(ServingError::Model { .. }) => "model",
+        Err(ServingError::DeadlineExceeded { .. }) => "deadline_exceeded",
+        Err(ServingError::Internal { .. }) => "internal",
+    }
 }
 
 /// A request of another protocol version is refused, naming both.

@@ -8,8 +8,11 @@ use std::sync::{Arc, Mutex};
 use harness_client::ServingStatus;
 use tokio::sync::watch;
 
+use serde::Serialize;
+
 use crate::engine::Engine;
 use crate::fetch::FetchProgress;
+use crate::metrics::Metrics;
 
 /// The serving's phases (DESIGN.md), plus `draining` during shutdown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,10 +55,40 @@ pub struct PhaseInfo {
     pub message: Option<String>,
 }
 
+/// The model being served, for `/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ModelInfo {
+    /// The Hub repo, or the local folder.
+    pub repo: String,
+    pub revision: String,
+    /// The commit the revision resolved to (none for a local folder).
+    pub commit: Option<String>,
+    pub files: Vec<FileInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FileInfo {
+    pub name: String,
+    pub size: u64,
+}
+
+/// Where the model runs, for `/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceInfo {
+    /// `cpu` or `cuda`.
+    pub kind: String,
+    /// `cuda:0 NVIDIA H200`, or `cpu`.
+    pub name: String,
+}
+
 /// The serving's state shared across restarts.
 #[derive(Debug)]
 pub struct ServingShared {
     pub name: String,
+    pub metrics: Arc<Metrics>,
+    pub started: std::time::Instant,
+    model: Mutex<Option<ModelInfo>>,
+    device: Mutex<Option<DeviceInfo>>,
     phase: watch::Sender<PhaseInfo>,
     pub progress: Arc<FetchProgress>,
     restarts: AtomicU64,
@@ -77,6 +110,10 @@ impl ServingShared {
         });
         Arc::new(ServingShared {
             name: name.to_string(),
+            metrics: Arc::new(Metrics::default()),
+            started: std::time::Instant::now(),
+            model: Mutex::new(None),
+            device: Mutex::new(None),
             phase,
             progress: Arc::new(FetchProgress::default()),
             restarts: AtomicU64::new(0),
@@ -152,6 +189,37 @@ impl ServingShared {
 
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::SeqCst)
+    }
+
+    pub fn set_model(&self, model: ModelInfo) {
+        if let Ok(mut current) = self.model.lock() {
+            *current = Some(model);
+        }
+    }
+
+    pub fn model(&self) -> Option<ModelInfo> {
+        self.model.lock().ok().and_then(|m| m.clone())
+    }
+
+    pub fn set_device(&self, device: DeviceInfo) {
+        if let Ok(mut current) = self.device.lock() {
+            *current = Some(device);
+        }
+    }
+
+    pub fn device(&self) -> Option<DeviceInfo> {
+        self.device.lock().ok().and_then(|d| d.clone())
+    }
+
+    /// The metrics text, read now.
+    pub fn render_metrics(&self) -> String {
+        let phase = self.phase().phase;
+        self.metrics.render(crate::metrics::Reading {
+            phase: phase.as_str(),
+            queue_depth: self.queue_depth(),
+            restarts: self.restarts(),
+            downloaded_bytes: self.progress.downloaded_bytes(),
+        })
     }
 
     pub fn set_engine(&self, engine: Option<Engine>) {

@@ -461,13 +461,14 @@ fn parse_range(value: &str) -> Option<u64> {
 fn stream_body(content: Arc<Vec<u8>>, start: u64, fault: Option<Fault>, rate: Option<u64>) -> Body {
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
     tokio::spawn(async move {
-        const CHUNK: usize = 64 * 1024;
+        // Small frames when throttled, so the rate holds from the first byte.
+        let chunk_size = rate.map_or(64 * 1024, |r| (r as usize / 20).clamp(1, 64 * 1024));
         let mut sent: u64 = 0;
         let mut pos = start as usize;
         let wrong_at = (content.len() as u64 / 2) as usize;
         let began = tokio::time::Instant::now();
         while pos < content.len() {
-            let mut end = (pos + CHUNK).min(content.len());
+            let mut end = (pos + chunk_size).min(content.len());
             match fault {
                 Some(Fault::Stall { after }) | Some(Fault::Truncate { after })
                     if sent + (end - pos) as u64 > after =>

@@ -1,0 +1,204 @@
+//! The node's Prometheus metrics (names from DESIGN.md), through
+//! `prometheus-client`: the only room that touches it.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::engine::BatchObserver;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: String,
+}
+
+/// Every phase, so `harness_phase` always lists them all (1 for the current one).
+const PHASES: [&str; 8] = [
+    "starting",
+    "downloading",
+    "loading",
+    "warming",
+    "ready",
+    "no_gpu",
+    "failed",
+    "draining",
+];
+
+/// The metrics, recorded as things happen and rendered on `/metrics`.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<Outcome, Counter>,
+    request_duration: Histogram,
+    queue_duration: Histogram,
+    batch_size: Histogram,
+    queue_depth: Gauge,
+    ready: Gauge,
+    phase: Family<PhaseLabel, Gauge>,
+    restarts: Counter,
+    download_bytes: Counter,
+    model_load_seconds: Gauge<f64, AtomicU64>,
+    /// Totals already added to the counters that mirror shared state.
+    mirrored: Mutex<(u64, u64)>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// What the scrape reads from the serving's state.
+pub struct Reading<'a> {
+    pub phase: &'a str,
+    pub queue_depth: u64,
+    pub restarts: u64,
+    pub downloaded_bytes: u64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<Outcome, Counter>::default();
+        // Seconds, from 0.5 ms to about 16 s.
+        let request_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let queue_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        let queue_depth = Gauge::default();
+        let ready = Gauge::default();
+        let phase = Family::<PhaseLabel, Gauge>::default();
+        let restarts = Counter::default();
+        let download_bytes = Counter::default();
+        let model_load_seconds = Gauge::<f64, AtomicU64>::default();
+        // prometheus-client adds `_total` to counters.
+        registry.register(
+            "harness_requests",
+            "Requests answered, by outcome",
+            requests.clone(),
+        );
+        registry.register(
+            "harness_request_duration_seconds",
+            "Time from receiving a Run to answering it",
+            request_duration.clone(),
+        );
+        registry.register(
+            "harness_queue_duration_seconds",
+            "Time a request waited in the batch queue",
+            queue_duration.clone(),
+        );
+        registry.register(
+            "harness_batch_size",
+            "Items per forward",
+            batch_size.clone(),
+        );
+        registry.register(
+            "harness_queue_depth",
+            "Items waiting in the batch queue",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "harness_ready",
+            "1 when the serving is ready",
+            ready.clone(),
+        );
+        registry.register(
+            "harness_phase",
+            "1 for the serving's current phase",
+            phase.clone(),
+        );
+        registry.register(
+            "harness_restarts",
+            "Restarts of the serving",
+            restarts.clone(),
+        );
+        registry.register(
+            "harness_download_bytes",
+            "Bytes downloaded from the Hub",
+            download_bytes.clone(),
+        );
+        registry.register(
+            "harness_model_load_seconds",
+            "Seconds the last model load took",
+            model_load_seconds.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            queue_duration,
+            batch_size,
+            queue_depth,
+            ready,
+            phase,
+            restarts,
+            download_bytes,
+            model_load_seconds,
+            mirrored: Mutex::new((0, 0)),
+        }
+    }
+}
+
+impl Metrics {
+    /// A request answered with `outcome` after `duration`.
+    pub fn request(&self, outcome: &str, duration: Duration) {
+        self.requests
+            .get_or_create(&Outcome {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        self.request_duration.observe(duration.as_secs_f64());
+    }
+
+    pub fn model_loaded(&self, took: Duration) {
+        self.model_load_seconds.set(took.as_secs_f64());
+    }
+
+    /// The text exposition, with the gauges brought up to `reading`.
+    pub fn render(&self, reading: Reading<'_>) -> String {
+        self.queue_depth.set(reading.queue_depth as i64);
+        self.ready.set(i64::from(reading.phase == "ready"));
+        for phase in PHASES {
+            let value = i64::from(phase == reading.phase);
+            self.phase
+                .get_or_create(&PhaseLabel {
+                    phase: phase.to_string(),
+                })
+                .set(value);
+        }
+        if let Ok(mut mirrored) = self.mirrored.lock() {
+            self.restarts
+                .inc_by(reading.restarts.saturating_sub(mirrored.0));
+            self.download_bytes
+                .inc_by(reading.downloaded_bytes.saturating_sub(mirrored.1));
+            *mirrored = (
+                reading.restarts.max(mirrored.0),
+                reading.downloaded_bytes.max(mirrored.1),
+            );
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out = "# the metrics could not be encoded\n".to_string();
+        }
+        out
+    }
+}
+
+impl BatchObserver for Metrics {
+    fn batch(&self, items: usize, queue_waits: &[Duration]) {
+        self.batch_size.observe(items as f64);
+        for wait in queue_waits {
+            self.queue_duration.observe(wait.as_secs_f64());
+        }
+    }
+}

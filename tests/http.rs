@@ -1,0 +1,326 @@
+//! Real HTTP requests to a running node, through each phase.
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use harness::node::Node;
+use harness_client::{
+    Fault, FaultRequest, Payload, RunRequest, ServingMessage, WireTensor, PROTOCOL_VERSION,
+};
+use support::hub::TestHub;
+use support::Affine;
+
+const REPO: &str = "acme/affine";
+const TOKEN: &str = "hf_do_not_show_me_anywhere";
+
+async fn hub_with_model() -> (TestHub, Vec<u8>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(Affine::new().save(dir.path())).unwrap();
+    let hub = TestHub::start().await;
+    let commit = hub.commit(REPO, "main", &[("model.pt", &bytes, true)]);
+    hub.require_token(REPO, TOKEN);
+    (hub, bytes, commit)
+}
+
+fn config(
+    name: &str,
+    hub: &TestHub,
+    cache: &std::path::Path,
+    extra: &[&str],
+) -> harness::config::Config {
+    let mut args = vec![
+        "harness".to_string(),
+        "--device=cpu".to_string(),
+        format!("--hf-endpoint={}", hub.url()),
+        format!("--model-repo={REPO}"),
+        format!("--hf-token={TOKEN}"),
+        format!("--cache-dir={}", cache.display()),
+        "--warmup-inputs=f32[4]".to_string(),
+        format!("--serving-name={name}"),
+        "--http-addr=127.0.0.1:0".to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.push("serve".to_string());
+    harness::cli::Cli::try_parse_from(args).unwrap().config
+}
+
+struct Http {
+    client: reqwest::Client,
+    base: String,
+}
+
+impl Http {
+    fn new(node: &Node) -> Self {
+        Http {
+            client: reqwest::Client::builder().no_proxy().build().unwrap(),
+            base: format!("http://{}", node.http_addr()),
+        }
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body = response.text().await.unwrap();
+        assert!(!body.contains(TOKEN), "{path} shows the token: {body}");
+        (status, body)
+    }
+
+    async fn json(&self, path: &str) -> (u16, serde_json::Value) {
+        let (status, body) = self.get(path).await;
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}")),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_download_shows_its_progress_then_ready_flips_to_200() {
+    let (hub, bytes, commit) = hub_with_model().await;
+    hub.set_rate(Some(bytes.len() as u64 * 2)); // about half a second
+    let cache = tempfile::tempdir().unwrap();
+    let node = Node::start(config("http_progress", &hub, cache.path(), &[]))
+        .await
+        .unwrap();
+    let http = Http::new(&node);
+
+    let mut progress = Vec::new();
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < until, "never ready");
+        let (code, status) = http.json("/status").await;
+        assert_eq!(code, 200);
+        let (live, _) = http.get("/health/live").await;
+        assert_eq!(live, 200, "live throughout");
+        let (ready, body) = http.json("/health/ready").await;
+        match status["phase"].as_str().unwrap() {
+            "downloading" => {
+                assert_eq!(ready, 503);
+                assert_eq!(body["phase"], "downloading");
+                progress.push(status["progress"]["bytes_done"].as_u64().unwrap());
+                assert_eq!(status["model"]["repo"], REPO);
+            }
+            "ready" => {
+                assert_eq!(ready, 200);
+                break;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    progress.dedup();
+    assert!(progress.len() >= 3, "progress grew in steps: {progress:?}");
+    assert!(progress.windows(2).all(|w| w[0] < w[1]), "{progress:?}");
+
+    let (_, status) = http.json("/status").await;
+    assert_eq!(status["model"]["commit"], commit.as_str());
+    assert_eq!(status["model"]["files"][0]["name"], "model.pt");
+    assert_eq!(status["model"]["files"][0]["size"], bytes.len() as u64);
+    assert_eq!(status["progress"]["bytes_done"], bytes.len() as u64);
+    assert_eq!(status["progress"]["bytes_total"], bytes.len() as u64);
+    assert_eq!(status["device"]["kind"], "cpu");
+    assert_eq!(status["restarts"], 0);
+    assert_eq!(status["versions"]["protocol"], PROTOCOL_VERSION);
+    assert!(status["versions"]["libtorch"]
+        .as_str()
+        .unwrap()
+        .starts_with("2.11.0"));
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crash_keeps_live_at_200_while_ready_drops_and_comes_back() {
+    let (hub, _bytes, _) = hub_with_model().await;
+    let cache = tempfile::tempdir().unwrap();
+    let node = Node::start(config(
+        "http_crash",
+        &hub,
+        cache.path(),
+        &["--fault-injection"],
+    ))
+    .await
+    .unwrap();
+    node.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let http = Http::new(&node);
+    assert_eq!(http.get("/health/ready").await.0, 200);
+
+    let serving = node.serving().await.unwrap();
+    let crash = FaultRequest {
+        version: PROTOCOL_VERSION,
+        fault: Fault::Crash,
+    };
+    let _ = serving
+        .call(
+            |port| ServingMessage::Inject(Payload::new(crash), port),
+            None,
+        )
+        .await;
+    let (mut saw_down, until) = (false, Instant::now() + Duration::from_secs(30));
+    loop {
+        assert!(Instant::now() < until, "never ready again");
+        assert_eq!(
+            http.get("/health/live").await.0,
+            200,
+            "live during the restart"
+        );
+        let (ready, body) = http.json("/health/ready").await;
+        if ready == 503 {
+            saw_down = true;
+            assert_ne!(body["phase"], "ready");
+        } else if saw_down {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(http.json("/status").await.1["restarts"], 1);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+/// `name{labels} value` lines of the text exposition.
+fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    assert!(
+        text.trim_end().ends_with("# EOF"),
+        "OpenMetrics text ends with # EOF"
+    );
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (name, value) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("not a sample: {l}"));
+            (
+                name.to_string(),
+                value.parse::<f64>().unwrap_or_else(|e| panic!("{l}: {e}")),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_parse_and_move_with_the_traffic() {
+    let (hub, bytes, _) = hub_with_model().await;
+    let cache = tempfile::tempdir().unwrap();
+    let node = Node::start(config("http_metrics", &hub, cache.path(), &[]))
+        .await
+        .unwrap();
+    node.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let http = Http::new(&node);
+    let (code, text) = http.get("/metrics").await;
+    assert_eq!(code, 200);
+    let before = parse_metrics(&text);
+    for name in [
+        "harness_ready",
+        "harness_phase{phase=\"ready\"}",
+        "harness_queue_depth",
+        "harness_restarts_total",
+        "harness_download_bytes_total",
+        "harness_model_load_seconds",
+        "harness_batch_size_count",
+        "harness_queue_duration_seconds_count",
+        "harness_request_duration_seconds_count",
+    ] {
+        assert!(before.contains_key(name), "{name} in\n{text}");
+    }
+    assert_eq!(before["harness_ready"], 1.0);
+    assert_eq!(before["harness_phase{phase=\"ready\"}"], 1.0);
+    assert_eq!(before["harness_phase{phase=\"downloading\"}"], 0.0);
+    assert_eq!(before["harness_download_bytes_total"], bytes.len() as f64);
+    assert!(before["harness_model_load_seconds"] > 0.0);
+
+    let serving = node.serving().await.unwrap();
+    let send = |inputs: Vec<WireTensor>| {
+        let serving = serving.clone();
+        async move {
+            let request = RunRequest {
+                version: PROTOCOL_VERSION,
+                inputs,
+                timeout_ms: 5_000,
+            };
+            serving
+                .call(
+                    |port| ServingMessage::Run(Payload::new(request), port),
+                    None,
+                )
+                .await
+                .unwrap()
+                .unwrap()
+                .0
+                .unwrap()
+        }
+    };
+    for _ in 0..5 {
+        send(vec![WireTensor::from_f32(&[2, 4], &[0.5; 8])])
+            .await
+            .expect("ok");
+    }
+    send(vec![]).await.expect_err("bad input");
+
+    let after = parse_metrics(&http.get("/metrics").await.1);
+    let delta = |name: &str| {
+        after.get(name).copied().unwrap_or(0.0) - before.get(name).copied().unwrap_or(0.0)
+    };
+    assert_eq!(delta("harness_requests_total{outcome=\"ok\"}"), 5.0);
+    assert_eq!(delta("harness_requests_total{outcome=\"bad_input\"}"), 1.0);
+    assert_eq!(delta("harness_request_duration_seconds_count"), 6.0);
+    assert_eq!(delta("harness_batch_size_count"), 5.0);
+    assert_eq!(delta("harness_batch_size_sum"), 10.0);
+    assert_eq!(delta("harness_queue_duration_seconds_count"), 5.0);
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unknown_paths_wrong_methods_and_idle_clients() {
+    let (hub, _bytes, _) = hub_with_model().await;
+    let cache = tempfile::tempdir().unwrap();
+    let node = Node::start(config("http_edges", &hub, cache.path(), &[]))
+        .await
+        .unwrap();
+    let http = Http::new(&node);
+    assert_eq!(http.get("/nope").await.0, 404);
+    let post = http
+        .client
+        .post(format!("{}/status", http.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status().as_u16(), 405);
+    assert_eq!(post.headers()["allow"], "GET");
+
+    // A client that connects and says nothing is dropped after the header
+    // timeout, and does not stop others meanwhile.
+    let addr = node.http_addr();
+    let idle = std::thread::spawn(move || {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let started = Instant::now();
+        let mut buf = Vec::new();
+        let _ = stream.read_to_end(&mut buf);
+        let _ = stream.write_all(b"late");
+        started.elapsed()
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        http.get("/health/live").await.0,
+        200,
+        "served while a client idles"
+    );
+    let held = tokio::task::spawn_blocking(move || idle.join().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        held < Duration::from_secs(15),
+        "the idle client was dropped after {held:?}"
+    );
+    node.shutdown(Duration::from_secs(1)).await;
+}
