@@ -33,9 +33,10 @@ run:
 	@echo; echo "== harness serve: the demo model from $(DEMO_MODEL_DIR) on HARNESS_DEVICE=$${HARNESS_DEVICE:-auto}"
 	@echo "   It takes Run requests of f32[N,4] tensors in process group harness.serving.$${HARNESS_SERVING_NAME:-default}."
 	@echo "   Watch it: curl localhost:8080/status, /health/ready, /metrics (HARNESS_HTTP_ADDR)."
-	@echo "   The cluster listener that remote nodes call arrives with its issue. Ctrl-C drains and stops it."
+	@echo "   Call it: HARNESS_COOKIE=dev-cookie-change-me harness call --node 127.0.0.1:9000 --tensor 1,4:0.1,0.2,0.3,0.4"
+	@echo "   (the cookie is HARNESS_COOKIE, or this Makefile's dev default). Ctrl-C drains and stops it."
 	@$(WITH_LIBTORCH) HARNESS_DEVICE="$${HARNESS_DEVICE:-auto}" HARNESS_MODEL_DIR="$(DEMO_MODEL_DIR)" \
-		HARNESS_WARMUP_INPUTS="$${HARNESS_WARMUP_INPUTS:-f32[4]}" exec $(CARGO) run -q --bin harness -- serve
+		HARNESS_WARMUP_INPUTS="$${HARNESS_WARMUP_INPUTS:-f32[4]}" HARNESS_COOKIE="$${HARNESS_COOKIE:-dev-cookie-change-me}" exec $(CARGO) run -q --bin harness -- serve
 
 test:
 	@$(WITH_LIBTORCH) $(CARGO) test --workspace

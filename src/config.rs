@@ -47,6 +47,32 @@ pub struct Config {
     )]
     pub http_addr: String,
 
+    /// The cluster listener remote nodes call. `[::]` falls back to `0.0.0.0`.
+    #[arg(
+        long,
+        env = "HARNESS_CLUSTER_ADDR",
+        default_value = "[::]:9000",
+        global = true
+    )]
+    pub cluster_addr: String,
+
+    /// The mesh's shared secret; `serve` refuses to start without it. Never logged.
+    #[arg(long, env = "HARNESS_COOKIE", hide_env_values = true, global = true)]
+    pub cookie: Option<Secret>,
+
+    /// This node's name in the cluster.
+    #[arg(
+        long,
+        env = "HARNESS_NODE_NAME",
+        default_value = "harness",
+        global = true
+    )]
+    pub node_name: String,
+
+    /// The largest cluster message accepted, in bytes (a larger one is refused).
+    #[arg(long, env = "HARNESS_MAX_MESSAGE_BYTES", default_value_t = 64 << 20, global = true)]
+    pub max_message_bytes: u64,
+
     #[command(flatten)]
     pub model: ModelConfig,
 

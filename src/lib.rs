@@ -6,6 +6,7 @@
 //! log output.
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod device;
 pub mod engine;

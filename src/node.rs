@@ -21,6 +21,7 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// A running node.
 pub struct Node {
     http: HttpServer,
+    cluster: Option<crate::cluster::ClusterNode>,
     supervisor: ActorRef<SupervisorMsg>,
     handle: JoinHandle<()>,
     shared: Arc<ServingShared>,
@@ -48,6 +49,20 @@ impl Node {
         )
         .await
         .map_err(|e| anyhow::anyhow!("HTTP on HARNESS_HTTP_ADDR={}: {e}", config.http_addr))?;
+        // Without a cookie there is no cluster listener (`serve` insists on one;
+        // in-process tests and benchmarks need none).
+        let cluster = match &config.cookie {
+            Some(cookie) => Some(
+                crate::cluster::start(crate::cluster::ClusterConfig {
+                    addr: &config.cluster_addr,
+                    cookie,
+                    node_name: &config.node_name,
+                    max_message_bytes: config.max_message_bytes,
+                })
+                .await?,
+            ),
+            None => None,
+        };
         let args = SupervisorArgs {
             config: Arc::new(config),
             shared: shared.clone(),
@@ -59,6 +74,7 @@ impl Node {
         let _ = liveness.set(supervisor.clone());
         Ok(Node {
             http,
+            cluster,
             supervisor,
             handle,
             shared,
@@ -153,6 +169,9 @@ impl Node {
             .stop_and_wait(Some("shutdown".to_string()), Some(Duration::from_secs(5)))
             .await;
         let _ = self.handle.await;
+        if let Some(cluster) = &self.cluster {
+            cluster.server.stop(Some("shutdown".to_string()));
+        }
         self.exit_code.load(Ordering::SeqCst)
     }
 }

@@ -12,6 +12,8 @@ fn serve(model_dir: &std::path::Path) -> Command {
         .env("HARNESS_DEVICE", "cpu")
         .env("HARNESS_WARMUP_INPUTS", "f32[4]")
         .env("HARNESS_HTTP_ADDR", "127.0.0.1:0")
+        .env("HARNESS_COOKIE", "test-cookie")
+        .env("HARNESS_CLUSTER_ADDR", format!("127.0.0.1:{}", free_port()))
         .env("RUST_LOG", "info")
         .env_remove("HARNESS_MODEL_REPO");
     cmd
@@ -77,4 +79,12 @@ fn sigterm_drains_and_exits_zero() {
     }
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(log.contains("draining") && log.contains("drained"), "{log}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

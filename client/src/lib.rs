@@ -4,7 +4,10 @@
 //! client. It never depends on libtorch, so an application that calls a Harness
 //! node builds on a laptop with nothing but Rust installed.
 
+mod client;
 pub mod protocol;
+
+pub use client::{ClientConfig, ClientError, HarnessClient};
 
 pub use protocol::{
     serving_group, DType, EmbedReply, EmbedRequest, Fault, FaultRequest, Payload, RunReply,

@@ -1,5 +1,6 @@
 //! The `harness` command line: one file per verb.
 
+mod call;
 mod demo;
 mod fetch;
 mod gpu_check;
@@ -33,6 +34,27 @@ pub enum Command {
     /// Run the node: download, load and serve the model, restart it when it fails,
     /// drain on SIGTERM or SIGINT. Exits 3 after too many restarts.
     Serve,
+    /// Send a Run request to a remote node and print the output tensors.
+    Call {
+        /// A node's cluster address, HOST:PORT (repeat for several).
+        #[arg(long = "node", required = true)]
+        nodes: Vec<String>,
+        /// An f32 input tensor as SHAPE:VALUES, e.g. `1,4:0.1,0.2,0.3,0.4` (repeat
+        /// for a model with several inputs).
+        #[arg(long = "tensor", required = true)]
+        tensors: Vec<String>,
+        /// How long to keep trying, in milliseconds.
+        #[arg(long, default_value_t = 30_000)]
+        deadline_ms: u64,
+    },
+    /// Print a remote node's serving status.
+    Status {
+        /// A node's cluster address, HOST:PORT.
+        #[arg(long = "node", required = true)]
+        nodes: Vec<String>,
+        #[arg(long, default_value_t = 10_000)]
+        deadline_ms: u64,
+    },
     /// Download and verify the model's files into the cache (or find them there),
     /// print their local paths, and exit.
     Fetch,
@@ -56,6 +78,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::GpuCheck { json } => gpu_check::run(json),
         Command::Serve => serve::run(cli.config),
         Command::Fetch => fetch::run(&cli.config),
+        Command::Call {
+            nodes,
+            tensors,
+            deadline_ms,
+        } => call::call(&cli.config, &nodes, &tensors, deadline_ms),
+        Command::Status { nodes, deadline_ms } => call::status(&cli.config, &nodes, deadline_ms),
         Command::Demo {
             write_model: Some(dir),
             ..

@@ -1,0 +1,290 @@
+//! `HarnessClient`: join the mesh, find the servings, call them with a deadline.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorId, ActorRef, BytesConvertable};
+use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
+use tokio::sync::mpsc;
+
+use crate::protocol::{
+    serving_group, Payload, RunRequest, ServingError, ServingMessage, ServingStatus, StatusRequest,
+    WireTensor, PROTOCOL_VERSION,
+};
+
+/// How a client joins the mesh.
+#[derive(Clone)]
+pub struct ClientConfig {
+    /// Harness nodes, `HOST:PORT` (their `HARNESS_CLUSTER_ADDR`).
+    pub nodes: Vec<String>,
+    /// The mesh's shared secret (`HARNESS_COOKIE` on the nodes).
+    pub cookie: String,
+    /// The serving to call (`HARNESS_SERVING_NAME` on the nodes).
+    pub serving: String,
+    /// This client's node name.
+    pub name: String,
+    /// The deadline of a call that does not give one.
+    pub default_deadline: Duration,
+    /// The largest message the nodes accept (`HARNESS_MAX_MESSAGE_BYTES`).
+    pub max_message_bytes: usize,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("nodes", &self.nodes)
+            .field("cookie", &"[redacted]")
+            .field("serving", &self.serving)
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl ClientConfig {
+    pub fn new(nodes: Vec<String>, cookie: impl Into<String>) -> Self {
+        ClientConfig {
+            nodes,
+            cookie: cookie.into(),
+            serving: "default".to_string(),
+            name: format!("harness-client-{}", std::process::id()),
+            default_deadline: Duration::from_secs(30),
+            max_message_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Why a call did not return a result. Each says what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {node}: {message}; check the address and that the node runs")]
+    Unreachable { node: String, message: String },
+    #[error("{node} closed the session during authentication: check that the cookie matches the node's HARNESS_COOKIE")]
+    Refused { node: String },
+    #[error("no serving {serving} is ready on the connected nodes within the deadline")]
+    NoServing { serving: String },
+    #[error("the request is {bytes} bytes, over the {limit}-byte message limit (HARNESS_MAX_MESSAGE_BYTES): send fewer items per call")]
+    TooLarge { bytes: usize, limit: usize },
+    #[error("the deadline of {deadline:?} passed{}", .last.as_ref().map(|l| format!(" (last: {l})")).unwrap_or_default())]
+    Deadline {
+        deadline: Duration,
+        last: Option<String>,
+    },
+    #[error(transparent)]
+    Serving(#[from] ServingError),
+    #[error("the client node could not start: {0}")]
+    Internal(String),
+}
+
+/// A client of one or more harness nodes.
+pub struct HarnessClient {
+    config: ClientConfig,
+    server: ActorRef<NodeServerMessage>,
+    in_flight: Mutex<HashMap<ActorId, Arc<AtomicUsize>>>,
+}
+
+enum SessionEvent {
+    Ready,
+    Closed,
+}
+
+struct Events(mpsc::UnboundedSender<SessionEvent>);
+
+impl NodeEventSubscription for Events {
+    fn node_session_opened(&self, _: ractor_cluster::node::NodeServerSessionInformation) {}
+    fn node_session_authenticated(&self, _: ractor_cluster::node::NodeServerSessionInformation) {}
+    fn node_session_ready(&self, _: ractor_cluster::node::NodeServerSessionInformation) {
+        let _ = self.0.send(SessionEvent::Ready);
+    }
+    fn node_session_disconnected(&self, _: ractor_cluster::node::NodeServerSessionInformation) {
+        let _ = self.0.send(SessionEvent::Closed);
+    }
+}
+
+impl HarnessClient {
+    /// Starts this client's own node, connects to every node in `config.nodes` and
+    /// waits until each session is authenticated and ready.
+    pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
+        // A client node listens on loopback only, on a port of the OS's choosing.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| ClientError::Internal(e.to_string()))?
+            .port();
+        let node = NodeServer::new(
+            port,
+            config.cookie.clone(),
+            config.name.clone(),
+            "localhost".to_string(),
+            None,
+            Some(ractor_cluster::node::NodeConnectionMode::Isolated),
+        )
+        .with_listen_addr(std::net::Ipv4Addr::LOCALHOST.into())
+        .with_max_inbound_frame_size(config.max_message_bytes as u64);
+        let (server, _) = Actor::spawn(None, node, ())
+            .await
+            .map_err(|e| ClientError::Internal(e.to_string()))?;
+        let (events, mut received) = mpsc::unbounded_channel();
+        server
+            .cast(NodeServerMessage::SubscribeToEvents {
+                id: "harness-client".to_string(),
+                subscription: Box::new(Events(events)),
+            })
+            .map_err(|e| ClientError::Internal(e.to_string()))?;
+
+        for node in &config.nodes {
+            ractor_cluster::client_connect(&server, node.as_str())
+                .await
+                .map_err(|e| ClientError::Unreachable {
+                    node: node.clone(),
+                    message: e.to_string(),
+                })?;
+            // Connecting returns before authentication ends: wait for the session.
+            match tokio::time::timeout(Duration::from_secs(10), received.recv()).await {
+                Ok(Some(SessionEvent::Ready)) => {}
+                Ok(Some(SessionEvent::Closed)) | Ok(None) => {
+                    server.stop(None);
+                    return Err(ClientError::Refused { node: node.clone() });
+                }
+                Err(_) => {
+                    server.stop(None);
+                    return Err(ClientError::Unreachable {
+                        node: node.clone(),
+                        message: "the session was not ready within 10 s".to_string(),
+                    });
+                }
+            }
+        }
+        Ok(HarnessClient {
+            config,
+            server,
+            in_flight: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The servings ready now, the least busy first.
+    fn servings(&self) -> Vec<(ActorRef<ServingMessage>, Arc<AtomicUsize>)> {
+        let members = ractor::pg::get_members(&serving_group(&self.config.serving));
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let mut servings: Vec<_> = members
+            .into_iter()
+            .map(|cell| {
+                let count = in_flight.entry(cell.get_id()).or_default().clone();
+                (ActorRef::<ServingMessage>::from(cell), count)
+            })
+            .collect();
+        servings.sort_by_key(|(_, count)| count.load(Ordering::Relaxed));
+        servings
+    }
+
+    /// Runs the model on `inputs`, retrying `NotReady`, `Overloaded`, `Internal`
+    /// and lost servings until `deadline` (the default when `None`).
+    pub async fn run(
+        &self,
+        inputs: Vec<WireTensor>,
+        deadline: Option<Duration>,
+    ) -> Result<Vec<WireTensor>, ClientError> {
+        let deadline = deadline.unwrap_or(self.config.default_deadline);
+        let started = Instant::now();
+        let size: usize = inputs
+            .iter()
+            .map(|t| t.data.len() + t.shape.len() * 8 + 16)
+            .sum();
+        if size > self.config.max_message_bytes {
+            return Err(ClientError::TooLarge {
+                bytes: size,
+                limit: self.config.max_message_bytes,
+            });
+        }
+        let mut last = None;
+        let mut pause = Duration::from_millis(10);
+        while started.elapsed() < deadline {
+            let servings = self.servings();
+            if servings.is_empty() {
+                last.get_or_insert_with(|| {
+                    format!("no serving {} is ready yet", self.config.serving)
+                });
+            }
+            // The least busy first; after a failure, the next one at once.
+            for (serving, count) in servings {
+                let Some(left) = deadline
+                    .checked_sub(started.elapsed())
+                    .filter(|d| !d.is_zero())
+                else {
+                    break;
+                };
+                let request = RunRequest {
+                    version: PROTOCOL_VERSION,
+                    inputs: inputs.clone(),
+                    timeout_ms: left.as_millis() as u64,
+                };
+                let bytes = Payload::new(request.clone()).into_bytes().len();
+                if bytes > self.config.max_message_bytes {
+                    return Err(ClientError::TooLarge {
+                        bytes,
+                        limit: self.config.max_message_bytes,
+                    });
+                }
+                count.fetch_add(1, Ordering::Relaxed);
+                let answer = serving
+                    .call(
+                        |port| ServingMessage::Run(Payload::new(request), port),
+                        Some(left),
+                    )
+                    .await;
+                count.fetch_sub(1, Ordering::Relaxed);
+                match answer {
+                    Ok(ractor::rpc::CallResult::Success(Payload(Ok(Ok(outputs))))) => {
+                        return Ok(outputs)
+                    }
+                    Ok(ractor::rpc::CallResult::Success(Payload(Ok(Err(err))))) => match err {
+                        ServingError::NotReady { .. }
+                        | ServingError::Overloaded { .. }
+                        | ServingError::Internal { .. } => last = Some(err.to_string()),
+                        other => return Err(ClientError::Serving(other)),
+                    },
+                    Ok(ractor::rpc::CallResult::Success(Payload(Err(text)))) => last = Some(text),
+                    Ok(other) => last = Some(format!("{other:?}")),
+                    Err(err) => last = Some(format!("the serving was lost: {err}")),
+                }
+            }
+            let left = deadline.saturating_sub(started.elapsed());
+            tokio::time::sleep(pause.min(left)).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+        Err(ClientError::Deadline { deadline, last })
+    }
+
+    /// The status of a ready serving (the least busy).
+    pub async fn status(&self, deadline: Option<Duration>) -> Result<ServingStatus, ClientError> {
+        let deadline = deadline.unwrap_or(self.config.default_deadline);
+        let started = Instant::now();
+        while started.elapsed() < deadline {
+            if let Some((serving, _)) = self.servings().into_iter().next() {
+                let left = deadline.saturating_sub(started.elapsed());
+                let request = StatusRequest {
+                    version: PROTOCOL_VERSION,
+                };
+                if let Ok(ractor::rpc::CallResult::Success(Payload(Ok(status)))) = serving
+                    .call(
+                        |port| ServingMessage::Status(Payload::new(request), port),
+                        Some(left),
+                    )
+                    .await
+                {
+                    return Ok(status);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(ClientError::NoServing {
+            serving: self.config.serving.clone(),
+        })
+    }
+}
+
+impl Drop for HarnessClient {
+    fn drop(&mut self) {
+        self.server.stop(None);
+    }
+}

@@ -1,0 +1,269 @@
+//! A client application and a harness node as separate processes, over TCP.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use harness_client::{ClientConfig, ClientError, HarnessClient, ServingError, WireTensor};
+
+const COOKIE: &str = "a-test-cookie-not-a-real-one";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `harness serve` of the demo model, started and waited for until ready.
+struct Server {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Each test names its serving: process groups are process-wide, and the
+    /// tests' clients share this process.
+    fn start(serving: &str, extra: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let made = Command::new(env!("CARGO_BIN_EXE_harness"))
+            .args(["demo", "--write-model"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(made.status.success());
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_harness"));
+        cmd.arg("serve")
+            .env("HARNESS_MODEL_DIR", dir.path())
+            .env("HARNESS_DEVICE", "cpu")
+            .env("HARNESS_WARMUP_INPUTS", "f32[4]")
+            .env("HARNESS_COOKIE", COOKIE)
+            .env("HARNESS_SERVING_NAME", serving)
+            .env("HARNESS_CLUSTER_ADDR", &addr)
+            .env("HARNESS_HTTP_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped());
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut log = String::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            log += &line;
+            log += "\n";
+            if line.contains(" is ready") {
+                break;
+            }
+        }
+        assert!(log.contains("is ready"), "{log}");
+        assert!(!log.contains(COOKIE), "the cookie is logged:\n{log}");
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Server {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client_config(serving: &str, nodes: &[&str], cookie: &str) -> ClientConfig {
+    let mut config = ClientConfig::new(nodes.iter().map(|n| n.to_string()).collect(), cookie);
+    config.serving = serving.to_string();
+    config.default_deadline = Duration::from_secs(10);
+    config
+}
+
+/// The demo model's answer, computed here without libtorch.
+fn demo(x: &[f32; 4]) -> [f32; 3] {
+    let w: Vec<f32> = (0..12).map(|i| i as f32 / 10.0 - 0.5).collect();
+    let b = [0.1f32, -0.2, 0.3];
+    let mut y = [0f32; 3];
+    for (j, out) in y.iter_mut().enumerate() {
+        let sum: f32 = (0..4).map(|i| x[i] * w[i * 3 + j]).sum();
+        *out = (sum + b[j]).tanh();
+    }
+    y
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_process_calls_the_model_and_a_wrong_cookie_is_refused() {
+    let server = Server::start(
+        "a_client_process_calls_the_model_and_a_wrong_cookie_is_refused",
+        &[],
+    );
+    let client = HarnessClient::connect(client_config(
+        "a_client_process_calls_the_model_and_a_wrong_cookie_is_refused",
+        &[&server.addr],
+        COOKIE,
+    ))
+    .await
+    .expect("connects");
+    let x = [0.1f32, 0.2, 0.3, 0.4];
+    let out = client
+        .run(vec![WireTensor::from_f32(&[1, 4], &x)], None)
+        .await
+        .expect("a result");
+    let got = out[0].to_f32().unwrap();
+    for (g, w) in got.iter().zip(demo(&x)) {
+        assert!((g - w).abs() < 1e-5, "{got:?}");
+    }
+    let status = client.status(None).await.unwrap();
+    assert_eq!(status.phase, "ready");
+
+    // A wrong cookie is refused clearly, and the node keeps serving the others.
+    let err = HarnessClient::connect(client_config(
+        "a_client_process_calls_the_model_and_a_wrong_cookie_is_refused",
+        &[&server.addr],
+        "wrong",
+    ))
+    .await
+    .err()
+    .expect("refused");
+    assert!(matches!(err, ClientError::Refused { .. }), "{err:?}");
+    assert!(err.to_string().contains("cookie"), "{err}");
+    // So do garbage bytes on the cluster port.
+    let mut junk = std::net::TcpStream::connect(&server.addr).unwrap();
+    let _ = junk.write_all(&[0xff; 4096]);
+    client
+        .run(vec![WireTensor::from_f32(&[1, 4], &x)], None)
+        .await
+        .expect("still serving");
+
+    // A bad request is the server's typed error, not a retry until the deadline.
+    let err = client
+        .run(vec![WireTensor::from_f32(&[1, 5], &[0.0; 5])], None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Serving(ServingError::BadInput { .. })),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_request_is_a_clear_error_and_the_session_lives_on() {
+    let server = Server::start(
+        "an_oversized_request_is_a_clear_error_and_the_session_lives_on",
+        &[("HARNESS_MAX_MESSAGE_BYTES", "100000")],
+    );
+    let mut config = client_config(
+        "an_oversized_request_is_a_clear_error_and_the_session_lives_on",
+        &[&server.addr],
+        COOKIE,
+    );
+    config.max_message_bytes = 100_000;
+    let client = HarnessClient::connect(config).await.unwrap();
+    let big = vec![0.5f32; 4 * 10_000];
+    let err = client
+        .run(vec![WireTensor::from_f32(&[10_000, 4], &big)], None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::TooLarge { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("HARNESS_MAX_MESSAGE_BYTES"),
+        "{err}"
+    );
+    client
+        .run(vec![WireTensor::from_f32(&[1, 4], &[0.0; 4])], None)
+        .await
+        .expect("the session lives on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_gives_the_caller_an_error_before_its_deadline() {
+    let mut server = Server::start(
+        "a_killed_server_gives_the_caller_an_error_before_its_deadline",
+        &[],
+    );
+    let client = HarnessClient::connect(client_config(
+        "a_killed_server_gives_the_caller_an_error_before_its_deadline",
+        &[&server.addr],
+        COOKIE,
+    ))
+    .await
+    .unwrap();
+    client
+        .run(vec![WireTensor::from_f32(&[1, 4], &[0.0; 4])], None)
+        .await
+        .unwrap();
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let started = std::time::Instant::now();
+    let err = client
+        .run(
+            vec![WireTensor::from_f32(&[1, 4], &[0.0; 4])],
+            Some(Duration::from_secs(2)),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Deadline { .. }), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "never hangs past its deadline: {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn serve_refuses_to_start_without_a_cookie() {
+    let out = Command::new(env!("CARGO_BIN_EXE_harness"))
+        .arg("serve")
+        .env("HARNESS_MODEL_DIR", "/nonexistent")
+        .env_remove("HARNESS_COOKIE")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("set HARNESS_COOKIE"));
+}
+
+#[test]
+fn harness_call_and_status_reach_a_node_from_the_command_line() {
+    let server = Server::start("cli", &[]);
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_harness"))
+            .args(args)
+            .env("HARNESS_COOKIE", COOKIE)
+            .env("HARNESS_SERVING_NAME", "cli")
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "call",
+        "--node",
+        &server.addr,
+        "--tensor",
+        "1,4:0.1,0.2,0.3,0.4",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = demo(&[0.1, 0.2, 0.3, 0.4]);
+    assert!(stdout.starts_with("[1, 3] ["), "{stdout}");
+    assert!(
+        stdout.contains(&format!("{:.4}", want[0])[..5]),
+        "{stdout} vs {want:?}"
+    );
+    let out = run(&["status", "--node", &server.addr]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["phase"], "ready");
+    assert_eq!(status["serving"], "cli");
+    let out = run(&["call", "--node", &server.addr, "--tensor", "1,4:0.1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("holds 4 values, 1 given"));
+}
