@@ -41,10 +41,14 @@ pub async fn start(config: ClusterConfig<'_>) -> anyhow::Result<ClusterNode> {
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "localhost".to_string());
+    // ractor_cluster takes peers of the same name for one node, and every
+    // machine of an app shares HARNESS_NODE_NAME: make the name unique per
+    // listener, so a client connected to several nodes sees them all.
+    let name = format!("{}@{hostname}:{}", config.node_name, parsed.port());
     let server = NodeServer::new(
         parsed.port(),
         config.cookie.expose().to_string(),
-        config.node_name.to_string(),
+        name.clone(),
         hostname,
         None,
         // Clients connect to the nodes they use; nodes need not mesh with each other.
@@ -56,6 +60,6 @@ pub async fn start(config: ClusterConfig<'_>) -> anyhow::Result<ClusterNode> {
         .await
         .map_err(|e| anyhow::anyhow!("starting the cluster listener: {e}"))?;
     let addr = SocketAddr::new(ip, parsed.port());
-    tracing::info!(%addr, node = config.node_name, "cluster listening (cookie set)");
+    tracing::info!(%addr, node = %name, "cluster listening (cookie set)");
     Ok(ClusterNode { server, addr })
 }

@@ -128,7 +128,7 @@ pub struct ModelConfig {
     pub hf_token: Option<Secret>,
 
     /// Use the cache only; a missing file is an error naming it.
-    #[arg(long, env = "HARNESS_OFFLINE", global = true)]
+    #[arg(long, env = "HARNESS_OFFLINE", global = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub offline: bool,
 }
 
@@ -270,7 +270,7 @@ pub struct ServingConfig {
     pub warmup_inputs: Option<String>,
 
     /// Accept fault-injection requests (tests only).
-    #[arg(long, env = "HARNESS_FAULT_INJECTION", global = true)]
+    #[arg(long, env = "HARNESS_FAULT_INJECTION", global = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub fault_injection: bool,
 }
 

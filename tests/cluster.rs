@@ -4,9 +4,18 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use harness_client::{ClientConfig, ClientError, HarnessClient, ServingError, WireTensor};
+use harness_client::{
+    serving_group, ClientConfig, ClientError, Fault, FaultRequest, HarnessClient, Payload,
+    ServingError, ServingMessage, WireTensor, PROTOCOL_VERSION,
+};
 
 const COOKIE: &str = "a-test-cookie-not-a-real-one";
+
+/// ractor's registries (process groups, remote actor ids) are process-wide, and
+/// two client nodes in one process can name different remote actors alike: one
+/// `HarnessClient` per process, as in an application. The tests of this file
+/// that hold a client in this process take turns.
+static ONE_CLIENT_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -34,7 +43,13 @@ impl Server {
             .output()
             .unwrap();
         assert!(made.status.success());
-        let addr = format!("127.0.0.1:{}", free_port());
+        let addr = extra
+            .iter()
+            .find(|(k, _)| *k == "HARNESS_CLUSTER_ADDR")
+            .map_or_else(
+                || format!("127.0.0.1:{}", free_port()),
+                |(_, v)| v.to_string(),
+            );
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_harness"));
         cmd.arg("serve")
             .env("HARNESS_MODEL_DIR", dir.path())
@@ -100,6 +115,7 @@ fn demo(x: &[f32; 4]) -> [f32; 3] {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_process_calls_the_model_and_a_wrong_cookie_is_refused() {
+    let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
     let server = Server::start(
         "a_client_process_calls_the_model_and_a_wrong_cookie_is_refused",
         &[],
@@ -123,17 +139,19 @@ async fn a_client_process_calls_the_model_and_a_wrong_cookie_is_refused() {
     let status = client.status(None).await.unwrap();
     assert_eq!(status.phase, "ready");
 
-    // A wrong cookie is refused clearly, and the node keeps serving the others.
-    let err = HarnessClient::connect(client_config(
-        "a_client_process_calls_the_model_and_a_wrong_cookie_is_refused",
-        &[&server.addr],
-        "wrong",
-    ))
-    .await
-    .err()
-    .expect("refused");
-    assert!(matches!(err, ClientError::Refused { .. }), "{err:?}");
-    assert!(err.to_string().contains("cookie"), "{err}");
+    // A wrong cookie (another process) is refused clearly, and the node keeps
+    // serving the others.
+    let refused = Command::new(env!("CARGO_BIN_EXE_harness"))
+        .args(["status", "--node", &server.addr])
+        .env("HARNESS_COOKIE", "wrong")
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("closed the session during authentication") && stderr.contains("cookie"),
+        "{stderr}"
+    );
     // So do garbage bytes on the cluster port.
     let mut junk = std::net::TcpStream::connect(&server.addr).unwrap();
     let _ = junk.write_all(&[0xff; 4096]);
@@ -155,6 +173,7 @@ async fn a_client_process_calls_the_model_and_a_wrong_cookie_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_request_is_a_clear_error_and_the_session_lives_on() {
+    let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
     let server = Server::start(
         "an_oversized_request_is_a_clear_error_and_the_session_lives_on",
         &[("HARNESS_MAX_MESSAGE_BYTES", "100000")],
@@ -184,6 +203,7 @@ async fn an_oversized_request_is_a_clear_error_and_the_session_lives_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_server_gives_the_caller_an_error_before_its_deadline() {
+    let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
     let mut server = Server::start(
         "a_killed_server_gives_the_caller_an_error_before_its_deadline",
         &[],
@@ -266,4 +286,124 @@ fn harness_call_and_status_reach_a_node_from_the_command_line() {
     let out = run(&["call", "--node", &server.addr, "--tensor", "1,4:0.1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("holds 4 values, 1 given"));
+}
+
+fn item() -> Vec<WireTensor> {
+    vec![WireTensor::from_f32(&[1, 4], &[0.1, 0.2, 0.3, 0.4])]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_started_again_is_found_and_used() {
+    let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let serving = "restarted_server";
+    let server = Server::start(serving, &[("HARNESS_CLUSTER_ADDR", &addr)]);
+    let client = HarnessClient::connect(client_config(serving, &[&addr], COOKIE))
+        .await
+        .unwrap();
+    client.run(item(), None).await.unwrap();
+    drop(server); // killed
+    let _again = Server::start(serving, &[("HARNESS_CLUSTER_ADDR", &addr)]);
+    let out = client
+        .run(item(), Some(Duration::from_secs(20)))
+        .await
+        .expect("reconnected");
+    assert_eq!(out[0].shape, vec![1, 3]);
+}
+
+/// `harness_requests_total{outcome="ok"}` of a node, over HTTP.
+async fn served_ok(http: &str) -> f64 {
+    let text = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("http://{http}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("harness_requests_total{outcome=\"ok\"} "))
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_harness_nodes_share_the_calls() {
+    let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
+    let serving = "two_nodes";
+    let (http_a, http_b) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let a = Server::start(
+        serving,
+        &[
+            ("HARNESS_HTTP_ADDR", &http_a),
+            ("HARNESS_MAX_BATCH_DELAY_MS", "20"),
+        ],
+    );
+    let b = Server::start(
+        serving,
+        &[
+            ("HARNESS_HTTP_ADDR", &http_b),
+            ("HARNESS_MAX_BATCH_DELAY_MS", "20"),
+        ],
+    );
+    let client = std::sync::Arc::new(
+        HarnessClient::connect(client_config(serving, &[&a.addr, &b.addr], COOKIE))
+            .await
+            .unwrap(),
+    );
+    // Two nodes with the same HARNESS_NODE_NAME (as every machine of a Fly app
+    // has) are still two members.
+    assert_eq!(ractor::pg::get_members(&serving_group(serving)).len(), 2);
+    let calls: Vec<_> = (0..40)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.run(item(), None).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().expect("served");
+    }
+    let (on_a, on_b) = (served_ok(&http_a).await, served_ok(&http_b).await);
+    assert_eq!(on_a + on_b, 40.0);
+    assert!(
+        on_a >= 5.0 && on_b >= 5.0,
+        "both nodes served: {on_a} and {on_b}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serving_restart_is_ridden_out_by_the_clients_retries() {
+    let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
+    let serving = "ridden_out";
+    let server = Server::start(serving, &[("HARNESS_FAULT_INJECTION", "1")]);
+    let client = HarnessClient::connect(client_config(serving, &[&server.addr], COOKIE))
+        .await
+        .unwrap();
+    client.run(item(), None).await.unwrap();
+    // Crash the remote serving through its process group, as any peer could.
+    let member = ractor::pg::get_members(&serving_group(serving))
+        .pop()
+        .expect("a member");
+    let remote = ractor::ActorRef::<ServingMessage>::from(member);
+    let crash = FaultRequest {
+        version: PROTOCOL_VERSION,
+        fault: Fault::Crash,
+    };
+    let _ = remote
+        .call(
+            |port| ServingMessage::Inject(Payload::new(crash), port),
+            Some(Duration::from_secs(2)),
+        )
+        .await;
+    for _ in 0..5 {
+        client
+            .run(item(), Some(Duration::from_secs(20)))
+            .await
+            .expect("retried through the restart");
+    }
 }

@@ -6,8 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorId, ActorRef, BytesConvertable};
-use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
-use tokio::sync::mpsc;
+use ractor_cluster::{NodeServer, NodeServerMessage};
 
 use crate::protocol::{
     serving_group, Payload, RunRequest, ServingError, ServingMessage, ServingStatus, StatusRequest,
@@ -81,25 +80,9 @@ pub enum ClientError {
 pub struct HarnessClient {
     config: ClientConfig,
     server: ActorRef<NodeServerMessage>,
+    /// Kept for the reconnects it runs.
+    _sessions: Arc<crate::sessions::Sessions>,
     in_flight: Mutex<HashMap<ActorId, Arc<AtomicUsize>>>,
-}
-
-enum SessionEvent {
-    Ready,
-    Closed,
-}
-
-struct Events(mpsc::UnboundedSender<SessionEvent>);
-
-impl NodeEventSubscription for Events {
-    fn node_session_opened(&self, _: ractor_cluster::node::NodeServerSessionInformation) {}
-    fn node_session_authenticated(&self, _: ractor_cluster::node::NodeServerSessionInformation) {}
-    fn node_session_ready(&self, _: ractor_cluster::node::NodeServerSessionInformation) {
-        let _ = self.0.send(SessionEvent::Ready);
-    }
-    fn node_session_disconnected(&self, _: ractor_cluster::node::NodeServerSessionInformation) {
-        let _ = self.0.send(SessionEvent::Closed);
-    }
 }
 
 impl HarnessClient {
@@ -124,33 +107,26 @@ impl HarnessClient {
         let (server, _) = Actor::spawn(None, node, ())
             .await
             .map_err(|e| ClientError::Internal(e.to_string()))?;
-        let (events, mut received) = mpsc::unbounded_channel();
-        server
-            .cast(NodeServerMessage::SubscribeToEvents {
-                id: "harness-client".to_string(),
-                subscription: Box::new(Events(events)),
-            })
-            .map_err(|e| ClientError::Internal(e.to_string()))?;
-
+        let sessions = crate::sessions::Sessions::start(server.clone())?;
+        // A name may stand for several nodes (Fly's `<app>.internal`): use them all.
         for node in &config.nodes {
-            ractor_cluster::client_connect(&server, node.as_str())
-                .await
-                .map_err(|e| ClientError::Unreachable {
-                    node: node.clone(),
-                    message: e.to_string(),
-                })?;
-            // Connecting returns before authentication ends: wait for the session.
-            match tokio::time::timeout(Duration::from_secs(10), received.recv()).await {
-                Ok(Some(SessionEvent::Ready)) => {}
-                Ok(Some(SessionEvent::Closed)) | Ok(None) => {
+            let addrs: Vec<std::net::SocketAddr> =
+                match tokio::net::lookup_host(node.as_str()).await {
+                    Ok(addrs) => addrs.collect(),
+                    Err(e) => {
+                        server.stop(None);
+                        return Err(ClientError::Unreachable {
+                            node: node.clone(),
+                            message: e.to_string(),
+                        });
+                    }
+                };
+            for addr in addrs {
+                if let Err(err) = sessions.connect(addr).await {
                     server.stop(None);
-                    return Err(ClientError::Refused { node: node.clone() });
-                }
-                Err(_) => {
-                    server.stop(None);
-                    return Err(ClientError::Unreachable {
-                        node: node.clone(),
-                        message: "the session was not ready within 10 s".to_string(),
+                    return Err(match err {
+                        ClientError::Refused { .. } => ClientError::Refused { node: node.clone() },
+                        other => other,
                     });
                 }
             }
@@ -158,6 +134,7 @@ impl HarnessClient {
         Ok(HarnessClient {
             config,
             server,
+            _sessions: sessions,
             in_flight: Mutex::new(HashMap::new()),
         })
     }
@@ -259,26 +236,33 @@ impl HarnessClient {
     pub async fn status(&self, deadline: Option<Duration>) -> Result<ServingStatus, ClientError> {
         let deadline = deadline.unwrap_or(self.config.default_deadline);
         let started = Instant::now();
+        let mut last = None;
         while started.elapsed() < deadline {
-            if let Some((serving, _)) = self.servings().into_iter().next() {
+            for (serving, _) in self.servings() {
                 let left = deadline.saturating_sub(started.elapsed());
                 let request = StatusRequest {
                     version: PROTOCOL_VERSION,
                 };
-                if let Ok(ractor::rpc::CallResult::Success(Payload(Ok(status)))) = serving
+                match serving
                     .call(
                         |port| ServingMessage::Status(Payload::new(request), port),
                         Some(left),
                     )
                     .await
                 {
-                    return Ok(status);
+                    Ok(ractor::rpc::CallResult::Success(Payload(Ok(status)))) => return Ok(status),
+                    Ok(ractor::rpc::CallResult::Success(Payload(Err(text)))) => last = Some(text),
+                    Ok(other) => last = Some(format!("{other:?}")),
+                    Err(err) => last = Some(format!("the serving was lost: {err}")),
                 }
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Err(ClientError::NoServing {
-            serving: self.config.serving.clone(),
+        Err(match last {
+            None => ClientError::NoServing {
+                serving: self.config.serving.clone(),
+            },
+            last => ClientError::Deadline { deadline, last },
         })
     }
 }

@@ -6,6 +6,7 @@
 
 mod client;
 pub mod protocol;
+mod sessions;
 
 pub use client::{ClientConfig, ClientError, HarnessClient};
 
