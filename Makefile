@@ -46,7 +46,7 @@ test:
 
 # Side-by-side benchmarks, release build; see BENCHMARKS.md.
 bench:
-	@$(WITH_LIBTORCH) $(CARGO) bench --bench fetch --bench serving
+	@$(WITH_LIBTORCH) $(CARGO) bench --bench fetch --bench serving --bench cluster
 
 lint:
 	$(CARGO) fmt --all -- --check
