@@ -407,3 +407,31 @@ async fn a_serving_restart_is_ridden_out_by_the_clients_retries() {
             .expect("retried through the restart");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_node_is_noticed_by_pings_and_avoided() {
+    let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
+    let serving = "hung_node";
+    let a = Server::start(serving, &[]);
+    let b = Server::start(serving, &[]);
+    let client = HarnessClient::connect(client_config(serving, &[&a.addr, &b.addr], COOKIE))
+        .await
+        .unwrap();
+    client.run(item(), None).await.unwrap();
+    // SIGSTOP: the process hangs with its TCP session up, as a wedged node does.
+    assert_eq!(unsafe { libc::kill(a.child.id() as i32, libc::SIGSTOP) }, 0);
+    tokio::time::sleep(Duration::from_secs(4)).await; // a few pings
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        client
+            .run(item(), Some(Duration::from_secs(5)))
+            .await
+            .expect("served by the other node");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "no call waited on the hung node: {:?}",
+        started.elapsed()
+    );
+    unsafe { libc::kill(a.child.id() as i32, libc::SIGCONT) };
+}

@@ -1,16 +1,15 @@
 //! `HarnessClient`: join the mesh, find the servings, call them with a deadline.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorId, ActorRef, BytesConvertable};
+use ractor::{Actor, ActorRef, BytesConvertable};
 use ractor_cluster::{NodeServer, NodeServerMessage};
 
 use crate::protocol::{
-    serving_group, Payload, RunRequest, ServingError, ServingMessage, ServingStatus, StatusRequest,
-    WireTensor, PROTOCOL_VERSION,
+    Payload, RunRequest, ServingError, ServingMessage, ServingStatus, StatusRequest, WireTensor,
+    PROTOCOL_VERSION,
 };
 
 /// How a client joins the mesh.
@@ -82,7 +81,7 @@ pub struct HarnessClient {
     server: ActorRef<NodeServerMessage>,
     /// Kept for the reconnects it runs.
     _sessions: Arc<crate::sessions::Sessions>,
-    in_flight: Mutex<HashMap<ActorId, Arc<AtomicUsize>>>,
+    pool: Arc<crate::pool::Pool>,
 }
 
 impl HarnessClient {
@@ -131,27 +130,13 @@ impl HarnessClient {
                 }
             }
         }
+        let pool = crate::pool::Pool::start(&config.serving);
         Ok(HarnessClient {
             config,
             server,
             _sessions: sessions,
-            in_flight: Mutex::new(HashMap::new()),
+            pool,
         })
-    }
-
-    /// The servings ready now, the least busy first.
-    fn servings(&self) -> Vec<(ActorRef<ServingMessage>, Arc<AtomicUsize>)> {
-        let members = ractor::pg::get_members(&serving_group(&self.config.serving));
-        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        let mut servings: Vec<_> = members
-            .into_iter()
-            .map(|cell| {
-                let count = in_flight.entry(cell.get_id()).or_default().clone();
-                (ActorRef::<ServingMessage>::from(cell), count)
-            })
-            .collect();
-        servings.sort_by_key(|(_, count)| count.load(Ordering::Relaxed));
-        servings
     }
 
     /// Runs the model on `inputs`, retrying `NotReady`, `Overloaded`, `Internal`
@@ -176,14 +161,14 @@ impl HarnessClient {
         let mut last = None;
         let mut pause = Duration::from_millis(10);
         while started.elapsed() < deadline {
-            let servings = self.servings();
+            let servings = self.pool.servings();
             if servings.is_empty() {
                 last.get_or_insert_with(|| {
                     format!("no serving {} is ready yet", self.config.serving)
                 });
             }
             // The least busy first; after a failure, the next one at once.
-            for (serving, count) in servings {
+            for (serving, member) in servings {
                 let Some(left) = deadline
                     .checked_sub(started.elapsed())
                     .filter(|d| !d.is_zero())
@@ -202,14 +187,14 @@ impl HarnessClient {
                         limit: self.config.max_message_bytes,
                     });
                 }
-                count.fetch_add(1, Ordering::Relaxed);
+                member.in_flight.fetch_add(1, Ordering::Relaxed);
                 let answer = serving
                     .call(
                         |port| ServingMessage::Run(Payload::new(request), port),
                         Some(left),
                     )
                     .await;
-                count.fetch_sub(1, Ordering::Relaxed);
+                member.in_flight.fetch_sub(1, Ordering::Relaxed);
                 match answer {
                     Ok(ractor::rpc::CallResult::Success(Payload(Ok(Ok(outputs))))) => {
                         return Ok(outputs)
@@ -238,7 +223,7 @@ impl HarnessClient {
         let started = Instant::now();
         let mut last = None;
         while started.elapsed() < deadline {
-            for (serving, _) in self.servings() {
+            for (serving, _) in self.pool.servings() {
                 let left = deadline.saturating_sub(started.elapsed());
                 let request = StatusRequest {
                     version: PROTOCOL_VERSION,

@@ -5,6 +5,7 @@
 //! node builds on a laptop with nothing but Rust installed.
 
 mod client;
+mod pool;
 pub mod protocol;
 mod sessions;
 
