@@ -4,6 +4,9 @@
 //! the serving through its process group and message it directly.
 
 use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use ractor::{Actor, ActorRef};
 use ractor_cluster::{NodeServer, NodeServerMessage};
@@ -22,7 +25,12 @@ pub struct ClusterConfig<'a> {
     pub cookie: &'a Secret,
     pub node_name: &'a str,
     pub max_message_bytes: u64,
+    /// Certificate, key and (for client certificates) CA, as PEM files.
+    pub tls: Option<(&'a Path, &'a Path, Option<&'a Path>)>,
 }
+
+/// How long a peer has to finish its TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Starts the listener. `[::]` falls back to `0.0.0.0` where IPv6 is off.
 pub async fn start(config: ClusterConfig<'_>) -> anyhow::Result<ClusterNode> {
@@ -45,8 +53,24 @@ pub async fn start(config: ClusterConfig<'_>) -> anyhow::Result<ClusterNode> {
     // machine of an app shares HARNESS_NODE_NAME: make the name unique per
     // listener, so a client connected to several nodes sees them all.
     let name = format!("{}@{hostname}:{}", config.node_name, parsed.port());
+    // With TLS, our own accept loop serves the port (ractor_cluster's runs each
+    // handshake inline, with no timeout: one silent peer would stop all others),
+    // and the NodeServer's own listener sits unused on a loopback port.
+    let tls = match config.tls {
+        Some((cert, key, ca)) => Some(harness_client::tls::server_config(cert, key, ca)?),
+        None => None,
+    };
+    let (node_port, node_ip) = match tls {
+        Some(_) => (
+            std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port(),
+            std::net::Ipv4Addr::LOCALHOST.into(),
+        ),
+        None => (parsed.port(), ip),
+    };
     let server = NodeServer::new(
-        parsed.port(),
+        node_port,
         config.cookie.expose().to_string(),
         name.clone(),
         hostname,
@@ -54,12 +78,66 @@ pub async fn start(config: ClusterConfig<'_>) -> anyhow::Result<ClusterNode> {
         // Clients connect to the nodes they use; nodes need not mesh with each other.
         Some(ractor_cluster::node::NodeConnectionMode::Isolated),
     )
-    .with_listen_addr(ip)
+    .with_listen_addr(node_ip)
     .with_max_inbound_frame_size(config.max_message_bytes);
     let (server, _) = Actor::spawn(None, server, ())
         .await
         .map_err(|e| anyhow::anyhow!("starting the cluster listener: {e}"))?;
     let addr = SocketAddr::new(ip, parsed.port());
-    tracing::info!(%addr, node = %name, "cluster listening (cookie set)");
+    if let Some(tls) = tls {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        tokio::spawn(accept_tls(
+            listener,
+            tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+            server.clone(),
+        ));
+    }
+    let mode = if config.tls.is_some() {
+        "TLS"
+    } else {
+        "plain TCP"
+    };
+    tracing::info!(%addr, node = %name, "cluster listening ({mode}, cookie set)");
     Ok(ClusterNode { server, addr })
+}
+
+/// Accepts TLS peers, each handshake in a task of its own with a timeout, and
+/// hands the encrypted streams to the NodeServer.
+async fn accept_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    server: ActorRef<NodeServerMessage>,
+) {
+    loop {
+        let (stream, peer_addr) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                tracing::debug!(%err, "cluster accept failed");
+                continue;
+            }
+        };
+        let (acceptor, server) = (acceptor.clone(), server.clone());
+        tokio::spawn(async move {
+            let Ok(local_addr) = stream.local_addr() else {
+                return;
+            };
+            let _ = stream.set_nodelay(true);
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    let _ = server.cast(NodeServerMessage::ConnectionOpened {
+                        stream: Box::new(ractor_cluster::NetworkStream::TlsServer {
+                            peer_addr,
+                            local_addr,
+                            stream,
+                        }),
+                        is_server: true,
+                    });
+                }
+                Ok(Err(err)) => tracing::info!(%peer_addr, %err, "a peer failed the TLS handshake"),
+                Err(_) => {
+                    tracing::info!(%peer_addr, "a peer did not finish the TLS handshake in {TLS_HANDSHAKE_TIMEOUT:?}")
+                }
+            }
+        });
+    }
 }

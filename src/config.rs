@@ -69,6 +69,20 @@ pub struct Config {
     )]
     pub node_name: String,
 
+    /// TLS on the cluster port: this node's certificate (PEM). With `--tls-key`;
+    /// unset, the port is plain TCP with the cookie.
+    #[arg(long, env = "HARNESS_TLS_CERT", global = true, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, env = "HARNESS_TLS_KEY", global = true, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// A CA (PEM): on a node, peers must present a certificate it signed; on a
+    /// client (`call`, `status`), the CA the node's certificate is checked against.
+    #[arg(long, env = "HARNESS_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+
     /// The largest cluster message accepted, in bytes (a larger one is refused).
     #[arg(long, env = "HARNESS_MAX_MESSAGE_BYTES", default_value_t = 64 << 20, global = true)]
     pub max_message_bytes: u64,

@@ -58,6 +58,12 @@ impl Node {
                     cookie,
                     node_name: &config.node_name,
                     max_message_bytes: config.max_message_bytes,
+                    tls: match (&config.tls_cert, &config.tls_key) {
+                        (Some(cert), Some(key)) => {
+                            Some((cert.as_path(), key.as_path(), config.tls_ca.as_deref()))
+                        }
+                        _ => None,
+                    },
                 })
                 .await?,
             ),

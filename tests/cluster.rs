@@ -435,3 +435,119 @@ async fn a_hung_node_is_noticed_by_pings_and_avoided() {
     );
     unsafe { libc::kill(a.child.id() as i32, libc::SIGCONT) };
 }
+
+/// A CA and a node certificate for 127.0.0.1, made with the openssl CLI.
+fn make_certs(dir: &std::path::Path) {
+    let script = r#"
+set -e
+openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=harness-test-ca 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -keyout node.key -out node.csr -subj /CN=node 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' > ext
+openssl x509 -req -in node.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out node.pem -days 2 -extfile ext 2>/dev/null
+"#;
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "openssl could not make the test certificates"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_on_the_cluster_port_and_a_silent_peer_blocks_no_one() {
+    let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
+    let serving = "tls";
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let path = |name: &str| certs.path().join(name).display().to_string();
+    let server = Server::start(
+        serving,
+        &[
+            ("HARNESS_TLS_CERT", &path("node.pem")),
+            ("HARNESS_TLS_KEY", &path("node.key")),
+        ],
+    );
+
+    // A peer that connects and says nothing, held open meanwhile.
+    let _silent = std::net::TcpStream::connect(&server.addr).unwrap();
+
+    let mut config = client_config(serving, &[&server.addr], COOKIE);
+    config.tls = Some(harness_client::ClientTls {
+        ca: certs.path().join("ca.pem"),
+        identity: None,
+        server_name: None,
+    });
+    let started = std::time::Instant::now();
+    let client = HarnessClient::connect(config).await.expect("a TLS session");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the silent peer held the port: {:?}",
+        started.elapsed()
+    );
+    let out = client.run(item(), None).await.expect("a call over TLS");
+    assert_eq!(out[0].shape, vec![1, 3]);
+
+    // A plain-TCP peer gets no session.
+    let out = Command::new(env!("CARGO_BIN_EXE_harness"))
+        .args(["status", "--node", &server.addr])
+        .env("HARNESS_COOKIE", COOKIE)
+        .env("HARNESS_SERVING_NAME", serving)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The CLI with the CA does.
+    let out = Command::new(env!("CARGO_BIN_EXE_harness"))
+        .args(["status", "--node", &server.addr])
+        .env("HARNESS_COOKIE", COOKIE)
+        .env("HARNESS_SERVING_NAME", serving)
+        .env("HARNESS_TLS_CA", path("ca.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A node that also sets HARNESS_TLS_CA wants a client certificate signed by it.
+    let strict = Server::start(
+        "tls_strict",
+        &[
+            ("HARNESS_TLS_CERT", &path("node.pem")),
+            ("HARNESS_TLS_KEY", &path("node.key")),
+            ("HARNESS_TLS_CA", &path("ca.pem")),
+        ],
+    );
+    let status = |identity: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_harness"));
+        cmd.args(["status", "--node", &strict.addr, "--deadline-ms", "3000"])
+            .env("HARNESS_COOKIE", COOKIE)
+            .env("HARNESS_SERVING_NAME", "tls_strict")
+            .env("HARNESS_TLS_CA", path("ca.pem"));
+        if identity {
+            cmd.env("HARNESS_TLS_CERT", path("node.pem"))
+                .env("HARNESS_TLS_KEY", path("node.key"));
+        }
+        cmd.output().unwrap()
+    };
+    assert_eq!(
+        status(false).status.code(),
+        Some(2),
+        "no client certificate, no session"
+    );
+    let out = status(true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

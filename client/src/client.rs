@@ -27,6 +27,19 @@ pub struct ClientConfig {
     pub default_deadline: Duration,
     /// The largest message the nodes accept (`HARNESS_MAX_MESSAGE_BYTES`).
     pub max_message_bytes: usize,
+    /// TLS to the nodes (when they run with `HARNESS_TLS_CERT`); `None`: plain TCP.
+    pub tls: Option<ClientTls>,
+}
+
+/// TLS settings of a client, as PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTls {
+    /// The CA that signed the nodes' certificates (`HARNESS_TLS_CA`).
+    pub ca: std::path::PathBuf,
+    /// This client's certificate and key, for nodes that require one.
+    pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// The name the nodes' certificates carry; `None`: their IP address.
+    pub server_name: Option<String>,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -49,6 +62,7 @@ impl ClientConfig {
             name: format!("harness-client-{}", std::process::id()),
             default_deadline: Duration::from_secs(30),
             max_message_bytes: 64 << 20,
+            tls: None,
         }
     }
 }
@@ -106,7 +120,24 @@ impl HarnessClient {
         let (server, _) = Actor::spawn(None, node, ())
             .await
             .map_err(|e| ClientError::Internal(e.to_string()))?;
-        let sessions = crate::sessions::Sessions::start(server.clone())?;
+        let tls = match &config.tls {
+            None => None,
+            Some(tls) => {
+                let identity = tls
+                    .identity
+                    .as_ref()
+                    .map(|(c, k)| (c.as_path(), k.as_path()));
+                let rustls_config = crate::tls::client_config(&tls.ca, identity).map_err(|e| {
+                    server.stop(None);
+                    ClientError::Internal(e.to_string())
+                })?;
+                Some((
+                    tokio_rustls::TlsConnector::from(Arc::new(rustls_config)),
+                    tls.server_name.clone(),
+                ))
+            }
+        };
+        let sessions = crate::sessions::Sessions::start(server.clone(), tls)?;
         // A name may stand for several nodes (Fly's `<app>.internal`): use them all.
         for node in &config.nodes {
             let addrs: Vec<std::net::SocketAddr> =

@@ -8,8 +8,9 @@ mod client;
 mod pool;
 pub mod protocol;
 mod sessions;
+pub mod tls;
 
-pub use client::{ClientConfig, ClientError, HarnessClient};
+pub use client::{ClientConfig, ClientError, ClientTls, HarnessClient};
 
 pub use protocol::{
     serving_group, DType, EmbedReply, EmbedRequest, Fault, FaultRequest, Payload, RunReply,

@@ -29,6 +29,8 @@ enum State {
 /// Every node address and the state of its session.
 pub(crate) struct Sessions {
     server: ActorRef<NodeServerMessage>,
+    /// TLS to the nodes, with the name their certificates carry (none: their IP).
+    tls: Option<(tokio_rustls::TlsConnector, Option<String>)>,
     states: Mutex<HashMap<String, State>>,
     changed: Notify,
 }
@@ -54,9 +56,13 @@ impl NodeEventSubscription for Events {
 impl Sessions {
     /// Watches `server`'s sessions; lost ones are reconnected for as long as the
     /// returned value lives.
-    pub fn start(server: ActorRef<NodeServerMessage>) -> Result<Arc<Sessions>, ClientError> {
+    pub fn start(
+        server: ActorRef<NodeServerMessage>,
+        tls: Option<(tokio_rustls::TlsConnector, Option<String>)>,
+    ) -> Result<Arc<Sessions>, ClientError> {
         let sessions = Arc::new(Sessions {
             server: server.clone(),
+            tls,
             states: Mutex::new(HashMap::new()),
             changed: Notify::new(),
         });
@@ -112,12 +118,26 @@ impl Sessions {
     pub async fn connect(&self, addr: SocketAddr) -> Result<(), ClientError> {
         let key = addr.to_string();
         self.set(&key, State::Connecting);
-        ractor_cluster::client_connect(&self.server, addr)
-            .await
-            .map_err(|e| ClientError::Unreachable {
-                node: key.clone(),
-                message: e.to_string(),
-            })?;
+        let connected = match &self.tls {
+            None => ractor_cluster::client_connect(&self.server, addr).await,
+            Some((connector, name)) => {
+                let name =
+                    match name {
+                        Some(name) => rustls::pki_types::ServerName::try_from(name.clone())
+                            .map_err(|e| ClientError::Unreachable {
+                                node: key.clone(),
+                                message: format!("TLS server name {name:?}: {e}"),
+                            })?,
+                        None => rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
+                    };
+                ractor_cluster::client_connect_enc(&self.server, addr, connector.clone(), name)
+                    .await
+            }
+        };
+        connected.map_err(|e| ClientError::Unreachable {
+            node: key.clone(),
+            message: e.to_string(),
+        })?;
         let wait = async {
             loop {
                 let changed = self.changed.notified();

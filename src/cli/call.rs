@@ -17,6 +17,11 @@ fn client_config(config: &Config, nodes: &[String]) -> anyhow::Result<ClientConf
     let mut client = ClientConfig::new(nodes.to_vec(), cookie.expose());
     client.serving = config.serving_name.clone();
     client.max_message_bytes = config.max_message_bytes as usize;
+    client.tls = config.tls_ca.as_ref().map(|ca| harness_client::ClientTls {
+        ca: ca.clone(),
+        identity: config.tls_cert.clone().zip(config.tls_key.clone()),
+        server_name: None,
+    });
     Ok(client)
 }
 
