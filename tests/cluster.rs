@@ -551,3 +551,45 @@ async fn tls_on_the_cluster_port_and_a_silent_peer_blocks_no_one() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_mid_call_fails_the_call_before_its_deadline() {
+    let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
+    let serving = "killed_mid_call";
+    // A long gathering delay keeps the call in flight on the server.
+    let mut server = Server::start(
+        serving,
+        &[
+            ("HARNESS_MAX_BATCH_DELAY_MS", "5000"),
+            ("HARNESS_MAX_BATCH_SIZE", "64"),
+        ],
+    );
+    let client = std::sync::Arc::new(
+        HarnessClient::connect(client_config(serving, &[&server.addr], COOKIE))
+            .await
+            .unwrap(),
+    );
+    let call = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            (
+                client.run(item(), Some(Duration::from_secs(8))).await,
+                started.elapsed(),
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let (result, took) = call.await.unwrap();
+    let err = result.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Deadline { last: Some(last), .. } if last.contains("went away") || last.contains("no serving")),
+        "{err:?}"
+    );
+    assert!(
+        took <= Duration::from_millis(8_500),
+        "never past its deadline: {took:?}"
+    );
+}

@@ -219,13 +219,21 @@ impl HarnessClient {
                     });
                 }
                 member.in_flight.fetch_add(1, Ordering::Relaxed);
-                let answer = serving
-                    .call(
-                        |port| ServingMessage::Run(Payload::new(request), port),
-                        Some(left),
-                    )
-                    .await;
+                let call = serving.call(
+                    |port| ServingMessage::Run(Payload::new(request), port),
+                    Some(left),
+                );
+                // A node that goes away mid-call (its session closes and its
+                // members leave the group) answers nothing: move on at once.
+                let answer = tokio::select! {
+                    answer = call => Some(answer),
+                    () = self.pool.gone(serving.get_id()) => None,
+                };
                 member.in_flight.fetch_sub(1, Ordering::Relaxed);
+                let Some(answer) = answer else {
+                    last = Some("the serving's node went away mid-call".to_string());
+                    continue;
+                };
                 match answer {
                     Ok(ractor::rpc::CallResult::Success(Payload(Ok(Ok(outputs))))) => {
                         return Ok(outputs)
@@ -237,7 +245,12 @@ impl HarnessClient {
                         other => return Err(ClientError::Serving(other)),
                     },
                     Ok(ractor::rpc::CallResult::Success(Payload(Err(text)))) => last = Some(text),
-                    Ok(other) => last = Some(format!("{other:?}")),
+                    Ok(ractor::rpc::CallResult::SenderError) => {
+                        last = Some("the serving's node went away (its session closed)".to_string())
+                    }
+                    Ok(ractor::rpc::CallResult::Timeout) => {
+                        last = Some("no answer within the deadline".to_string())
+                    }
                     Err(err) => last = Some(format!("the serving was lost: {err}")),
                 }
             }
@@ -268,7 +281,12 @@ impl HarnessClient {
                 {
                     Ok(ractor::rpc::CallResult::Success(Payload(Ok(status)))) => return Ok(status),
                     Ok(ractor::rpc::CallResult::Success(Payload(Err(text)))) => last = Some(text),
-                    Ok(other) => last = Some(format!("{other:?}")),
+                    Ok(ractor::rpc::CallResult::SenderError) => {
+                        last = Some("the serving's node went away (its session closed)".to_string())
+                    }
+                    Ok(ractor::rpc::CallResult::Timeout) => {
+                        last = Some("no answer within the deadline".to_string())
+                    }
                     Err(err) => last = Some(format!("the serving was lost: {err}")),
                 }
             }

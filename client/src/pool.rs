@@ -64,6 +64,21 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// Resolves once the serving `id` has left the group (its node went away).
+    pub async fn gone(&self, id: ActorId) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if !ractor::pg::get_members(&self.group)
+                .iter()
+                .any(|c| c.get_id() == id)
+            {
+                return;
+            }
+        }
+    }
+}
+
 async fn ping(pool: Weak<Pool>) {
     loop {
         tokio::time::sleep(PING_EVERY).await;
