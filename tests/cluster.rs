@@ -283,6 +283,13 @@ fn harness_call_and_status_reach_a_node_from_the_command_line() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["phase"], "ready");
     assert_eq!(status["serving"], "cli");
+    let out = run(&["call", "--node", &server.addr, "--embed", "hello"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("serves the tensor task"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = run(&["call", "--node", &server.addr, "--tensor", "1,4:0.1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("holds 4 values, 1 given"));

@@ -8,8 +8,8 @@ use ractor::{Actor, ActorRef, BytesConvertable};
 use ractor_cluster::{NodeServer, NodeServerMessage};
 
 use crate::protocol::{
-    Payload, RunRequest, ServingError, ServingMessage, ServingStatus, StatusRequest, WireTensor,
-    PROTOCOL_VERSION,
+    EmbedRequest, Payload, RunRequest, ServingError, ServingMessage, ServingStatus, StatusRequest,
+    WireTensor, PROTOCOL_VERSION,
 };
 
 /// How a client joins the mesh.
@@ -234,29 +234,60 @@ impl HarnessClient {
                     last = Some("the serving's node went away mid-call".to_string());
                     continue;
                 };
-                match answer {
-                    Ok(ractor::rpc::CallResult::Success(Payload(Ok(Ok(outputs))))) => {
-                        return Ok(outputs)
-                    }
-                    Ok(ractor::rpc::CallResult::Success(Payload(Ok(Err(err))))) => match err {
-                        ServingError::NotReady { .. }
-                        | ServingError::Overloaded { .. }
-                        | ServingError::Internal { .. } => last = Some(err.to_string()),
-                        other => return Err(ClientError::Serving(other)),
-                    },
-                    Ok(ractor::rpc::CallResult::Success(Payload(Err(text)))) => last = Some(text),
-                    Ok(ractor::rpc::CallResult::SenderError) => {
-                        last = Some("the serving's node went away (its session closed)".to_string())
-                    }
-                    Ok(ractor::rpc::CallResult::Timeout) => {
-                        last = Some("no answer within the deadline".to_string())
-                    }
-                    Err(err) => last = Some(format!("the serving was lost: {err}")),
+                match outcome(answer) {
+                    Step::Done(outputs) => return Ok(outputs),
+                    Step::Fail(err) => return Err(err),
+                    Step::Retry(reason) => last = Some(reason),
                 }
             }
             let left = deadline.saturating_sub(started.elapsed());
             tokio::time::sleep(pause.min(left)).await;
             pause = (pause * 2).min(Duration::from_millis(500));
+        }
+        Err(ClientError::Deadline { deadline, last })
+    }
+
+    /// Embeds `texts` (a node serving the embedding task), one vector per text,
+    /// retrying as [`HarnessClient::run`] does.
+    pub async fn embed(
+        &self,
+        texts: Vec<String>,
+        deadline: Option<Duration>,
+    ) -> Result<Vec<Vec<f32>>, ClientError> {
+        let deadline = deadline.unwrap_or(self.config.default_deadline);
+        let started = Instant::now();
+        let mut last = None;
+        while started.elapsed() < deadline {
+            for (serving, member) in self.pool.servings() {
+                let Some(left) = deadline
+                    .checked_sub(started.elapsed())
+                    .filter(|d| !d.is_zero())
+                else {
+                    break;
+                };
+                let request = EmbedRequest {
+                    version: PROTOCOL_VERSION,
+                    texts: texts.clone(),
+                    timeout_ms: left.as_millis() as u64,
+                };
+                member.in_flight.fetch_add(1, Ordering::Relaxed);
+                let answer = serving
+                    .call(
+                        |port| ServingMessage::Embed(Payload::new(request), port),
+                        Some(left),
+                    )
+                    .await;
+                member.in_flight.fetch_sub(1, Ordering::Relaxed);
+                match outcome(answer) {
+                    Step::Done(vectors) => return Ok(vectors),
+                    Step::Fail(err) => return Err(err),
+                    Step::Retry(reason) => last = Some(reason),
+                }
+            }
+            tokio::time::sleep(
+                Duration::from_millis(20).min(deadline.saturating_sub(started.elapsed())),
+            )
+            .await;
         }
         Err(ClientError::Deadline { deadline, last })
     }
@@ -298,6 +329,36 @@ impl HarnessClient {
             },
             last => ClientError::Deadline { deadline, last },
         })
+    }
+}
+
+/// What a call's answer means for the retry loop.
+enum Step<T> {
+    Done(T),
+    Fail(ClientError),
+    Retry(String),
+}
+
+/// Sorts an answer: a result, an error retrying cannot fix, or a reason to retry
+/// (not ready, overloaded, restarting, lost).
+fn outcome<T, E: std::fmt::Display>(
+    answer: Result<ractor::rpc::CallResult<Payload<Result<T, ServingError>>>, E>,
+) -> Step<T> {
+    use ractor::rpc::CallResult;
+    match answer {
+        Ok(CallResult::Success(Payload(Ok(Ok(value))))) => Step::Done(value),
+        Ok(CallResult::Success(Payload(Ok(Err(err))))) => match err {
+            ServingError::NotReady { .. }
+            | ServingError::Overloaded { .. }
+            | ServingError::Internal { .. } => Step::Retry(err.to_string()),
+            other => Step::Fail(ClientError::Serving(other)),
+        },
+        Ok(CallResult::Success(Payload(Err(text)))) => Step::Retry(text),
+        Ok(CallResult::SenderError) => {
+            Step::Retry("the serving's node went away (its session closed)".to_string())
+        }
+        Ok(CallResult::Timeout) => Step::Retry("no answer within the deadline".to_string()),
+        Err(err) => Step::Retry(format!("the serving was lost: {err}")),
     }
 }
 

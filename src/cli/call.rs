@@ -59,8 +59,12 @@ pub fn call(
     config: &Config,
     nodes: &[String],
     tensors: &[String],
+    texts: &[String],
     deadline_ms: u64,
 ) -> anyhow::Result<ExitCode> {
+    if !texts.is_empty() {
+        return embed(config, nodes, texts, deadline_ms);
+    }
     let inputs = tensors
         .iter()
         .map(|t| parse_tensor(t))
@@ -87,6 +91,30 @@ pub fn call(
                 output.data.len()
             ),
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn embed(
+    config: &Config,
+    nodes: &[String],
+    texts: &[String],
+    deadline_ms: u64,
+) -> anyhow::Result<ExitCode> {
+    let client_config = client_config(config, nodes)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let vectors = runtime.block_on(async {
+        let client = HarnessClient::connect(client_config).await?;
+        anyhow::Ok(
+            client
+                .embed(texts.to_vec(), Some(Duration::from_millis(deadline_ms)))
+                .await?,
+        )
+    })?;
+    for (text, vector) in texts.iter().zip(vectors) {
+        println!("{text:?}: {vector:?}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -34,15 +34,20 @@ pub enum Command {
     /// Run the node: download, load and serve the model, restart it when it fails,
     /// drain on SIGTERM or SIGINT. Exits 3 after too many restarts.
     Serve,
-    /// Send a Run request to a remote node and print the output tensors.
+    /// Send a request to a remote node and print the answer: `--tensor` (Run) or
+    /// `--embed` (Embed).
+    #[command(group(clap::ArgGroup::new("input").required(true).args(["tensors", "texts"])))]
     Call {
         /// A node's cluster address, HOST:PORT (repeat for several).
         #[arg(long = "node", required = true)]
         nodes: Vec<String>,
         /// An f32 input tensor as SHAPE:VALUES, e.g. `1,4:0.1,0.2,0.3,0.4` (repeat
         /// for a model with several inputs).
-        #[arg(long = "tensor", required = true)]
+        #[arg(long = "tensor")]
         tensors: Vec<String>,
+        /// A text to embed (repeat for several).
+        #[arg(long = "embed")]
+        texts: Vec<String>,
         /// How long to keep trying, in milliseconds.
         #[arg(long, default_value_t = 30_000)]
         deadline_ms: u64,
@@ -81,8 +86,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Call {
             nodes,
             tensors,
+            texts,
             deadline_ms,
-        } => call::call(&cli.config, &nodes, &tensors, deadline_ms),
+        } => call::call(&cli.config, &nodes, &tensors, &texts, deadline_ms),
         Command::Status { nodes, deadline_ms } => call::status(&cli.config, &nodes, deadline_ms),
         Command::Demo {
             write_model: Some(dir),
