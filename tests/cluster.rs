@@ -9,6 +9,10 @@ use harness_client::{
     ServingError, ServingMessage, WireTensor, PROTOCOL_VERSION,
 };
 
+mod support;
+
+use support::node::free_port;
+
 const COOKIE: &str = "a-test-cookie-not-a-real-one";
 
 /// ractor's registries (process groups, remote actor ids) are process-wide, and
@@ -16,14 +20,6 @@ const COOKIE: &str = "a-test-cookie-not-a-real-one";
 /// `HarnessClient` per process, as in an application. The tests of this file
 /// that hold a client in this process take turns.
 static ONE_CLIENT_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A `harness serve` of the demo model, started and waited for until ready.
 struct Server {
@@ -36,13 +32,7 @@ impl Server {
     /// Each test names its serving: process groups are process-wide, and the
     /// tests' clients share this process.
     fn start(serving: &str, extra: &[(&str, &str)]) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let made = Command::new(env!("CARGO_BIN_EXE_harness"))
-            .args(["demo", "--write-model"])
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(made.status.success());
+        let dir = support::node::demo_model_dir();
         let addr = extra
             .iter()
             .find(|(k, _)| *k == "HARNESS_CLUSTER_ADDR")

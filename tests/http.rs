@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use harness::node::Node;
 use harness_client::{
     Fault, FaultRequest, Payload, RunRequest, ServingMessage, WireTensor, PROTOCOL_VERSION,
@@ -32,20 +31,10 @@ fn config(
     cache: &std::path::Path,
     extra: &[&str],
 ) -> harness::config::Config {
-    let mut args = vec![
-        "harness".to_string(),
-        "--device=cpu".to_string(),
-        format!("--hf-endpoint={}", hub.url()),
-        format!("--model-repo={REPO}"),
-        format!("--hf-token={TOKEN}"),
-        format!("--cache-dir={}", cache.display()),
-        "--warmup-inputs=f32[4]".to_string(),
-        format!("--serving-name={name}"),
-        "--http-addr=127.0.0.1:0".to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args.push("serve".to_string());
-    harness::cli::Cli::try_parse_from(args).unwrap().config
+    let token = format!("--hf-token={TOKEN}");
+    let mut args = vec![token.as_str()];
+    args.extend(extra);
+    support::node::config(name, REPO, hub, cache, &args)
 }
 
 struct Http {

@@ -1,9 +1,12 @@
 //! `harness serve` as a process: it gives up with its exit code after too many
 //! restarts, and drains and exits 0 on SIGTERM.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use support::node::free_port;
 
 fn serve(model_dir: &std::path::Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_harness"));
@@ -51,13 +54,7 @@ fn too_many_restarts_end_the_process_with_exit_code_3() {
 
 #[test]
 fn sigterm_drains_and_exits_zero() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = Command::new(env!("CARGO_BIN_EXE_harness"))
-        .args(["demo", "--write-model"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(model.status.success());
+    let dir = support::node::demo_model_dir();
     let mut child = serve(dir.path()).stderr(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut log = String::new();
@@ -79,12 +76,4 @@ fn sigterm_drains_and_exits_zero() {
     }
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(log.contains("draining") && log.contains("drained"), "{log}");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

@@ -6,7 +6,6 @@ mod support;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use clap::Parser;
 use harness::node::Node;
 use harness::serving::Phase;
 use harness_client::{
@@ -19,31 +18,13 @@ use support::{input, Affine};
 
 const REPO: &str = "acme/affine";
 
-/// The same command line an operator would use, parsed the same way. Each test
-/// names its serving after itself: process groups are process-wide.
 fn config(
     name: &str,
     hub: &TestHub,
     cache: &std::path::Path,
     extra: &[&str],
 ) -> harness::config::Config {
-    let mut args = vec![
-        "harness".to_string(),
-        format!("--hf-endpoint={}", hub.url()),
-        format!("--model-repo={REPO}"),
-        format!("--cache-dir={}", cache.display()),
-        "--warmup-inputs=f32[4]".to_string(),
-        format!("--serving-name={name}"),
-        "--http-addr=127.0.0.1:0".to_string(),
-    ];
-    if !extra.iter().any(|a| a.starts_with("--device")) {
-        args.push("--device=cpu".to_string());
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args.push("serve".to_string());
-    harness::cli::Cli::try_parse_from(args)
-        .expect("arguments")
-        .config
+    support::node::config(name, REPO, hub, cache, extra)
 }
 
 /// A hub holding the affine model as `model.pt`.

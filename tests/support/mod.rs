@@ -93,3 +93,4 @@ pub fn run_python(script: &str, args: &[&Path]) {
     );
 }
 pub mod hub;
+pub mod node;

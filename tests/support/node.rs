@@ -1,0 +1,51 @@
+//! Helpers for tests that run a node: its configuration, parsed from the same
+//! command line an operator would write, and loopback ports.
+
+use clap::Parser;
+
+use super::hub::TestHub;
+
+/// The node's settings: the Hub at `hub`, repo `repo`, cache `cache`, on the CPU
+/// unless `extra` names a device, warming up with `f32[4]`, HTTP on a free
+/// loopback port. Each test names its serving: process groups are process-wide.
+pub fn config(
+    name: &str,
+    repo: &str,
+    hub: &TestHub,
+    cache: &std::path::Path,
+    extra: &[&str],
+) -> harness::config::Config {
+    let mut args = vec![
+        "harness".to_string(),
+        format!("--hf-endpoint={}", hub.url()),
+        format!("--model-repo={repo}"),
+        format!("--cache-dir={}", cache.display()),
+        "--warmup-inputs=f32[4]".to_string(),
+        format!("--serving-name={name}"),
+        "--http-addr=127.0.0.1:0".to_string(),
+    ];
+    if !extra.iter().any(|a| a.starts_with("--device")) {
+        args.push("--device=cpu".to_string());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.push("serve".to_string());
+    harness::cli::Cli::try_parse_from(args)
+        .expect("arguments")
+        .config
+}
+
+/// A port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A folder holding the demo model as `model.pt` (inputs `f32[4]`).
+pub fn demo_model_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    harness::engine::demo::save(&dir.path().join("model.pt")).expect("saving the demo model");
+    dir
+}
