@@ -131,6 +131,16 @@ impl WireTensor {
         })
     }
 
+    /// The values of an i64 tensor, or `None` for another dtype.
+    pub fn to_i64(&self) -> Option<Vec<i64>> {
+        (self.dtype == DType::I64).then(|| {
+            self.data
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect()
+        })
+    }
+
     /// Elements the shape holds, or `None` if a dimension is negative or it overflows.
     pub fn element_count(&self) -> Option<usize> {
         self.shape.iter().try_fold(1usize, |acc, &d| {
