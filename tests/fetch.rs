@@ -157,9 +157,15 @@ async fn a_cached_pinned_commit_costs_no_request() {
         .unwrap();
     assert!(!f.hub.served().is_empty());
     f.hub.clear_served();
-    let again = fetch::fetch(&pinned, &FetchProgress::default())
-        .await
-        .unwrap();
+    let progress = FetchProgress::default();
+    let again = fetch::fetch(&pinned, &progress).await.unwrap();
+    let total = (f.model.len() + f.config.len()) as u64;
+    let p = progress.snapshot();
+    assert_eq!(
+        (p.bytes_done, p.bytes_total),
+        (total, total),
+        "complete, from the cache"
+    );
     assert_eq!(again.files, first.files);
     assert!(f.hub.served().is_empty(), "requests: {:?}", f.hub.served());
 }

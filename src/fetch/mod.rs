@@ -132,6 +132,22 @@ pub struct Snapshot {
 /// Fetches `spec.files` into the cache (or finds them there) and returns their paths.
 #[tracing::instrument(name = "fetch", skip_all, fields(repo = %spec.repo, revision = %spec.revision))]
 pub async fn fetch(spec: &FetchSpec, progress: &FetchProgress) -> Result<Snapshot, FetchError> {
+    let snapshot = fetch_or_find(spec, progress).await?;
+    // Served from the cache with no transfer: the progress is still complete.
+    if progress.snapshot().bytes_total == 0 {
+        let bytes: u64 = snapshot
+            .files
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len())
+            .sum();
+        progress.set_total(bytes);
+        progress.add_done(bytes);
+    }
+    Ok(snapshot)
+}
+
+async fn fetch_or_find(spec: &FetchSpec, progress: &FetchProgress) -> Result<Snapshot, FetchError> {
     if spec.files.is_empty() {
         return Err(FetchError::Config(
             "no files to fetch: set HARNESS_MODEL_FILES".to_string(),
