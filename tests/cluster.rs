@@ -387,6 +387,8 @@ async fn a_serving_restart_is_ridden_out_by_the_clients_retries() {
         .pop()
         .expect("a member");
     let remote = ractor::ActorRef::<ServingMessage>::from(member);
+    // The serving panics right after answering; over the network the answer may
+    // not get out first, so it is not awaited here.
     let crash = FaultRequest {
         version: PROTOCOL_VERSION,
         fault: Fault::Crash,

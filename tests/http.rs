@@ -7,9 +7,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use harness::node::Node;
-use harness_client::{
-    Fault, FaultRequest, Payload, RunRequest, ServingMessage, WireTensor, PROTOCOL_VERSION,
-};
+use harness_client::{Payload, RunRequest, ServingMessage, WireTensor, PROTOCOL_VERSION};
 use support::hub::TestHub;
 use support::Affine;
 
@@ -142,16 +140,7 @@ async fn a_crash_keeps_live_at_200_while_ready_drops_and_comes_back() {
     assert_eq!(http.get("/health/ready").await.0, 200);
 
     let serving = node.serving().await.unwrap();
-    let crash = FaultRequest {
-        version: PROTOCOL_VERSION,
-        fault: Fault::Crash,
-    };
-    let _ = serving
-        .call(
-            |port| ServingMessage::Inject(Payload::new(crash), port),
-            None,
-        )
-        .await;
+    assert_eq!(support::node::inject_crash(&serving).await, Ok(()));
     let (mut saw_down, until) = (false, Instant::now() + Duration::from_secs(30));
     loop {
         assert!(Instant::now() < until, "never ready again");

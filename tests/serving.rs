@@ -9,11 +9,12 @@ use std::time::Duration;
 use harness::node::Node;
 use harness::serving::Phase;
 use harness_client::{
-    serving_group, Fault, FaultRequest, Payload, RunReply, RunRequest, ServingError,
-    ServingMessage, StatusRequest, WireTensor, PROTOCOL_VERSION,
+    serving_group, Payload, RunReply, RunRequest, ServingError, ServingMessage, StatusRequest,
+    WireTensor, PROTOCOL_VERSION,
 };
 use ractor::ActorRef;
 use support::hub::TestHub;
+use support::node::inject_crash;
 use support::{input, Affine};
 
 const REPO: &str = "acme/affine";
@@ -87,23 +88,6 @@ fn spawn_callers(
             })
         })
         .collect()
-}
-
-/// Asks the serving to crash; the answer says whether it agreed.
-async fn inject_crash(serving: &ActorRef<ServingMessage>) -> Result<(), ServingError> {
-    let crash = FaultRequest {
-        version: PROTOCOL_VERSION,
-        fault: Fault::Crash,
-    };
-    let reply = serving
-        .call(
-            |port| ServingMessage::Inject(Payload::new(crash), port),
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap();
-    reply.0.unwrap()
 }
 
 async fn ready_node(

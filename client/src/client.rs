@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorRef, BytesConvertable};
+use ractor::{Actor, ActorRef, BytesConvertable, RpcReplyPort};
 use ractor_cluster::{NodeServer, NodeServerMessage};
 
 use crate::protocol::{
@@ -178,17 +178,56 @@ impl HarnessClient {
         deadline: Option<Duration>,
     ) -> Result<Vec<WireTensor>, ClientError> {
         let deadline = deadline.unwrap_or(self.config.default_deadline);
-        let started = Instant::now();
-        let size: usize = inputs
-            .iter()
-            .map(|t| t.data.len() + t.shape.len() * 8 + 16)
-            .sum();
-        if size > self.config.max_message_bytes {
+        // Checked once, at the largest budget an attempt can carry.
+        let largest = RunRequest {
+            version: PROTOCOL_VERSION,
+            inputs,
+            timeout_ms: deadline.as_millis() as u64,
+        };
+        let bytes = Payload::new(largest.clone()).into_bytes().len();
+        if bytes > self.config.max_message_bytes {
             return Err(ClientError::TooLarge {
-                bytes: size,
+                bytes,
                 limit: self.config.max_message_bytes,
             });
         }
+        self.call(deadline, |timeout_ms, port| {
+            let request = RunRequest {
+                timeout_ms,
+                ..largest.clone()
+            };
+            ServingMessage::Run(Payload::new(request), port)
+        })
+        .await
+    }
+
+    /// Embeds `texts` (a node serving the embedding task), one vector per text,
+    /// retrying as [`HarnessClient::run`] does.
+    pub async fn embed(
+        &self,
+        texts: Vec<String>,
+        deadline: Option<Duration>,
+    ) -> Result<Vec<Vec<f32>>, ClientError> {
+        let deadline = deadline.unwrap_or(self.config.default_deadline);
+        self.call(deadline, |timeout_ms, port| {
+            let request = EmbedRequest {
+                version: PROTOCOL_VERSION,
+                texts: texts.clone(),
+                timeout_ms,
+            };
+            ServingMessage::Embed(Payload::new(request), port)
+        })
+        .await
+    }
+
+    /// Sends `message(timeout_ms, port)` to the least busy serving until one
+    /// answers with a result or an error retrying cannot fix, or `deadline` passes.
+    async fn call<T: Send + 'static>(
+        &self,
+        deadline: Duration,
+        message: impl Fn(u64, RpcReplyPort<Payload<Result<T, ServingError>>>) -> ServingMessage,
+    ) -> Result<T, ClientError> {
+        let started = Instant::now();
         let mut last = None;
         let mut pause = Duration::from_millis(10);
         while started.elapsed() < deadline {
@@ -206,23 +245,8 @@ impl HarnessClient {
                 else {
                     break;
                 };
-                let request = RunRequest {
-                    version: PROTOCOL_VERSION,
-                    inputs: inputs.clone(),
-                    timeout_ms: left.as_millis() as u64,
-                };
-                let bytes = Payload::new(request.clone()).into_bytes().len();
-                if bytes > self.config.max_message_bytes {
-                    return Err(ClientError::TooLarge {
-                        bytes,
-                        limit: self.config.max_message_bytes,
-                    });
-                }
                 member.in_flight.fetch_add(1, Ordering::Relaxed);
-                let call = serving.call(
-                    |port| ServingMessage::Run(Payload::new(request), port),
-                    Some(left),
-                );
+                let call = serving.call(|port| message(left.as_millis() as u64, port), Some(left));
                 // A node that goes away mid-call (its session closes and its
                 // members leave the group) answers nothing: move on at once.
                 let answer = tokio::select! {
@@ -235,7 +259,7 @@ impl HarnessClient {
                     continue;
                 };
                 match outcome(answer) {
-                    Step::Done(outputs) => return Ok(outputs),
+                    Step::Done(value) => return Ok(value),
                     Step::Fail(err) => return Err(err),
                     Step::Retry(reason) => last = Some(reason),
                 }
@@ -243,51 +267,6 @@ impl HarnessClient {
             let left = deadline.saturating_sub(started.elapsed());
             tokio::time::sleep(pause.min(left)).await;
             pause = (pause * 2).min(Duration::from_millis(500));
-        }
-        Err(ClientError::Deadline { deadline, last })
-    }
-
-    /// Embeds `texts` (a node serving the embedding task), one vector per text,
-    /// retrying as [`HarnessClient::run`] does.
-    pub async fn embed(
-        &self,
-        texts: Vec<String>,
-        deadline: Option<Duration>,
-    ) -> Result<Vec<Vec<f32>>, ClientError> {
-        let deadline = deadline.unwrap_or(self.config.default_deadline);
-        let started = Instant::now();
-        let mut last = None;
-        while started.elapsed() < deadline {
-            for (serving, member) in self.pool.servings() {
-                let Some(left) = deadline
-                    .checked_sub(started.elapsed())
-                    .filter(|d| !d.is_zero())
-                else {
-                    break;
-                };
-                let request = EmbedRequest {
-                    version: PROTOCOL_VERSION,
-                    texts: texts.clone(),
-                    timeout_ms: left.as_millis() as u64,
-                };
-                member.in_flight.fetch_add(1, Ordering::Relaxed);
-                let answer = serving
-                    .call(
-                        |port| ServingMessage::Embed(Payload::new(request), port),
-                        Some(left),
-                    )
-                    .await;
-                member.in_flight.fetch_sub(1, Ordering::Relaxed);
-                match outcome(answer) {
-                    Step::Done(vectors) => return Ok(vectors),
-                    Step::Fail(err) => return Err(err),
-                    Step::Retry(reason) => last = Some(reason),
-                }
-            }
-            tokio::time::sleep(
-                Duration::from_millis(20).min(deadline.saturating_sub(started.elapsed())),
-            )
-            .await;
         }
         Err(ClientError::Deadline { deadline, last })
     }

@@ -25,6 +25,22 @@ fn client_config(config: &Config, nodes: &[String]) -> anyhow::Result<ClientConf
     Ok(client)
 }
 
+/// Connects a client to `nodes` and runs `work` with it on a runtime of its own.
+fn with_client<T, F, Fut>(config: &Config, nodes: &[String], work: F) -> anyhow::Result<T>
+where
+    F: FnOnce(HarnessClient) -> Fut,
+    Fut: std::future::Future<Output = Result<T, harness_client::ClientError>>,
+{
+    let client_config = client_config(config, nodes)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let client = HarnessClient::connect(client_config).await?;
+        anyhow::Ok(work(client).await?)
+    })
+}
+
 /// Parses `1,4:0.1,0.2,0.3,0.4` (shape, then the f32 values) into a tensor.
 pub fn parse_tensor(text: &str) -> anyhow::Result<WireTensor> {
     let (shape, values) = text
@@ -69,17 +85,9 @@ pub fn call(
         .iter()
         .map(|t| parse_tensor(t))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let client_config = client_config(config, nodes)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let outputs = runtime.block_on(async {
-        let client = HarnessClient::connect(client_config).await?;
-        anyhow::Ok(
-            client
-                .run(inputs, Some(Duration::from_millis(deadline_ms)))
-                .await?,
-        )
+    let deadline = Some(Duration::from_millis(deadline_ms));
+    let outputs = with_client(config, nodes, |client| async move {
+        client.run(inputs, deadline).await
     })?;
     for output in outputs {
         match output.to_f32() {
@@ -101,17 +109,9 @@ fn embed(
     texts: &[String],
     deadline_ms: u64,
 ) -> anyhow::Result<ExitCode> {
-    let client_config = client_config(config, nodes)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let vectors = runtime.block_on(async {
-        let client = HarnessClient::connect(client_config).await?;
-        anyhow::Ok(
-            client
-                .embed(texts.to_vec(), Some(Duration::from_millis(deadline_ms)))
-                .await?,
-        )
+    let deadline = Some(Duration::from_millis(deadline_ms));
+    let vectors = with_client(config, nodes, |client| async move {
+        client.embed(texts.to_vec(), deadline).await
     })?;
     for (text, vector) in texts.iter().zip(vectors) {
         println!("{text:?}: {vector:?}");
@@ -120,17 +120,9 @@ fn embed(
 }
 
 pub fn status(config: &Config, nodes: &[String], deadline_ms: u64) -> anyhow::Result<ExitCode> {
-    let client_config = client_config(config, nodes)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let status = runtime.block_on(async {
-        let client = HarnessClient::connect(client_config).await?;
-        anyhow::Ok(
-            client
-                .status(Some(Duration::from_millis(deadline_ms)))
-                .await?,
-        )
+    let deadline = Some(Duration::from_millis(deadline_ms));
+    let status = with_client(config, nodes, |client| async move {
+        client.status(deadline).await
     })?;
     println!(
         "{}",

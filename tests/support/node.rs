@@ -49,3 +49,23 @@ pub fn demo_model_dir() -> tempfile::TempDir {
     harness::engine::demo::save(&dir.path().join("model.pt")).expect("saving the demo model");
     dir
 }
+
+/// Asks a serving (local or remote) to crash; the answer says whether it agreed.
+pub async fn inject_crash(
+    serving: &ractor::ActorRef<harness_client::ServingMessage>,
+) -> Result<(), harness_client::ServingError> {
+    use harness_client::{Fault, FaultRequest, Payload, ServingMessage, PROTOCOL_VERSION};
+    let crash = FaultRequest {
+        version: PROTOCOL_VERSION,
+        fault: Fault::Crash,
+    };
+    let reply = serving
+        .call(
+            |port| ServingMessage::Inject(Payload::new(crash), port),
+            Some(std::time::Duration::from_secs(10)),
+        )
+        .await
+        .expect("the serving takes the request")
+        .expect("an answer in time");
+    reply.0.expect("the answer decodes")
+}
