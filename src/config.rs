@@ -110,7 +110,8 @@ pub struct ModelConfig {
     )]
     pub model_revision: String,
 
-    /// Comma-separated files to fetch (default: `model.pt`).
+    /// Comma-separated files to fetch (default by task: `model.pt`; for
+    /// `embedding`, `model.pt,tokenizer.json,harness.json`).
     #[arg(
         long,
         env = "HARNESS_MODEL_FILES",
@@ -155,7 +156,7 @@ pub enum ModelSource {
 
 impl ModelConfig {
     /// The files to fetch: `HARNESS_MODEL_FILES`, else the task's defaults.
-    pub fn files(&self) -> Vec<String> {
+    pub fn files(&self, task: Task) -> Vec<String> {
         let files: Vec<String> = self
             .model_files
             .iter()
@@ -163,7 +164,11 @@ impl ModelConfig {
             .filter(|f| !f.is_empty())
             .collect();
         if files.is_empty() {
-            DEFAULT_TENSOR_FILES.iter().map(|f| f.to_string()).collect()
+            let defaults = match task {
+                Task::Tensor => DEFAULT_TENSOR_FILES,
+                Task::Embedding => crate::tasks::embedding::DEFAULT_FILES,
+            };
+            defaults.iter().map(|f| f.to_string()).collect()
         } else {
             files
         }
@@ -174,9 +179,9 @@ impl ModelConfig {
         self.cache_dir.clone().unwrap_or_else(default_cache_dir)
     }
 
-    /// The model's source, or what setting is missing.
-    pub fn source(&self) -> Result<ModelSource, String> {
-        let files = self.files();
+    /// The model's source for `task`, or what setting is missing.
+    pub fn source(&self, task: Task) -> Result<ModelSource, String> {
+        let files = self.files(task);
         if let Some(dir) = &self.model_dir {
             return Ok(ModelSource::Dir {
                 dir: dir.clone(),
@@ -231,12 +236,16 @@ fn is_writable_dir(dir: &Path) -> bool {
 pub enum Task {
     /// `Run`: tensors in, tensors out.
     Tensor,
+    /// `Embed`: texts in, one vector per text out (a model exported by
+    /// `tools/export_torchscript.py`).
+    Embedding,
 }
 
 /// How the serving batches, restarts and warms up.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServingConfig {
-    /// What the model does: `tensor` (tensors in, tensors out).
+    /// What the model does: `tensor` (`Run`: tensors in, tensors out) or
+    /// `embedding` (`Embed`: texts in, vectors out).
     #[arg(
         long,
         env = "HARNESS_TASK",

@@ -8,8 +8,8 @@ use ractor::{Actor, ActorRef, BytesConvertable, RpcReplyPort};
 use ractor_cluster::{NodeServer, NodeServerMessage};
 
 use crate::protocol::{
-    EmbedRequest, Payload, RunRequest, ServingError, ServingMessage, ServingStatus, StatusRequest,
-    WireTensor, PROTOCOL_VERSION,
+    EmbedRequest, Embedding, Payload, RunRequest, ServingError, ServingMessage, ServingStatus,
+    StatusRequest, WireTensor, PROTOCOL_VERSION,
 };
 
 /// How a client joins the mesh.
@@ -201,13 +201,14 @@ impl HarnessClient {
         .await
     }
 
-    /// Embeds `texts` (a node serving the embedding task), one vector per text,
-    /// retrying as [`HarnessClient::run`] does.
+    /// Embeds `texts` (a node serving the embedding task): one [`Embedding`] per
+    /// text, in order, each saying whether the text was truncated. Retries as
+    /// [`HarnessClient::run`] does.
     pub async fn embed(
         &self,
         texts: Vec<String>,
         deadline: Option<Duration>,
-    ) -> Result<Vec<Vec<f32>>, ClientError> {
+    ) -> Result<Vec<Embedding>, ClientError> {
         let deadline = deadline.unwrap_or(self.config.default_deadline);
         self.call(deadline, |timeout_ms, port| {
             let request = EmbedRequest {

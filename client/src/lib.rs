@@ -13,7 +13,7 @@ pub mod tls;
 pub use client::{ClientConfig, ClientError, ClientTls, HarnessClient};
 
 pub use protocol::{
-    serving_group, DType, EmbedReply, EmbedRequest, Fault, FaultRequest, Payload, RunReply,
-    RunRequest, ServingError, ServingMessage, ServingStatus, StatusRequest, WireTensor,
+    serving_group, DType, EmbedReply, EmbedRequest, Embedding, Fault, FaultRequest, Payload,
+    RunReply, RunRequest, ServingError, ServingMessage, ServingStatus, StatusRequest, WireTensor,
     PROTOCOL_VERSION,
 };

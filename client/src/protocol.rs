@@ -12,7 +12,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The protocol version every request carries. A node answers a request of
 /// another version with [`ServingError::BadInput`] naming both versions.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version 2: `Embed` answers [`Embedding`]s (vector, token count, truncation).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The process group of the serving named `name`: `harness.serving.<name>`.
 pub fn serving_group(name: &str) -> String {
@@ -159,12 +160,26 @@ pub struct RunRequest {
     pub timeout_ms: u64,
 }
 
-/// `Embed`: texts in, one vector per text out.
+/// `Embed`: texts in, one [`Embedding`] per text out, in order. An empty list is
+/// answered with an empty list; an empty text is embedded like any other (as its
+/// special tokens); more texts than the node's `HARNESS_MAX_QUEUE` is `BadInput`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EmbedRequest {
     pub version: u32,
     pub texts: Vec<String>,
     pub timeout_ms: u64,
+}
+
+/// One text's embedding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Embedding {
+    /// The vector (unit length where the model normalizes).
+    pub vector: Vec<f32>,
+    /// Tokens the model saw, special tokens included.
+    pub tokens: u32,
+    /// The text was longer than the model's `max_seq_length` and only its first
+    /// `tokens` tokens were embedded (as sentence-transformers does).
+    pub truncated: bool,
 }
 
 /// `Status`: ask for the serving's status.
@@ -176,7 +191,7 @@ pub struct StatusRequest {
 /// The answer to `Run`.
 pub type RunReply = Result<Vec<WireTensor>, ServingError>;
 /// The answer to `Embed`.
-pub type EmbedReply = Result<Vec<Vec<f32>>, ServingError>;
+pub type EmbedReply = Result<Vec<Embedding>, ServingError>;
 
 /// The serving's state, as `Status` and `/status` report it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

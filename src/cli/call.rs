@@ -110,11 +110,19 @@ fn embed(
     deadline_ms: u64,
 ) -> anyhow::Result<ExitCode> {
     let deadline = Some(Duration::from_millis(deadline_ms));
-    let vectors = with_client(config, nodes, |client| async move {
+    let embeddings = with_client(config, nodes, |client| async move {
         client.embed(texts.to_vec(), deadline).await
     })?;
-    for (text, vector) in texts.iter().zip(vectors) {
-        println!("{text:?}: {vector:?}");
+    // One JSON object per line: readable, and ready for `jq`.
+    for (text, embedding) in texts.iter().zip(embeddings) {
+        let line = serde_json::json!({
+            "text": text,
+            "tokens": embedding.tokens,
+            "truncated": embedding.truncated,
+            "dimension": embedding.vector.len(),
+            "vector": embedding.vector,
+        });
+        println!("{line}");
     }
     Ok(ExitCode::SUCCESS)
 }

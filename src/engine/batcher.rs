@@ -1,9 +1,9 @@
 //! Dynamic batching on the engine thread.
 //!
 //! Callers' requests wait in one queue. The thread takes the oldest request and
-//! gathers others with the same batch key (dtype and trailing shape of every
-//! input: shapes are never mixed) until it holds `max_batch_size` items or the
-//! oldest has waited `max_batch_delay`; it concatenates them along dim 0, runs one
+//! gathers others with the same batch key (see [`Collate`]: for tensors the dtype
+//! and trailing shape of every input, for tokens the length bucket) until it holds `max_batch_size` items or the
+//! oldest has waited `max_batch_delay`; it joins them along dim 0, runs one
 //! forward, splits the outputs and answers each caller. A request whose deadline
 //! passed while it waited is answered `DeadlineExceeded` and never run.
 
@@ -13,9 +13,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use tch::{CModule, Kind, Tensor};
+use tch::{CModule, Tensor};
 use tokio::sync::{oneshot, watch};
 
+use super::collate::{split, BatchKey, Collate};
 use super::error::{panic_message, ForwardError, RunError};
 use super::worker::forward;
 
@@ -59,21 +60,6 @@ pub struct EngineStats {
     pub batched_items: AtomicU64,
 }
 
-/// What a batch key compares: the dtype and trailing shape of each input.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct BatchKey(Vec<(Kind, Vec<i64>)>);
-
-impl BatchKey {
-    pub fn of(inputs: &[Tensor]) -> Self {
-        BatchKey(
-            inputs
-                .iter()
-                .map(|t| (t.kind(), t.size().get(1..).unwrap_or_default().to_vec()))
-                .collect(),
-        )
-    }
-}
-
 /// Work for the engine thread.
 pub(super) enum Job {
     /// One forward on exactly these inputs, alone (warm-up, direct calls).
@@ -100,6 +86,7 @@ pub(super) struct Request {
 pub(super) fn serve(
     module: &CModule,
     device: tch::Device,
+    collate: &Collate,
     queue: Receiver<Job>,
     config: BatchConfig,
     stats: &EngineStats,
@@ -112,7 +99,7 @@ pub(super) fn serve(
         if waiting.is_empty() {
             match queue.recv() {
                 Ok(job) => {
-                    if let Some(request) = take(job, module, device, stats, fatal) {
+                    if let Some(request) = take(job, module, device, collate, stats, fatal) {
                         waiting.push_back(request);
                     }
                 }
@@ -131,7 +118,7 @@ pub(super) fn serve(
                 stats
                     .queued_items
                     .fetch_sub(request.items as u64, Ordering::Relaxed);
-                run_oversized(module, device, request, max_batch, stats, fatal);
+                run_oversized(module, device, collate, request, max_batch, stats, fatal);
             }
             if fatal.borrow().is_some() {
                 break;
@@ -155,7 +142,7 @@ pub(super) fn serve(
             }
             match queue.recv_timeout(fill_until - now) {
                 Ok(job) => {
-                    if let Some(request) = take(job, module, device, stats, fatal) {
+                    if let Some(request) = take(job, module, device, collate, stats, fatal) {
                         waiting.push_back(request);
                     }
                 }
@@ -191,7 +178,7 @@ pub(super) fn serve(
             stats
                 .queued_items
                 .fetch_sub(items as u64, Ordering::Relaxed);
-            run_batch(module, device, batch, stats, fatal);
+            run_batch(module, device, collate, batch, stats, fatal);
         }
         if fatal.borrow().is_some() {
             break;
@@ -224,6 +211,7 @@ fn take(
     job: Job,
     module: &CModule,
     device: tch::Device,
+    collate: &Collate,
     stats: &EngineStats,
     fatal: &watch::Sender<Option<String>>,
 ) -> Option<Request> {
@@ -231,7 +219,7 @@ fn take(
         Job::Batched(request) => Some(request),
         Job::Direct { inputs, reply } => {
             let _span = tracing::debug_span!("engine.forward", inputs = inputs.len()).entered();
-            let result = guarded(|| forward(module, device, inputs));
+            let result = guarded(|| forward(module, device, collate, inputs));
             stats.forwards.fetch_add(1, Ordering::Relaxed);
             note_fatal(&result, fatal);
             let _ = reply.send(result);
@@ -244,6 +232,7 @@ fn take(
 fn run_batch(
     module: &CModule,
     device: tch::Device,
+    collate: &Collate,
     batch: Vec<Request>,
     stats: &EngineStats,
     fatal: &watch::Sender<Option<String>>,
@@ -260,8 +249,8 @@ fn run_batch(
         batch.into_iter().map(|r| (r.inputs, r.reply)).unzip();
 
     let result = guarded(|| {
-        let joined = concatenate(inputs)?;
-        let outputs = forward(module, device, joined)?;
+        let joined = collate.join(inputs)?;
+        let outputs = forward(module, device, collate, joined)?;
         split(outputs, &sizes, total)
     });
     stats.forwards.fetch_add(1, Ordering::Relaxed);
@@ -288,6 +277,7 @@ fn run_batch(
 fn run_oversized(
     module: &CModule,
     device: tch::Device,
+    collate: &Collate,
     request: Request,
     max_batch: i64,
     stats: &EngineStats,
@@ -315,7 +305,7 @@ fn run_oversized(
                 .iter()
                 .map(|t| t.f_narrow(0, offset, n).map_err(ForwardError::from_torch))
                 .collect::<Result<Vec<_>, _>>()?;
-            let outputs = forward(module, device, inputs)?;
+            let outputs = forward(module, device, collate, inputs)?;
             split(outputs, &[n], n).map(|mut parts| parts.pop().unwrap_or_default())
         });
         stats.forwards.fetch_add(1, Ordering::Relaxed);
@@ -330,51 +320,9 @@ fn run_oversized(
         }
         offset += n;
     }
-    let joined = result.and_then(|()| concatenate(pieces));
+    // The outputs of the slices, stacked (they are answers now, not token inputs).
+    let joined = result.and_then(|()| Collate::Stack.join(pieces));
     let _ = request.reply.send(joined.map_err(RunError::Forward));
-}
-
-/// Input `i` of every request, concatenated along dim 0.
-fn concatenate(mut inputs: Vec<Vec<Tensor>>) -> Result<Vec<Tensor>, ForwardError> {
-    if inputs.len() == 1 {
-        return Ok(inputs.pop().unwrap_or_default());
-    }
-    let arity = inputs[0].len();
-    (0..arity)
-        .map(|i| {
-            let parts: Vec<&Tensor> = inputs.iter().map(|r| &r[i]).collect();
-            Tensor::f_cat(&parts, 0).map_err(ForwardError::from_torch)
-        })
-        .collect()
-}
-
-/// Each output cut into the callers' shares along dim 0.
-fn split(
-    outputs: Vec<Tensor>,
-    sizes: &[i64],
-    total: i64,
-) -> Result<Vec<Vec<Tensor>>, ForwardError> {
-    if let Some(bad) = outputs.iter().find(|o| o.size().first() != Some(&total)) {
-        return Err(ForwardError::Model {
-            message: format!(
-                "the model returned shape {:?} for a batch of {total} items; a batchable model's outputs lead with the item dimension",
-                bad.size()
-            ),
-        });
-    }
-    let mut parts: Vec<Vec<Tensor>> = sizes
-        .iter()
-        .map(|_| Vec::with_capacity(outputs.len()))
-        .collect();
-    for output in &outputs {
-        let pieces = output
-            .f_split_with_sizes(sizes, 0)
-            .map_err(ForwardError::from_torch)?;
-        for (part, piece) in parts.iter_mut().zip(pieces) {
-            part.push(piece);
-        }
-    }
-    Ok(parts)
 }
 
 fn guarded<T>(f: impl FnOnce() -> Result<T, ForwardError>) -> Result<T, ForwardError> {

@@ -8,6 +8,7 @@
 //! thread, so no panic reaches a caller and the engine keeps serving.
 
 mod batcher;
+mod collate;
 pub mod demo;
 mod error;
 pub mod gpu;
@@ -22,6 +23,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::device::DeviceChoice;
 pub use batcher::{BatchConfig, BatchObserver, EngineStats};
+pub use collate::{Collate, Pooling, TokenPooling};
 pub use error::{ForwardError, LoadError, RunError};
 pub use tch::{Kind, Tensor};
 
@@ -33,6 +35,7 @@ pub struct Engine {
     device: DeviceChoice,
     model_path: Arc<PathBuf>,
     config: BatchConfig,
+    collate: Arc<Collate>,
     stats: Arc<EngineStats>,
     fatal: watch::Receiver<Option<String>>,
 }
@@ -49,11 +52,24 @@ impl std::fmt::Debug for Engine {
 
 impl Engine {
     /// Loads the TorchScript file at `path` onto `device` and starts its engine
-    /// thread, which batches [`Engine::run`] calls as `config` says.
+    /// thread, which batches [`Engine::run`] calls as `config` says, stacking
+    /// tensors ([`Collate::Stack`]).
     pub async fn load(
         path: impl AsRef<Path>,
         device: DeviceChoice,
         config: BatchConfig,
+    ) -> Result<Self, LoadError> {
+        Self::load_with(path, device, config, Collate::Stack).await
+    }
+
+    /// [`Engine::load`], with the way requests are joined and outputs finished:
+    /// [`Collate::Tokens`] pads token sequences per batch and pools the model's
+    /// token vectors, in every forward (direct ones included).
+    pub async fn load_with(
+        path: impl AsRef<Path>,
+        device: DeviceChoice,
+        config: BatchConfig,
+        collate: Collate,
     ) -> Result<Self, LoadError> {
         let model_path = path.as_ref().to_path_buf();
         // Unbounded: admission is counted in items against `max_queue` before a
@@ -64,6 +80,7 @@ impl Engine {
         let stats = Arc::new(EngineStats::default());
         let shared = worker::Shared {
             config,
+            collate: collate.clone(),
             stats: stats.clone(),
             fatal: fatal_tx,
         };
@@ -78,6 +95,7 @@ impl Engine {
                 device,
                 model_path: Arc::new(model_path),
                 config,
+                collate: Arc::new(collate),
                 stats,
                 fatal,
             }),
@@ -121,6 +139,7 @@ impl Engine {
                     .to_string(),
             }));
         }
+        let key = self.collate.key(&inputs).map_err(RunError::Forward)?;
         let capacity = self.config.max_queue as u64;
         let queued = self
             .stats
@@ -134,7 +153,7 @@ impl Engine {
         }
         let (reply, answer) = oneshot::channel();
         let request = batcher::Request {
-            key: batcher::BatchKey::of(&inputs),
+            key,
             inputs,
             items,
             enqueued: Instant::now(),

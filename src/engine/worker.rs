@@ -9,6 +9,7 @@ use tch::{CModule, IValue, Tensor};
 use tokio::sync::{oneshot, watch};
 
 use super::batcher::{self, BatchConfig, EngineStats, Job};
+use super::collate::Collate;
 use super::error::{panic_message, torch_message, ForwardError, LoadError};
 use super::tch_device;
 use crate::device::DeviceChoice;
@@ -16,6 +17,7 @@ use crate::device::DeviceChoice;
 /// What the engine thread needs besides the model.
 pub(super) struct Shared {
     pub config: BatchConfig,
+    pub collate: Collate,
     pub stats: std::sync::Arc<EngineStats>,
     pub fatal: watch::Sender<Option<String>>,
 }
@@ -62,6 +64,7 @@ pub(super) fn run(
     batcher::serve(
         &module,
         tch_device(device),
+        &shared.collate,
         queue,
         shared.config,
         &shared.stats,
@@ -136,21 +139,28 @@ fn load(path: &Path, device: DeviceChoice) -> Result<CModule, LoadError> {
     Ok(module)
 }
 
-/// One forward: inputs to the model's device, outputs back to the CPU.
+/// One forward: inputs to the model's device, outputs finished there (pooled, for
+/// token models) and brought back to the CPU.
 pub(super) fn forward(
     module: &CModule,
     device: tch::Device,
+    collate: &Collate,
     inputs: Vec<Tensor>,
 ) -> Result<Vec<Tensor>, ForwardError> {
     let inputs = inputs
         .into_iter()
-        .map(|t| t.f_to_device(device).map(IValue::Tensor))
+        .map(|t| t.f_to_device(device))
         .collect::<Result<Vec<_>, _>>()
         .map_err(ForwardError::from_torch)?;
+    let values: Vec<IValue> = inputs
+        .iter()
+        .map(|t| IValue::Tensor(t.shallow_clone()))
+        .collect();
     let output = module
-        .forward_is(&inputs)
+        .forward_is(&values)
         .map_err(ForwardError::from_torch)?;
-    output_tensors(output)?
+    collate
+        .finish(&inputs, output_tensors(output)?)?
         .into_iter()
         .map(|t| {
             t.f_to_device(tch::Device::Cpu)

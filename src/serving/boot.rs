@@ -11,13 +11,18 @@ use crate::config::{Config, ModelSource};
 use crate::device::choose_serving_device;
 use crate::engine::{gpu::GpuFacts, Engine};
 use crate::fetch;
+use crate::config::Task;
+use crate::tasks::embedding::Embedder;
 use crate::tasks::tensor::InputSpec;
 
 /// What a ready serving runs requests with.
+#[derive(Clone)]
 pub struct Ready {
     pub engine: Engine,
     /// Inputs per request, when the warm-up learned it.
     pub arity: Option<usize>,
+    /// The tokenizer and pooling, for the embedding task.
+    pub embedder: Option<Arc<Embedder>>,
 }
 
 /// Brings the serving to `ready` (or `no_gpu`), then watches the engine. A failure
@@ -89,7 +94,7 @@ async fn start(
         .map_err(|e| format!("HARNESS_WARMUP_INPUTS: {e}"))?;
 
     shared.set_phase(Phase::Downloading, None);
-    let source = config.model.source()?;
+    let source = config.model.source(config.serving.task)?;
     let (repo, revision, names) = match &source {
         ModelSource::Dir { dir, files } => (
             dir.display().to_string(),
@@ -122,20 +127,52 @@ async fn start(
             })
             .collect(),
     });
-    // The first file is the TorchScript model; the others are for the task.
-    let model = snapshot.files.first().ok_or("no model file")?.clone();
+    let (model, embedder) = match config.serving.task {
+        // The first file is the TorchScript model; the others are for the task.
+        Task::Tensor => (snapshot.files.first().ok_or("no model file")?.clone(), None),
+        Task::Embedding => {
+            let files: Vec<_> = names.iter().cloned().zip(snapshot.files.clone()).collect();
+            let embedder = tokio::task::spawn_blocking(move || Embedder::load(&files))
+                .await
+                .map_err(|e| format!("reading the tokenizer: {e}"))??;
+            let m = &embedder.manifest;
+            tracing::info!(
+                inputs = ?m.inputs,
+                pooling = %m.pooling,
+                normalize = m.normalize,
+                max_seq_length = m.max_seq_length,
+                dimension = m.dimension,
+                "embedding model described by harness.json"
+            );
+            (embedder.model_path.clone(), Some(Arc::new(embedder)))
+        }
+    };
 
     shared.set_phase(Phase::Loading, None);
     let loading = std::time::Instant::now();
-    let engine = Engine::load(&model, device, config.serving.batch())
+    let collate = embedder.as_ref().map(|e| e.collate()).unwrap_or_default();
+    let engine = Engine::load_with(&model, device, config.serving.batch(), collate)
         .await
         .map_err(|e| e.to_string())?;
     shared.metrics.model_loaded(loading.elapsed());
     engine.observe(shared.metrics.clone());
 
     shared.set_phase(Phase::Warming, None);
-    let arity = match &warmup {
-        Some(specs) => {
+    let arity = match (&embedder, &warmup) {
+        (Some(embedder), _) => {
+            let max_batch = config.serving.max_batch_size as i64;
+            let longest = embedder.manifest.max_seq_length as i64;
+            // Short texts one at a time and batched, and one of the longest.
+            for (items, tokens) in [(1, 16), (max_batch, 16), (1, longest)] {
+                let sample = embedder.warmup_inputs(items, tokens.min(longest));
+                engine
+                    .warm_up(sample, 2)
+                    .await
+                    .map_err(|e| format!("the warm-up forward failed: {e}"))?;
+            }
+            None
+        }
+        (None, Some(specs)) => {
             // One item and a full batch: the shapes the batcher will send.
             for items in [1, config.serving.max_batch_size as i64] {
                 let sample: Vec<_> = specs.iter().map(|s| s.zeros(items)).collect();
@@ -145,7 +182,7 @@ async fn start(
             }
             Some(specs.len())
         }
-        None => {
+        (None, None) => {
             tracing::warn!("HARNESS_WARMUP_INPUTS is unset: no warm-up, so the first requests of each shape are slow");
             None
         }
@@ -154,6 +191,7 @@ async fn start(
     let _ = ready.set(Ready {
         engine: engine.clone(),
         arity,
+        embedder,
     });
     shared.set_engine(Some(engine.clone()));
     ractor::pg::join(serving_group(&shared.name), vec![myself.get_cell()]);

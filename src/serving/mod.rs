@@ -5,7 +5,9 @@
 //! outlives restarts.
 
 mod boot;
+mod embed;
 mod request;
+mod run;
 mod shared;
 
 use std::sync::{Arc, OnceLock};
@@ -90,25 +92,22 @@ impl Actor for DelayedServing {
         state: &mut ServingState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            ServingMessage::Run(payload, port) => {
-                request::spawn_run(
-                    payload,
-                    port,
-                    state.ready.get(),
-                    &state.shared,
-                    state.stopped.subscribe(),
-                );
-            }
-            ServingMessage::Embed(payload, port) => {
-                let answer = match payload.0.map(|r| request::check_version(r.version)) {
-                    Err(reason) => Err(ServingError::BadInput { reason }),
-                    Ok(Err(err)) => Err(err),
-                    Ok(Ok(())) => Err(ServingError::BadInput {
-                        reason: "this node serves the tensor task: send Run, or start it with HARNESS_TASK=embedding".to_string(),
-                    }),
-                };
-                let _ = port.send(Payload::new(answer));
-            }
+            ServingMessage::Run(payload, port) => request::spawn(
+                payload,
+                port,
+                state.ready.get(),
+                &state.shared,
+                state.stopped.subscribe(),
+                run::run,
+            ),
+            ServingMessage::Embed(payload, port) => request::spawn(
+                payload,
+                port,
+                state.ready.get(),
+                &state.shared,
+                state.stopped.subscribe(),
+                embed::embed,
+            ),
             ServingMessage::Status(_, port) => {
                 let _ = port.send(Payload::new(state.shared.status()));
             }

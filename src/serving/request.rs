@@ -1,29 +1,71 @@
-//! One `Run`: checked, converted, batched, answered. The actor hands each request
-//! to a task of its own and goes on to the next message.
+//! One request's life: checked (decoding, protocol version, readiness, time
+//! budget), handed to a task of its own so the actor goes on to the next message,
+//! answered exactly once (also when the serving stops meanwhile), and counted.
+//! What the request does is in [`super::run`] and [`super::embed`].
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use harness_client::{Payload, RunReply, RunRequest, ServingError, PROTOCOL_VERSION};
+use harness_client::{EmbedRequest, Payload, RunRequest, ServingError, PROTOCOL_VERSION};
 use ractor::RpcReplyPort;
 use tokio::sync::watch;
 
 use super::boot::Ready;
 use super::shared::{Phase, ServingShared};
 use crate::engine::{ForwardError, RunError};
-use crate::tasks::tensor;
 
-/// Answers at once what can be answered at once, and runs the rest in a task.
-pub fn spawn_run(
-    payload: Payload<RunRequest>,
-    port: RpcReplyPort<Payload<RunReply>>,
+/// What every request carries besides its work.
+pub trait Call: Send + 'static {
+    fn version(&self) -> u32;
+    /// The caller's budget, in milliseconds from when the node received it.
+    fn timeout_ms(&self) -> u64;
+}
+
+impl Call for RunRequest {
+    fn version(&self) -> u32 {
+        self.version
+    }
+    fn timeout_ms(&self) -> u64 {
+        self.timeout_ms
+    }
+}
+
+impl Call for EmbedRequest {
+    fn version(&self) -> u32 {
+        self.version
+    }
+    fn timeout_ms(&self) -> u64 {
+        self.timeout_ms
+    }
+}
+
+/// When a request arrived and when its caller stops waiting.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub received: Instant,
+    pub deadline: Instant,
+}
+
+/// Answers at once what can be answered at once, and runs `work` in a task.
+pub fn spawn<C, T, W, F>(
+    payload: Payload<C>,
+    port: RpcReplyPort<Payload<Result<T, ServingError>>>,
     ready: Option<&Ready>,
     shared: &Arc<ServingShared>,
     stopped: watch::Receiver<bool>,
-) {
+    work: W,
+) where
+    C: Call,
+    T: Send + 'static,
+    W: FnOnce(Ready, C, Timing) -> F + Send + 'static,
+    F: Future<Output = Result<T, ServingError>> + Send + 'static,
+    Payload<Result<T, ServingError>>: ractor::Message,
+{
     let received = Instant::now();
     let metrics = shared.metrics.clone();
-    let reply = move |port: RpcReplyPort<Payload<RunReply>>, answer: RunReply| {
+    let reply = move |port: RpcReplyPort<Payload<Result<T, ServingError>>>,
+                      answer: Result<T, ServingError>| {
         metrics.request(outcome(&answer), received.elapsed());
         let _ = port.send(Payload::new(answer));
     };
@@ -31,7 +73,7 @@ pub fn spawn_run(
         Ok(request) => request,
         Err(reason) => return reply(port, Err(ServingError::BadInput { reason })),
     };
-    if let Err(err) = check_version(request.version) {
+    if let Err(err) = check_version(request.version()) {
         return reply(port, Err(err));
     }
     let phase = shared.phase().phase;
@@ -39,18 +81,20 @@ pub fn spawn_run(
         let phase = phase.as_str().to_string();
         return reply(port, Err(ServingError::NotReady { phase }));
     };
-    if request.timeout_ms == 0 {
+    if request.timeout_ms() == 0 {
         let reason = "timeout_ms is 0: give the request time to run".to_string();
         return reply(port, Err(ServingError::BadInput { reason }));
     }
-    let deadline = received + Duration::from_millis(request.timeout_ms);
-    let engine = ready.engine.clone();
-    let arity = ready.arity;
+    let timing = Timing {
+        received,
+        deadline: received + Duration::from_millis(request.timeout_ms()),
+    };
+    let ready = ready.clone();
     let in_flight = shared.request_started();
     tokio::spawn(async move {
         let _in_flight = in_flight;
         let answer = tokio::select! {
-            answer = run(engine, request, arity, deadline, received) => answer,
+            answer = work(ready, request, timing) => answer,
             () = until_stopped(stopped) => Err(ServingError::Internal {
                 message: "the serving stopped while the request was in flight".to_string(),
             }),
@@ -60,7 +104,7 @@ pub fn spawn_run(
 }
 
 /// The `outcome` label of an answer.
-fn outcome(answer: &RunReply) -> &'static str {
+fn outcome<T>(answer: &Result<T, ServingError>) -> &'static str {
     match answer {
         Ok(_) => "ok",
         Err(ServingError::NotReady { .. }) => "not_ready",
@@ -84,32 +128,8 @@ pub fn check_version(version: u32) -> Result<(), ServingError> {
     })
 }
 
-#[tracing::instrument(name = "serving.run", skip_all, fields(inputs = request.inputs.len()))]
-async fn run(
-    engine: crate::engine::Engine,
-    request: RunRequest,
-    arity: Option<usize>,
-    deadline: Instant,
-    received: Instant,
-) -> RunReply {
-    let inputs = request.inputs;
-    // Building tensors copies the bytes: off the async workers.
-    let tensors = tokio::task::spawn_blocking(move || tensor::to_tensors(&inputs, arity))
-        .await
-        .map_err(internal)?
-        .map_err(|reason| ServingError::BadInput { reason })?;
-    let outputs = engine
-        .run(tensors, deadline)
-        .await
-        .map_err(|e| serving_error(e, received))?;
-    tokio::task::spawn_blocking(move || tensor::to_wire(outputs))
-        .await
-        .map_err(internal)?
-        .map_err(|message| ServingError::Model { message })
-}
-
 /// What the caller can do about an engine error.
-fn serving_error(err: RunError, received: Instant) -> ServingError {
+pub fn serving_error(err: RunError, received: Instant) -> ServingError {
     match err {
         RunError::Overloaded { queued, capacity } => ServingError::Overloaded { queued, capacity },
         RunError::DeadlineExceeded { .. } => ServingError::DeadlineExceeded {
@@ -139,7 +159,7 @@ fn serving_error(err: RunError, received: Instant) -> ServingError {
     }
 }
 
-fn internal(err: impl std::fmt::Display) -> ServingError {
+pub fn internal(err: impl std::fmt::Display) -> ServingError {
     ServingError::Internal {
         message: err.to_string(),
     }

@@ -1,0 +1,223 @@
+//! The embedding task: `Embed` takes texts and answers one vector per text.
+//!
+//! A model folder in Harness's layout (written by `tools/export_torchscript.py`)
+//! holds `model.pt` (TorchScript: token inputs in, token vectors out),
+//! `tokenizer.json` and `harness.json`, which names the inputs and says how to pool
+//! (sentence-transformers' settings, read by the export). Texts are tokenized here
+//! and truncated to the model's longest input; the engine pads each batch to its own
+//! longest text and pools on the device ([`Collate::Tokens`]).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tch::Tensor;
+
+use super::tokenizer::{TextTokenizer, Tokens};
+use crate::engine::{Collate, Pooling, TokenPooling};
+
+/// The files an embedding model needs when `HARNESS_MODEL_FILES` is unset.
+pub const DEFAULT_FILES: &[&str] = &["model.pt", "tokenizer.json", "harness.json"];
+
+/// The manifest's name.
+pub const MANIFEST: &str = "harness.json";
+
+/// The manifest formats this build reads.
+const FORMAT: u32 = 1;
+
+/// `harness.json`: what the export learned about the model.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub task: String,
+    /// The TorchScript file, beside the manifest.
+    #[serde(default = "default_model")]
+    pub model: String,
+    #[serde(default = "default_tokenizer")]
+    pub tokenizer: String,
+    /// The model's inputs in order: `input_ids`, `attention_mask` and optionally
+    /// `token_type_ids`.
+    pub inputs: Vec<String>,
+    /// Longest input in tokens, special tokens included; longer texts are truncated.
+    pub max_seq_length: usize,
+    /// `mean`, `cls` or `max`.
+    pub pooling: String,
+    pub normalize: bool,
+    /// The vector's length.
+    pub dimension: usize,
+    #[serde(default)]
+    pub pad_token_id: Option<i64>,
+}
+
+fn default_model() -> String {
+    "model.pt".to_string()
+}
+
+fn default_tokenizer() -> String {
+    "tokenizer.json".to_string()
+}
+
+/// A text input the tokenizer gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenInput {
+    Ids,
+    AttentionMask,
+    TypeIds,
+}
+
+/// Tokenizer and pooling settings: everything but the model itself.
+pub struct Embedder {
+    pub manifest: Manifest,
+    pub model_path: PathBuf,
+    tokenizer: TextTokenizer,
+    inputs: Vec<TokenInput>,
+    pooling: Pooling,
+    pad_id: i64,
+}
+
+impl std::fmt::Debug for Embedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Embedder")
+            .field("manifest", &self.manifest)
+            .finish()
+    }
+}
+
+impl Embedder {
+    /// Reads `harness.json` and the tokenizer it names, from `files` (the fetched
+    /// files by name). Every mistake names the file and the fix.
+    pub fn load(files: &[(String, PathBuf)]) -> Result<Self, String> {
+        let find = |name: &str| {
+            files
+                .iter()
+                .find(|(n, _)| n == name || Path::new(n).file_name() == Some(name.as_ref()))
+                .map(|(_, path)| path.clone())
+        };
+        let manifest_path = find(MANIFEST).ok_or_else(|| {
+            format!("the embedding task needs {MANIFEST} among the model's files (HARNESS_MODEL_FILES); tools/export_torchscript.py writes it")
+        })?;
+        let text = std::fs::read_to_string(&manifest_path)
+            .map_err(|e| format!("cannot read {}: {e}", manifest_path.display()))?;
+        let manifest: Manifest = serde_json::from_str(&text)
+            .map_err(|e| format!("{} is not a Harness manifest: {e}", manifest_path.display()))?;
+        let bad = |why: String| format!("{}: {why}", manifest_path.display());
+        if manifest.format != FORMAT {
+            return Err(bad(format!(
+                "format {} (this build reads {FORMAT}); export the model again with this Harness's tools/export_torchscript.py",
+                manifest.format
+            )));
+        }
+        if manifest.task != "embedding" {
+            return Err(bad(format!(
+                "the model's task is {:?}; serve it with HARNESS_TASK={}",
+                manifest.task, manifest.task
+            )));
+        }
+        let pooling = match manifest.pooling.as_str() {
+            "mean" => Pooling::Mean,
+            "cls" => Pooling::Cls,
+            "max" => Pooling::Max,
+            other => return Err(bad(format!("pooling {other:?}: Harness applies mean, cls or max"))),
+        };
+        let inputs = manifest
+            .inputs
+            .iter()
+            .map(|name| match name.as_str() {
+                "input_ids" => Ok(TokenInput::Ids),
+                "attention_mask" => Ok(TokenInput::AttentionMask),
+                "token_type_ids" => Ok(TokenInput::TypeIds),
+                other => Err(bad(format!("input {other:?}: Harness gives input_ids, attention_mask and token_type_ids"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if !inputs.contains(&TokenInput::Ids) || !inputs.contains(&TokenInput::AttentionMask) {
+            return Err(bad("the inputs must include input_ids and attention_mask".to_string()));
+        }
+        if manifest.max_seq_length == 0 {
+            return Err(bad("max_seq_length is 0".to_string()));
+        }
+        let model_path = find(&manifest.model).ok_or_else(|| {
+            bad(format!("the model file {} is not among the model's files", manifest.model))
+        })?;
+        let tokenizer_path = find(&manifest.tokenizer).ok_or_else(|| {
+            bad(format!("the tokenizer {} is not among the model's files", manifest.tokenizer))
+        })?;
+        let tokenizer = TextTokenizer::from_file(&tokenizer_path, manifest.max_seq_length)?;
+        let pad_id = manifest
+            .pad_token_id
+            .or(tokenizer.pad_id().map(i64::from))
+            .unwrap_or(0);
+        Ok(Embedder {
+            manifest,
+            model_path,
+            tokenizer,
+            inputs,
+            pooling,
+            pad_id,
+        })
+    }
+
+    /// How the engine pads and pools for this model.
+    pub fn collate(&self) -> Collate {
+        Collate::Tokens(TokenPooling {
+            pad_values: self
+                .inputs
+                .iter()
+                .map(|input| match input {
+                    TokenInput::Ids => self.pad_id,
+                    TokenInput::AttentionMask | TokenInput::TypeIds => 0,
+                })
+                .collect(),
+            mask_input: self
+                .inputs
+                .iter()
+                .position(|i| *i == TokenInput::AttentionMask)
+                .unwrap_or(1),
+            pooling: self.pooling,
+            normalize: self.manifest.normalize,
+        })
+    }
+
+    /// Tokenizes `texts`: one entry per text.
+    pub fn tokenize(&self, texts: &[String]) -> Result<Vec<Tokens>, String> {
+        self.tokenizer.encode(texts)
+    }
+
+    /// `items` made-up texts of `tokens` tokens, as model inputs, for warm-up.
+    pub fn warmup_inputs(&self, items: i64, tokens: i64) -> Vec<Tensor> {
+        let fake = Tokens {
+            ids: vec![self.pad_id.max(0) as u32; tokens as usize],
+            type_ids: vec![0; tokens as usize],
+            attention_mask: vec![1; tokens as usize],
+            truncated: false,
+        };
+        self.to_tensors(&fake)
+            .into_iter()
+            .map(|t| t.repeat([items, 1]))
+            .collect()
+    }
+
+    /// One text's model inputs, `[1, tokens]` each, in the model's order.
+    pub fn to_tensors(&self, tokens: &Tokens) -> Vec<Tensor> {
+        self.inputs
+            .iter()
+            .map(|input| {
+                let values = match input {
+                    TokenInput::Ids => &tokens.ids,
+                    TokenInput::AttentionMask => &tokens.attention_mask,
+                    TokenInput::TypeIds => &tokens.type_ids,
+                };
+                let values: Vec<i64> = values.iter().map(|&v| i64::from(v)).collect();
+                Tensor::from_slice(&values).view([1, values.len() as i64])
+            })
+            .collect()
+    }
+}
+
+/// One text's vector from the engine's answer (`[1, dimension]`).
+pub fn vector(mut output: Vec<Tensor>) -> Result<Vec<f32>, String> {
+    let vector = output.pop().ok_or("the engine answered no vector")?;
+    vector
+        .f_view([-1])
+        .and_then(|v| v.f_to_kind(tch::Kind::Float))
+        .and_then(|v| Vec::<f32>::try_from(v))
+        .map_err(|e| format!("cannot read the vector: {e}"))
+}

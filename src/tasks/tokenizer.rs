@@ -1,0 +1,66 @@
+//! The room for the `tokenizers` crate: text to token ids, as Python's fast
+//! tokenizers do it, from the model's own `tokenizer.json`.
+
+use std::path::Path;
+
+use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+
+/// One text's tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tokens {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+    /// 1 for each token (the batcher pads with 0s).
+    pub attention_mask: Vec<u32>,
+    /// The text had more tokens than the limit; these are its first ones.
+    pub truncated: bool,
+}
+
+/// A tokenizer that truncates to the model's longest input and never pads (the
+/// batcher pads each batch to its own longest text).
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    pad_id: Option<u32>,
+}
+
+impl TextTokenizer {
+    /// Reads `tokenizer.json` and sets truncation to `max_tokens`, special tokens
+    /// included.
+    pub fn from_file(path: &Path, max_tokens: usize) -> Result<Self, String> {
+        let mut inner = Tokenizer::from_file(path)
+            .map_err(|e| format!("cannot read the tokenizer {}: {e}", path.display()))?;
+        let pad_id = inner.get_padding().map(|p| p.pad_id);
+        inner
+            .with_truncation(Some(TruncationParams {
+                max_length: max_tokens,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|e| format!("cannot truncate to {max_tokens} tokens: {e}"))?;
+        inner.with_padding(None);
+        Ok(TextTokenizer { inner, pad_id })
+    }
+
+    /// The pad token id the tokenizer declares, if it declares one.
+    pub fn pad_id(&self) -> Option<u32> {
+        self.pad_id
+    }
+
+    /// Tokenizes each text, special tokens added.
+    pub fn encode(&self, texts: &[String]) -> Result<Vec<Tokens>, String> {
+        let encodings = self
+            .inner
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| format!("cannot tokenize: {e}"))?;
+        Ok(encodings
+            .into_iter()
+            .map(|e| Tokens {
+                truncated: !e.get_overflowing().is_empty(),
+                ids: e.get_ids().to_vec(),
+                type_ids: e.get_type_ids().to_vec(),
+                attention_mask: e.get_attention_mask().to_vec(),
+            })
+            .collect())
+    }
+}
