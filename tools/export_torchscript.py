@@ -123,6 +123,11 @@ def main():
     parser.add_argument("--max-seq-length", type=int, help="override the longest input, in tokens")
     args = parser.parse_args()
 
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        fail(f"{args.out} is not empty; give a new folder")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        fail(f"{args.out} is a file; give a new folder")
+
     import torch
     from transformers import AutoModel, AutoTokenizer
 

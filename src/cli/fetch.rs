@@ -6,7 +6,10 @@ use crate::config::{Config, ModelSource};
 use crate::fetch::{self, FetchProgress};
 
 pub fn run(config: &Config) -> anyhow::Result<ExitCode> {
-    let source = config.model.source(config.serving.task).map_err(anyhow::Error::msg)?;
+    let source = config
+        .model
+        .source(config.serving.task)
+        .map_err(anyhow::Error::msg)?;
     let snapshot = match source {
         ModelSource::Dir { dir, files } => fetch::local_dir(&dir, &files)?,
         ModelSource::Hub(spec) => {

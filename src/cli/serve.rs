@@ -7,7 +7,10 @@ use crate::node::Node;
 
 pub fn run(config: Config) -> anyhow::Result<ExitCode> {
     // Fail on a missing model setting now, not after the supervisor's restarts.
-    config.model.source(config.serving.task).map_err(anyhow::Error::msg)?;
+    config
+        .model
+        .source(config.serving.task)
+        .map_err(anyhow::Error::msg)?;
     anyhow::ensure!(
         config.cookie.as_ref().is_some_and(|c| !c.expose().is_empty()),
         "set HARNESS_COOKIE, the shared secret of the mesh: the same value on this node and every client \

@@ -7,11 +7,11 @@ use harness_client::{serving_group, ServingMessage};
 use ractor::ActorRef;
 
 use super::shared::{DeviceInfo, FileInfo, ModelInfo, Phase, ServingShared};
+use crate::config::Task;
 use crate::config::{Config, ModelSource};
 use crate::device::choose_serving_device;
 use crate::engine::{gpu::GpuFacts, Engine};
 use crate::fetch;
-use crate::config::Task;
 use crate::tasks::embedding::Embedder;
 use crate::tasks::tensor::InputSpec;
 

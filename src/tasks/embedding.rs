@@ -116,7 +116,11 @@ impl Embedder {
             "mean" => Pooling::Mean,
             "cls" => Pooling::Cls,
             "max" => Pooling::Max,
-            other => return Err(bad(format!("pooling {other:?}: Harness applies mean, cls or max"))),
+            other => {
+                return Err(bad(format!(
+                    "pooling {other:?}: Harness applies mean, cls or max"
+                )))
+            }
         };
         let inputs = manifest
             .inputs
@@ -125,20 +129,30 @@ impl Embedder {
                 "input_ids" => Ok(TokenInput::Ids),
                 "attention_mask" => Ok(TokenInput::AttentionMask),
                 "token_type_ids" => Ok(TokenInput::TypeIds),
-                other => Err(bad(format!("input {other:?}: Harness gives input_ids, attention_mask and token_type_ids"))),
+                other => Err(bad(format!(
+                    "input {other:?}: Harness gives input_ids, attention_mask and token_type_ids"
+                ))),
             })
             .collect::<Result<Vec<_>, _>>()?;
         if !inputs.contains(&TokenInput::Ids) || !inputs.contains(&TokenInput::AttentionMask) {
-            return Err(bad("the inputs must include input_ids and attention_mask".to_string()));
+            return Err(bad(
+                "the inputs must include input_ids and attention_mask".to_string()
+            ));
         }
         if manifest.max_seq_length == 0 {
             return Err(bad("max_seq_length is 0".to_string()));
         }
         let model_path = find(&manifest.model).ok_or_else(|| {
-            bad(format!("the model file {} is not among the model's files", manifest.model))
+            bad(format!(
+                "the model file {} is not among the model's files",
+                manifest.model
+            ))
         })?;
         let tokenizer_path = find(&manifest.tokenizer).ok_or_else(|| {
-            bad(format!("the tokenizer {} is not among the model's files", manifest.tokenizer))
+            bad(format!(
+                "the tokenizer {} is not among the model's files",
+                manifest.tokenizer
+            ))
         })?;
         let tokenizer = TextTokenizer::from_file(&tokenizer_path, manifest.max_seq_length)?;
         let pad_id = manifest
@@ -220,4 +234,71 @@ pub fn vector(mut output: Vec<Tensor>) -> Result<Vec<f32>, String> {
         .and_then(|v| v.f_to_kind(tch::Kind::Float))
         .and_then(|v| Vec::<f32>::try_from(v))
         .map_err(|e| format!("cannot read the vector: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"format": 1, "task": "embedding", "inputs": ["input_ids", "attention_mask"],
+        "max_seq_length": 128, "pooling": "mean", "normalize": true, "dimension": 8}"#;
+
+    /// A folder with `harness.json` = `manifest` and a tiny real tokenizer.
+    fn folder(manifest: &str) -> (tempfile::TempDir, Vec<(String, PathBuf)>) {
+        let dir = tempfile::tempdir().unwrap();
+        let tokenizer = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "hello": 1, "world": 2}, "unk_token": "[UNK]"}}"#;
+        let mut files = Vec::new();
+        for (name, text) in [
+            ("harness.json", manifest),
+            ("tokenizer.json", tokenizer),
+            ("model.pt", ""),
+        ] {
+            std::fs::write(dir.path().join(name), text).unwrap();
+            files.push((name.to_string(), dir.path().join(name)));
+        }
+        (dir, files)
+    }
+
+    fn error(manifest: &str) -> String {
+        let (_dir, files) = folder(manifest);
+        Embedder::load(&files).unwrap_err()
+    }
+
+    #[test]
+    fn a_good_manifest_loads_and_tokenizes_with_truncation() {
+        let (_dir, files) = folder(&GOOD.replace("128", "3"));
+        let embedder = Embedder::load(&files).unwrap();
+        let tokens = embedder
+            .tokenize(&[
+                "hello world".to_string(),
+                "hello hello world world".to_string(),
+            ])
+            .unwrap();
+        assert_eq!(tokens[0].ids, vec![1, 2]);
+        assert!(!tokens[0].truncated);
+        assert_eq!(tokens[1].ids, vec![1, 1, 2]);
+        assert!(tokens[1].truncated);
+        let inputs = embedder.to_tensors(&tokens[0]);
+        assert_eq!(inputs.len(), 2);
+        assert_eq!(inputs[0].size(), vec![1, 2]);
+    }
+
+    #[test]
+    fn each_manifest_mistake_names_its_fix() {
+        assert!(error(&GOOD.replace("\"format\": 1", "\"format\": 9"))
+            .contains("export the model again"));
+        assert!(
+            error(&GOOD.replace("\"task\": \"embedding\"", "\"task\": \"tensor\""))
+                .contains("HARNESS_TASK=tensor")
+        );
+        assert!(error(&GOOD.replace("mean", "weightedmean")).contains("mean, cls or max"));
+        assert!(
+            error(&GOOD.replace("\"input_ids\", ", "")).contains("input_ids and attention_mask")
+        );
+        assert!(error("not json").contains("is not a Harness manifest"));
+        let missing = Embedder::load(&[]).unwrap_err();
+        assert!(missing.contains("export_torchscript.py"), "{missing}");
+    }
 }

@@ -20,6 +20,11 @@ pub struct Tokens {
 /// batcher pads each batch to its own longest text).
 pub struct TextTokenizer {
     inner: Tokenizer,
+    /// The same, without truncation: to tell a text of exactly `max_tokens` from a
+    /// truncated one where the tokenizer does not report what it cut (a tokenizer
+    /// with no post-processor drops its overflow record).
+    untruncated: Tokenizer,
+    max_tokens: usize,
     pad_id: Option<u32>,
 }
 
@@ -30,6 +35,11 @@ impl TextTokenizer {
         let mut inner = Tokenizer::from_file(path)
             .map_err(|e| format!("cannot read the tokenizer {}: {e}", path.display()))?;
         let pad_id = inner.get_padding().map(|p| p.pad_id);
+        inner.with_padding(None);
+        let mut untruncated = inner.clone();
+        untruncated
+            .with_truncation(None)
+            .map_err(|e| format!("cannot turn truncation off: {e}"))?;
         inner
             .with_truncation(Some(TruncationParams {
                 max_length: max_tokens,
@@ -38,8 +48,12 @@ impl TextTokenizer {
                 direction: TruncationDirection::Right,
             }))
             .map_err(|e| format!("cannot truncate to {max_tokens} tokens: {e}"))?;
-        inner.with_padding(None);
-        Ok(TextTokenizer { inner, pad_id })
+        Ok(TextTokenizer {
+            inner,
+            untruncated,
+            max_tokens,
+            pad_id,
+        })
     }
 
     /// The pad token id the tokenizer declares, if it declares one.
@@ -53,14 +67,28 @@ impl TextTokenizer {
             .inner
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| format!("cannot tokenize: {e}"))?;
-        Ok(encodings
+        encodings
             .into_iter()
-            .map(|e| Tokens {
-                truncated: !e.get_overflowing().is_empty(),
-                ids: e.get_ids().to_vec(),
-                type_ids: e.get_type_ids().to_vec(),
-                attention_mask: e.get_attention_mask().to_vec(),
+            .zip(texts)
+            .map(|(e, text)| {
+                // Only a text that fills the limit can have been cut.
+                let truncated = e.len() >= self.max_tokens
+                    && (!e.get_overflowing().is_empty() || self.count(text)? > self.max_tokens);
+                Ok(Tokens {
+                    truncated,
+                    ids: e.get_ids().to_vec(),
+                    type_ids: e.get_type_ids().to_vec(),
+                    attention_mask: e.get_attention_mask().to_vec(),
+                })
             })
-            .collect())
+            .collect()
+    }
+
+    /// Tokens in `text` with nothing cut.
+    fn count(&self, text: &str) -> Result<usize, String> {
+        self.untruncated
+            .encode(text, true)
+            .map(|e| e.len())
+            .map_err(|e| format!("cannot tokenize: {e}"))
     }
 }

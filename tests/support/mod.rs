@@ -93,4 +93,5 @@ pub fn run_python(script: &str, args: &[&Path]) {
     );
 }
 pub mod hub;
+pub mod minilm;
 pub mod node;
