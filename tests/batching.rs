@@ -74,6 +74,49 @@ async fn concurrent_callers_share_forwards_and_each_gets_its_own_rows() {
     assert_eq!(stats.queued_items.load(Ordering::Relaxed), 0);
 }
 
+/// Requests that queue up while a forward runs longer than the batch delay are
+/// batched together afterwards, not run one by one (found by the embedding
+/// benchmark: a 10 ms forward and a 5 ms delay gave 1.1 items per forward).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_that_queue_during_a_long_forward_are_batched_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Affine::new();
+    let engine = Engine::load(
+        model.save(dir.path()),
+        DeviceChoice::Cpu,
+        config(32, 1, 1024),
+    )
+    .await
+    .unwrap();
+    // Hold the engine thread with one large forward, and queue 32 items meanwhile.
+    let large = input(8_000_000, 0.0);
+    let busy = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.forward(vec![large]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let callers: Vec<_> = (0..32)
+        .map(|i| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.run(vec![input(1, i as f64)], far()).await })
+        })
+        .collect();
+    let started = Instant::now();
+    busy.await.unwrap().expect("the large forward");
+    eprintln!("the large forward ended {:?} after the callers queued", started.elapsed());
+    for caller in callers {
+        caller.await.unwrap().expect("run");
+    }
+    let forwards = engine.stats().forwards.load(Ordering::Relaxed);
+    // One for the large forward, and the 32 queued items in one or two batches (a
+    // caller may still be on its way when the large forward ends).
+    assert!(
+        forwards <= 3,
+        "32 queued items took {} forwards",
+        forwards - 1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shapes_are_never_mixed_in_a_batch() {
     let dir = tempfile::tempdir().unwrap();

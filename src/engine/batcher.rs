@@ -126,6 +126,27 @@ pub(super) fn serve(
             continue;
         }
 
+        // Take everything that arrived meanwhile (during the last forward) first:
+        // when a forward outlasts the delay, the oldest's time is already up, and
+        // without this every batch would hold only what `waiting` kept.
+        loop {
+            match queue.try_recv() {
+                Ok(job) => {
+                    if let Some(request) = take(job, module, device, collate, stats, fatal) {
+                        waiting.push_back(request);
+                    }
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        if fatal.borrow().is_some() {
+            break;
+        }
+
         // Gather: more requests like the oldest, until the batch is full or the
         // oldest has waited long enough.
         let key = waiting[0].key.clone();

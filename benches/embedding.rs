@@ -1,0 +1,246 @@
+//! `make bench`, the embedding task: all-MiniLM-L6-v2 (exported by our tool) served
+//! to 64 concurrent in-process callers, each sending one sentence per `Embed`,
+//! against sentence-transformers' `encode(batch_size=32)` of the same sentences on
+//! the same machine, rounds alternating. Also single-request latency both ways.
+//!
+//! `HARNESS_BENCH_SENTENCES` changes the number of sentences (default 1024).
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use harness::node::Node;
+use harness_client::{EmbedRequest, Payload, ServingMessage, PROTOCOL_VERSION};
+use ractor::ActorRef;
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+const CALLERS: usize = 64;
+const ROUNDS: usize = 3;
+const SINGLE_CALLS: usize = 100;
+
+/// Sentences of 4 to 40 words from a fixed vocabulary, the same every run: the
+/// length spread of ordinary English sentences.
+fn sentences(n: usize) -> Vec<String> {
+    let words = [
+        "the",
+        "a",
+        "model",
+        "serves",
+        "vectors",
+        "quickly",
+        "under",
+        "load",
+        "while",
+        "every",
+        "request",
+        "is",
+        "answered",
+        "with",
+        "care",
+        "and",
+        "nothing",
+        "gets",
+        "lost",
+        "cluster",
+        "machine",
+        "learning",
+        "text",
+        "embedding",
+        "search",
+        "similar",
+        "documents",
+        "query",
+        "results",
+        "ranked",
+        "by",
+        "cosine",
+        "distance",
+        "from",
+        "user",
+        "question",
+        "about",
+        "weather",
+        "in",
+        "Paris",
+        "tomorrow",
+        "morning",
+        "library",
+        "books",
+        "written",
+        "long",
+    ];
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    (0..n)
+        .map(|_| {
+            let len = 4 + (next() % 37) as usize;
+            let mut s: Vec<&str> = (0..len)
+                .map(|_| words[(next() % words.len() as u64) as usize])
+                .collect();
+            s[0] = "The";
+            format!("{}.", s.join(" "))
+        })
+        .collect()
+}
+
+/// sentence-transformers' `encode` of the sentences in `file`, timed in Python
+/// after a warm-up: (seconds for all, median single-sentence latency).
+fn python_round(file: &std::path::Path, model: &std::path::Path) -> (f64, Duration) {
+    let out = std::process::Command::new(support::torch_python())
+        .arg("-c")
+        .arg(format!(
+            r#"
+import json, sys, time
+from sentence_transformers import SentenceTransformer
+texts = json.load(open({file:?}))
+model = SentenceTransformer({model:?}, device="cpu")
+model.encode(texts[:64], batch_size=32)
+t = time.perf_counter(); model.encode(texts, batch_size=32); total = time.perf_counter() - t
+single = []
+for text in texts[:{SINGLE_CALLS}]:
+    t = time.perf_counter(); model.encode([text], batch_size=32); single.append(time.perf_counter() - t)
+single.sort()
+print(total, single[len(single) // 2])
+"#
+        ))
+        .env("PYTHONWARNINGS", "ignore")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut parts = text.split_whitespace().map(|v| v.parse::<f64>().unwrap());
+    (
+        parts.next().unwrap(),
+        Duration::from_secs_f64(parts.next().unwrap()),
+    )
+}
+
+async fn embed(serving: &ActorRef<ServingMessage>, texts: Vec<String>) {
+    let request = EmbedRequest {
+        version: PROTOCOL_VERSION,
+        texts,
+        timeout_ms: 60_000,
+    };
+    let reply = serving
+        .call(
+            |port| ServingMessage::Embed(Payload::new(request), port),
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    reply.0.unwrap().expect("embedded");
+}
+
+/// Every sentence sent by CALLERS callers, one sentence per call.
+async fn served_round(serving: &ActorRef<ServingMessage>, texts: &[String]) -> Duration {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..CALLERS)
+        .map(|c| {
+            let serving = serving.clone();
+            let mine: Vec<String> = texts.iter().skip(c).step_by(CALLERS).cloned().collect();
+            tokio::spawn(async move {
+                for text in mine {
+                    embed(&serving, vec![text]).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    started.elapsed()
+}
+
+fn main() {
+    let count: usize = std::env::var("HARNESS_BENCH_SENTENCES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let texts = sentences(count);
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("model");
+    let exported = support::minilm::export(&model_dir);
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let file = dir.path().join("texts.json");
+    std::fs::write(&file, serde_json::to_vec(&texts).unwrap()).unwrap();
+    let source = support::minilm::source_dir();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = harness::cli::Cli::try_parse_from([
+        "harness".to_string(),
+        "--device=cpu".to_string(),
+        "--task=embedding".to_string(),
+        format!("--model-dir={}", model_dir.display()),
+        "--max-batch-size=32".to_string(),
+        "--http-addr=127.0.0.1:0".to_string(),
+        "serve".to_string(),
+    ])
+    .unwrap()
+    .config;
+
+    runtime.block_on(async move {
+        let node = Node::start(config).await.unwrap();
+        node.wait_ready(Duration::from_secs(120)).await.unwrap();
+        let serving = node.serving().await.unwrap();
+        let engine = node.shared().engine().unwrap();
+        served_round(&serving, &texts[..CALLERS * 2]).await; // warm
+
+        let (mut python, mut served, mut python_single) = (Vec::new(), Vec::new(), Vec::new());
+        let before = (engine.stats().forwards.load(std::sync::atomic::Ordering::Relaxed), engine.stats().batched_items.load(std::sync::atomic::Ordering::Relaxed));
+        for round in 0..ROUNDS {
+            let (p, single) = tokio::task::block_in_place(|| python_round(&file, &source));
+            let s = served_round(&serving, &texts).await;
+            eprintln!("round {}: sentence-transformers {p:.2}s, harness {s:.2?}", round + 1);
+            python.push(p);
+            python_single.push(single);
+            served.push(s.as_secs_f64());
+        }
+        let after = (engine.stats().forwards.load(std::sync::atomic::Ordering::Relaxed), engine.stats().batched_items.load(std::sync::atomic::Ordering::Relaxed));
+        let mut latencies = Vec::new();
+        for text in texts.iter().take(SINGLE_CALLS) {
+            let t = Instant::now();
+            embed(&serving, vec![text.clone()]).await;
+            latencies.push(t.elapsed());
+        }
+        latencies.sort();
+        python.sort_by(f64::total_cmp);
+        served.sort_by(f64::total_cmp);
+        python_single.sort();
+        let (p, s) = (python[ROUNDS / 2], served[ROUNDS / 2]);
+        let rate = |t: f64| count as f64 / t;
+
+        println!("{count} sentences of 4-40 words, all-MiniLM-L6-v2 on the CPU; median of {ROUNDS} alternating rounds");
+        println!();
+        println!("| measure | harness ({CALLERS} callers, one sentence per Embed) | sentence-transformers encode(batch_size=32) | ratio |");
+        println!("| --- | --- | --- | --- |");
+        println!("| throughput | {:.0} sentences/s ({s:.2}s) | {:.0} sentences/s ({p:.2}s) | {:.2} |", rate(s), rate(p), rate(s) / rate(p));
+        println!(
+            "| single request, one caller | p50 {:.2?}, p99 {:.2?} | p50 {:.2?} (encode of one sentence) | {:.2} |",
+            latencies[latencies.len() / 2],
+            latencies[latencies.len() * 99 / 100],
+            python_single[ROUNDS / 2],
+            python_single[ROUNDS / 2].as_secs_f64() / latencies[latencies.len() / 2].as_secs_f64(),
+        );
+        println!("| mean batch when served | {:.1} sentences per forward | 32 | |", (after.1 - before.1) as f64 / (after.0 - before.0).max(1) as f64);
+        node.shutdown(Duration::from_secs(5)).await;
+    });
+}
