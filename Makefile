@@ -68,7 +68,7 @@ test:
 
 # Side-by-side benchmarks, release build; see BENCHMARKS.md.
 bench:
-	@$(WITH_LIBTORCH) $(CARGO) bench --bench fetch --bench serving --bench cluster
+	@$(WITH_LIBTORCH) $(CARGO) bench --bench fetch --bench serving --bench cluster --bench embedding
 
 lint:
 	$(CARGO) fmt --all -- --check

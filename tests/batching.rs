@@ -103,7 +103,10 @@ async fn requests_that_queue_during_a_long_forward_are_batched_together() {
         .collect();
     let started = Instant::now();
     busy.await.unwrap().expect("the large forward");
-    eprintln!("the large forward ended {:?} after the callers queued", started.elapsed());
+    eprintln!(
+        "the large forward ended {:?} after the callers queued",
+        started.elapsed()
+    );
     for caller in callers {
         caller.await.unwrap().expect("run");
     }

@@ -128,7 +128,7 @@ impl Collate {
                             if short == 0 {
                                 Ok(r[i].shallow_clone())
                             } else {
-                                r[i].f_constant_pad_nd(&[0, short]).and_then(|t| {
+                                r[i].f_constant_pad_nd([0, short]).and_then(|t| {
                                     // constant_pad_nd pads with 0; only the ids need another value.
                                     let value = pooling.pad_values[i];
                                     if value == 0 {

@@ -232,7 +232,7 @@ pub fn vector(mut output: Vec<Tensor>) -> Result<Vec<f32>, String> {
     vector
         .f_view([-1])
         .and_then(|v| v.f_to_kind(tch::Kind::Float))
-        .and_then(|v| Vec::<f32>::try_from(v))
+        .and_then(Vec::<f32>::try_from)
         .map_err(|e| format!("cannot read the vector: {e}"))
 }
 
