@@ -55,20 +55,8 @@ impl Server {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut log = String::new();
-        for line in lines.by_ref() {
-            let line = line.unwrap();
-            log += &line;
-            log += "\n";
-            if line.contains(" is ready") {
-                break;
-            }
-        }
-        assert!(log.contains("is ready"), "{log}");
+        let log = support::node::until_ready(&mut child);
         assert!(!log.contains(COOKIE), "the cookie is logged:\n{log}");
-        // Keep draining stderr so the server never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
         Server {
             child,
             addr,

@@ -3,7 +3,6 @@
 //! `harness serve` process, called by a client over the cluster, and compared
 //! with sentence-transformers on the same texts.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -49,22 +48,11 @@ fn serve(hub: &TestHub, cache: &std::path::Path) -> Server {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut log = String::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        log += &line;
-        log += "\n";
-        if line.contains(" is ready") || line.contains(" is failed") {
-            break;
-        }
-    }
-    assert!(log.contains("is ready"), "{log}");
+    let log = support::node::until_ready(&mut child);
     assert!(
         log.contains("embedding model described by harness.json"),
         "{log}"
     );
-    std::thread::spawn(move || lines.for_each(drop));
     Server { child, addr }
 }
 

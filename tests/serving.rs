@@ -283,7 +283,7 @@ async fn every_bad_input_rule_answers_bad_input_and_the_serving_stays_ready() {
         .unwrap()
         .unwrap();
     assert!(
-        matches!(reply.0.unwrap(), Err(ServingError::BadInput { reason }) if reason.contains("protocol version 2"))
+        matches!(reply.0.unwrap(), Err(ServingError::BadInput { reason }) if reason.contains(&format!("protocol version {}", PROTOCOL_VERSION + 1)))
     );
     assert!(matches!(
         run(&serving, vec![good.clone()], 0).await,

@@ -69,3 +69,24 @@ pub async fn inject_crash(
         .expect("an answer in time");
     reply.0.expect("the answer decodes")
 }
+
+/// Reads a `harness serve` child's stderr (piped) until its serving is ready,
+/// asserts it became ready, and keeps draining the rest on a thread so the child
+/// never blocks on a full pipe. Returns the log up to ready.
+pub fn until_ready(child: &mut std::process::Child) -> String {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let mut log = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        log += &line;
+        log += "\n";
+        if line.contains(" is ready") || line.contains(" is failed") {
+            break;
+        }
+    }
+    assert!(log.contains(" is ready"), "{log}");
+    std::thread::spawn(move || lines.for_each(drop));
+    log
+}
