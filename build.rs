@@ -3,8 +3,9 @@
 //! Rust links with `--as-needed`, which drops `libtorch.so` (nothing references
 //! it by symbol) and with it `libtorch_cuda.so`: CUDA would then never register.
 //! `--no-as-needed -ltorch` keeps it, and an rpath to the libtorch lib folder lets
-//! `cargo run`, `cargo test` and the release binary find it. On a machine where
-//! that folder is absent (the lent GPU machine), `LD_LIBRARY_PATH` takes over.
+//! `cargo run`, `cargo test` and the release binary find it; a second, relative
+//! rpath finds it in the Docker image's layout (`scripts/runtime-files`). On a
+//! machine where neither is there (the lent GPU machine), `LD_LIBRARY_PATH` takes over.
 
 use std::path::Path;
 
@@ -17,6 +18,10 @@ fn main() {
         .expect("torch-sys did not export DEP_TCH_LIBTORCH_LIB; is torch-sys a direct dependency at tch's version?");
 
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+    // First the image's layout (scripts/runtime-files: the binary in bin/, libtorch in
+    // lib/harness/torch/lib), which works wherever that tree is put; then the
+    // folder this build linked against, for cargo run and cargo test.
+    println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN/../lib/harness/torch/lib");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
     println!("cargo:rustc-link-arg=-L{lib_dir}");
     println!("cargo:rustc-link-arg=-ltorch");

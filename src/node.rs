@@ -26,6 +26,7 @@ pub struct Node {
     handle: JoinHandle<()>,
     shared: Arc<ServingShared>,
     exit_code: Arc<AtomicI32>,
+    idle_shutdown: Option<Duration>,
 }
 
 impl Node {
@@ -69,6 +70,7 @@ impl Node {
             ),
             None => None,
         };
+        let idle_shutdown = config.idle_shutdown_s.map(Duration::from_secs);
         let args = SupervisorArgs {
             config: Arc::new(config),
             shared: shared.clone(),
@@ -85,6 +87,7 @@ impl Node {
             handle,
             shared,
             exit_code,
+            idle_shutdown,
         })
     }
 
@@ -126,12 +129,18 @@ impl Node {
         }
     }
 
-    /// Serves until SIGTERM or SIGINT, then drains; or until the supervisor gives
-    /// up. Returns the process's exit code.
+    /// Serves until SIGTERM or SIGINT, then drains; or until the serving has been
+    /// idle for `HARNESS_IDLE_SHUTDOWN_S`, then drains too (exit 0, so the
+    /// platform's on-failure policy leaves the machine stopped); or until the
+    /// supervisor gives up. Returns the process's exit code.
     pub async fn run_until_signal(mut self) -> i32 {
+        let idle = until_idle(self.shared.clone(), self.idle_shutdown);
         tokio::select! {
             () = shutdown_signal() => {
                 tracing::info!("shutdown signal received; draining");
+                self.shutdown(DRAIN_TIMEOUT).await
+            }
+            () = idle => {
                 self.shutdown(DRAIN_TIMEOUT).await
             }
             _ = &mut self.handle => self.exit_code.load(Ordering::SeqCst),
@@ -179,6 +188,28 @@ impl Node {
             cluster.server.stop(Some("shutdown".to_string()));
         }
         self.exit_code.load(Ordering::SeqCst)
+    }
+}
+
+/// Resolves once the serving has been ready with no request for `limit`; never
+/// without a limit.
+async fn until_idle(shared: Arc<ServingShared>, limit: Option<Duration>) {
+    let Some(limit) = limit else {
+        return std::future::pending().await;
+    };
+    // Checked often enough to stop within a second or so of the limit.
+    let every = (limit / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(every).await;
+        let idle = shared.idle_for();
+        if idle >= limit {
+            tracing::info!(
+                idle_s = idle.as_secs(),
+                "no Run or Embed request for {}s (HARNESS_IDLE_SHUTDOWN_S); draining and exiting so the machine stops",
+                idle.as_secs()
+            );
+            return;
+        }
     }
 }
 

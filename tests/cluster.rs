@@ -1,6 +1,6 @@
 //! A client application and a harness node as separate processes, over TCP.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 

@@ -63,6 +63,7 @@ pub fn spawn<C, T, W, F>(
     Payload<Result<T, ServingError>>: ractor::Message,
 {
     let received = Instant::now();
+    shared.touch();
     let metrics = shared.metrics.clone();
     let reply = move |port: RpcReplyPort<Payload<Result<T, ServingError>>>,
                       answer: Result<T, ServingError>| {

@@ -93,6 +93,9 @@ pub struct ServingShared {
     pub progress: Arc<FetchProgress>,
     restarts: AtomicU64,
     in_flight: AtomicU64,
+    /// When a `Run` or `Embed` last arrived or was answered, or the serving last
+    /// became ready: what idle shutdown measures from.
+    last_activity: Mutex<std::time::Instant>,
     draining: AtomicBool,
     engine: Mutex<Option<Engine>>,
     /// The latest phase changes, oldest first (the watch channel keeps only the last).
@@ -118,6 +121,7 @@ impl ServingShared {
             progress: Arc::new(FetchProgress::default()),
             restarts: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            last_activity: Mutex::new(std::time::Instant::now()),
             draining: AtomicBool::new(false),
             engine: Mutex::new(None),
             history: Mutex::new(std::collections::VecDeque::new()),
@@ -143,7 +147,29 @@ impl ServingShared {
             }
             history.push_back(phase);
         }
+        if phase == Phase::Ready {
+            self.touch();
+        }
         self.phase.send_replace(PhaseInfo { phase, message });
+    }
+
+    /// Notes demand: a request arrived or was answered.
+    pub fn touch(&self) {
+        if let Ok(mut last) = self.last_activity.lock() {
+            *last = std::time::Instant::now();
+        }
+    }
+
+    /// How long the serving has been ready with nothing to do; zero while a
+    /// request is in flight or the serving is not ready.
+    pub fn idle_for(&self) -> std::time::Duration {
+        if self.in_flight() > 0 || self.phase().phase != Phase::Ready {
+            return std::time::Duration::ZERO;
+        }
+        self.last_activity
+            .lock()
+            .map(|last| last.elapsed())
+            .unwrap_or_default()
     }
 
     /// The latest phase changes, oldest first.
@@ -257,6 +283,7 @@ pub struct InFlight(Arc<ServingShared>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
