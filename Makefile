@@ -29,8 +29,10 @@ libtorch:
 # Ctrl-C (or SIGTERM) drains and stops it. `make run-tensor` serves the tensor demo.
 EMBED_MODEL_DIR := target/models/all-MiniLM-L6-v2
 DEMO_MODEL_DIR := target/demo-model
+# cargo's output folder (CI points CARGO_TARGET_DIR at a shared cache).
+HARNESS_BIN = $${CARGO_TARGET_DIR:-target}/debug/harness
 RUN_ENV = HARNESS_DEVICE="$${HARNESS_DEVICE:-auto}" HARNESS_COOKIE="$${HARNESS_COOKIE:-dev-cookie-change-me}"
-CALL_HINT = HARNESS_COOKIE=$${HARNESS_COOKIE:-dev-cookie-change-me} target/debug/harness call --node 127.0.0.1:9000
+CALL_HINT = HARNESS_COOKIE=$${HARNESS_COOKIE:-dev-cookie-change-me} $(HARNESS_BIN) call --node 127.0.0.1:9000
 
 $(EMBED_MODEL_DIR)/harness.json: tools/export_torchscript.py libtorch/install
 	@py="$$(libtorch/install --python)"; \
@@ -43,22 +45,22 @@ $(EMBED_MODEL_DIR)/harness.json: tools/export_torchscript.py libtorch/install
 run: $(EMBED_MODEL_DIR)/harness.json
 	@$(WITH_LIBTORCH) $(CARGO) build --bin harness
 	@# gpu-check exits 1 on a machine without a GPU: that is an answer, not a failure.
-	@echo "== harness gpu-check"; target/debug/harness gpu-check || [ $$? -eq 1 ]
+	@echo "== harness gpu-check"; $(HARNESS_BIN) gpu-check || [ $$? -eq 1 ]
 	@echo; echo "== harness serve: all-MiniLM-L6-v2 from $(EMBED_MODEL_DIR) on HARNESS_DEVICE=$${HARNESS_DEVICE:-auto}"
 	@echo "   It takes Embed requests (texts in, 384-dim vectors out) in process group harness.serving.$${HARNESS_SERVING_NAME:-default}."
 	@echo "   Watch it: curl localhost:8080/status, /health/ready, /metrics (HARNESS_HTTP_ADDR)."
 	@echo "   Call it:  $(CALL_HINT) --embed \"Hello world\" --embed \"Bonjour le monde\""
 	@echo "   (the cookie is HARNESS_COOKIE, or this Makefile's dev default). Ctrl-C drains and stops it."
-	@$(WITH_LIBTORCH) $(RUN_ENV) HARNESS_TASK=embedding HARNESS_MODEL_DIR="$(EMBED_MODEL_DIR)" exec target/debug/harness serve
+	@$(WITH_LIBTORCH) $(RUN_ENV) HARNESS_TASK=embedding HARNESS_MODEL_DIR="$(EMBED_MODEL_DIR)" exec $(HARNESS_BIN) serve
 
 # The tensor task: a traced demo model (inputs f32[4]) from a local folder.
 run-tensor:
 	@$(WITH_LIBTORCH) $(CARGO) build --bin harness
-	@target/debug/harness demo --write-model $(DEMO_MODEL_DIR) >/dev/null
+	@$(WITH_LIBTORCH) $(HARNESS_BIN) demo --write-model $(DEMO_MODEL_DIR) >/dev/null
 	@echo "== harness serve: the demo model from $(DEMO_MODEL_DIR) (Run requests of f32[N,4] tensors)"
 	@echo "   Call it:  $(CALL_HINT) --tensor 1,4:0.1,0.2,0.3,0.4"
 	@$(WITH_LIBTORCH) $(RUN_ENV) HARNESS_TASK=tensor HARNESS_MODEL_DIR="$(DEMO_MODEL_DIR)" \
-		HARNESS_WARMUP_INPUTS="$${HARNESS_WARMUP_INPUTS:-f32[4]}" exec target/debug/harness serve
+		HARNESS_WARMUP_INPUTS="$${HARNESS_WARMUP_INPUTS:-f32[4]}" exec $(HARNESS_BIN) serve
 
 test:
 	@$(WITH_LIBTORCH) $(CARGO) test --workspace
