@@ -8,13 +8,15 @@ CARGO ?= cargo
 WITH_LIBTORCH = command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs, then run make again" >&2; exit 1; }; \
 	lt="$$(libtorch/install)"; export LIBTORCH="$$lt";
 
-.PHONY: help run run-tensor test bench lint fmt build release gpu-check libtorch clean
+.PHONY: help run run-tensor test chaos fuzz bench lint fmt build release gpu-check libtorch clean
 
 help:
 	@echo "make run        show GPU access, then serve all-MiniLM-L6-v2 (text embeddings), no network"
 	@echo "make run-tensor serve the tensor demo model instead"
 	@echo "make test       run every test (installs libtorch first if missing)"
 	@echo "make bench      benchmarks (results go in BENCHMARKS.md)"
+	@echo "make chaos      the chaos and load suite, long form (minutes; table in RELIABILITY.md)"
+	@echo "make fuzz       fuzz the protocol decoders (nightly Rust and cargo-fuzz)"
 	@echo "make lint       cargo fmt --check and clippy -D warnings"
 	@echo "make release    build target/release/harness"
 	@echo "make gpu-check  prepare the check for a lent GPU machine (scripts/gpu-check)"
@@ -71,6 +73,25 @@ test:
 # Side-by-side benchmarks, release build; see BENCHMARKS.md.
 bench:
 	@$(WITH_LIBTORCH) $(CARGO) bench --bench fetch --bench serving --bench cluster --bench embedding
+
+# The chaos and load suite's long form (make test runs the short one): every
+# scenario of tests/chaos.rs at full length, then the protocol fuzz target. The
+# table rows land in target/chaos-report.md, for RELIABILITY.md.
+CHAOS_REPORT := target/chaos-report.md
+chaos:
+	@mkdir -p target; : > $(CHAOS_REPORT)
+	@$(WITH_LIBTORCH) HARNESS_CHAOS=long HARNESS_CHAOS_REPORT="$$PWD/$(CHAOS_REPORT)" \
+		$(CARGO) test --release --test chaos -- --nocapture --test-threads=1
+	@HARNESS_CHAOS=long $(CARGO) test --release -p harness-client --test protocol_props
+	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=$${FUZZ_SECONDS:-120}
+	@echo; echo "== rows for RELIABILITY.md ($(CHAOS_REPORT)):"; cat $(CHAOS_REPORT)
+
+# libFuzzer on every payload decoder (fuzz/fuzz_targets/protocol_decode.rs). Needs
+# nightly Rust and cargo-fuzz (rustup toolchain install nightly; cargo install cargo-fuzz).
+FUZZ_SECONDS ?= 60
+fuzz:
+	@command -v cargo-fuzz >/dev/null || { echo "make fuzz needs cargo-fuzz: cargo install cargo-fuzz" >&2; exit 1; }
+	cd fuzz && $(CARGO) +nightly fuzz run protocol_decode -- -max_total_time=$(FUZZ_SECONDS)
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -259,6 +259,43 @@ pub enum ServingMessage {
     ),
 }
 
+/// Decodes `bytes` as every payload a node or a client receives, and checks that
+/// nothing panics and that whatever decodes encodes back to the same value. The
+/// body of the `protocol_decode` fuzz target (`fuzz/`) and of its property test.
+#[doc(hidden)]
+pub fn decode_everything(bytes: &[u8]) {
+    fn one<T>(bytes: &[u8])
+    where
+        T: Serialize + DeserializeOwned + PartialEq + Clone + std::fmt::Debug,
+    {
+        let decoded = Payload::<T>::from_bytes(bytes.to_vec());
+        if let Ok(value) = decoded.0 {
+            let again = Payload::<T>::from_bytes(Payload::new(value.clone()).into_bytes());
+            assert_eq!(
+                again.0,
+                Ok(value),
+                "a decoded payload must encode back to itself"
+            );
+        }
+    }
+    one::<RunRequest>(bytes);
+    one::<EmbedRequest>(bytes);
+    one::<StatusRequest>(bytes);
+    one::<FaultRequest>(bytes);
+    one::<RunReply>(bytes);
+    one::<EmbedReply>(bytes);
+    one::<ServingStatus>(bytes);
+    one::<Result<(), ServingError>>(bytes);
+    // What a node does first with a decoded request's tensors must not panic either.
+    if let Ok(request) = Payload::<RunRequest>::from_bytes(bytes.to_vec()).0 {
+        for tensor in &request.inputs {
+            let _ = tensor.element_count();
+            let _ = tensor.to_f32();
+            let _ = tensor.to_i64();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -95,3 +95,4 @@ pub fn run_python(script: &str, args: &[&Path]) {
 pub mod hub;
 pub mod minilm;
 pub mod node;
+pub mod relay;

@@ -90,3 +90,91 @@ pub fn until_ready(child: &mut std::process::Child) -> String {
     std::thread::spawn(move || lines.for_each(drop));
     log
 }
+
+/// A `harness serve` process of the demo model on loopback, which a test can kill
+/// (SIGKILL) and start again on the same ports, as a platform would.
+pub struct ServeProcess {
+    pub child: std::process::Child,
+    /// `127.0.0.1:<port>` of the cluster listener.
+    pub cluster: String,
+    pub http: u16,
+    envs: Vec<(String, String)>,
+    model: std::sync::Arc<tempfile::TempDir>,
+}
+
+impl ServeProcess {
+    /// Starts a node with `cookie`, the serving `serving`, and `extra` settings,
+    /// and waits until it is ready.
+    pub fn start(cookie: &str, serving: &str, extra: &[(&str, &str)]) -> ServeProcess {
+        let mut envs: Vec<(String, String)> = [
+            ("HARNESS_DEVICE", "cpu"),
+            ("HARNESS_WARMUP_INPUTS", "f32[4]"),
+            ("HARNESS_COOKIE", cookie),
+            ("HARNESS_SERVING_NAME", serving),
+            ("RUST_LOG", "info"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        envs.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let model = std::sync::Arc::new(demo_model_dir());
+        let cluster = format!("127.0.0.1:{}", free_port());
+        let http = free_port();
+        let child = Self::spawn(&envs, &model, &cluster, http);
+        ServeProcess {
+            child,
+            cluster,
+            http,
+            envs,
+            model,
+        }
+    }
+
+    fn spawn(
+        envs: &[(String, String)],
+        model: &tempfile::TempDir,
+        cluster: &str,
+        http: u16,
+    ) -> std::process::Child {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_harness"))
+            .arg("serve")
+            .env("HARNESS_MODEL_DIR", model.path())
+            .env("HARNESS_CLUSTER_ADDR", cluster)
+            .env("HARNESS_HTTP_ADDR", format!("127.0.0.1:{http}"))
+            .envs(envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting harness serve");
+        until_ready(&mut child);
+        child
+    }
+
+    /// SIGKILL: no drain, no goodbye.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the node again on the same ports and waits until it is ready.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(&self.envs, &self.model, &self.cluster, self.http);
+    }
+
+    /// Resident memory of the process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
