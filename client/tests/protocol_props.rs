@@ -58,3 +58,15 @@ proptest! {
         decode_everything(&bytes[..cut.index(bytes.len())]);
     }
 }
+
+/// The fuzzer's first find (a NaN in an answer's vector, which equals nothing):
+/// the round-trip check compares bytes.
+#[test]
+fn a_nan_in_a_vector_round_trips() {
+    let crash = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fuzz-regressions/nan-vector.bin"
+    ))
+    .unwrap();
+    decode_everything(&crash);
+}
