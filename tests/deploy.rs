@@ -5,7 +5,7 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use clap::{CommandFactory, Parser};
@@ -13,7 +13,7 @@ use harness_client::{ClientConfig, HarnessClient, WireTensor};
 
 mod support;
 
-use support::node::{demo_model_dir, free_port, until_ready};
+use support::node::ServeProcess;
 
 const COOKIE: &str = "a-deploy-test-cookie";
 
@@ -69,46 +69,6 @@ fn get(port: u16, path: &str) -> u16 {
     let mut answer = String::new();
     stream.read_to_string(&mut answer).unwrap();
     answer.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-struct Serve {
-    child: Child,
-    cluster: String,
-    http: u16,
-    _model: tempfile::TempDir,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(extra: &[(&str, &str)]) -> Serve {
-    let model = demo_model_dir();
-    let cluster = format!("127.0.0.1:{}", free_port());
-    let http = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_harness"))
-        .arg("serve")
-        .env("HARNESS_MODEL_DIR", model.path())
-        .env("HARNESS_DEVICE", "cpu")
-        .env("HARNESS_WARMUP_INPUTS", "f32[4]")
-        .env("HARNESS_COOKIE", COOKIE)
-        .env("HARNESS_CLUSTER_ADDR", &cluster)
-        .env("HARNESS_HTTP_ADDR", format!("127.0.0.1:{http}"))
-        .env("RUST_LOG", "info")
-        .envs(extra.iter().copied())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    until_ready(&mut child);
-    Serve {
-        child,
-        cluster,
-        http,
-        _model: model,
-    }
 }
 
 #[test]
@@ -193,7 +153,7 @@ fn fly_toml_agrees_with_the_servers_defaults_and_endpoints() {
     assert_eq!(checks["live"]["path"].as_str(), Some("/health/live"));
 
     // And a real node answers every check path with 200 once ready.
-    let node = serve(&[]);
+    let node = ServeProcess::start(COOKIE, "deploy_checks", &[]);
     for (name, check) in checks {
         assert_eq!(check["port"].as_integer(), Some(http_port as i64), "{name}");
         let path = check["path"].as_str().unwrap();
@@ -319,27 +279,18 @@ fn the_dockerfile_copies_what_exists_and_the_run_stage_libraries_suffice() {
 
 #[test]
 fn idle_shutdown_exits_zero_after_the_set_time_without_traffic() {
-    let mut node = serve(&[("HARNESS_IDLE_SHUTDOWN_S", "2")]);
-    let ready = Instant::now();
-    let status = loop {
-        if let Some(status) = node.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            ready.elapsed() < Duration::from_secs(30),
-            "still running after 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let waited = ready.elapsed();
+    let mut node = ServeProcess::start(COOKIE, "deploy_idle", &[("HARNESS_IDLE_SHUTDOWN_S", "2")]);
+    let (status, waited) = node.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0));
     assert!(waited >= Duration::from_secs(2), "exited after {waited:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_shutdown_waits_while_calls_arrive_and_status_pings_do_not_count() {
-    let mut node = serve(&[("HARNESS_IDLE_SHUTDOWN_S", "2")]);
+    let serving = "deploy_idle_busy";
+    let mut node = ServeProcess::start(COOKIE, serving, &[("HARNESS_IDLE_SHUTDOWN_S", "2")]);
     let mut config = ClientConfig::new(vec![node.cluster.clone()], COOKIE);
+    config.serving = serving.to_string();
     config.default_deadline = Duration::from_secs(5);
     let client = HarnessClient::connect(config).await.expect("connects");
     // A call every 500 ms for 5 s: more than twice the idle limit in all.
@@ -354,21 +305,7 @@ async fn idle_shutdown_waits_while_calls_arrive_and_status_pings_do_not_count() 
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // Then only the client's status pings: the node stops on its own.
-    let quiet = Instant::now();
-    let status = loop {
-        if let Some(status) = node.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            quiet.elapsed() < Duration::from_secs(30),
-            "still running after 30 s of quiet"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (status, quiet) = tokio::task::block_in_place(|| node.wait_exit(Duration::from_secs(30)));
     assert_eq!(status.code(), Some(0));
-    assert!(
-        quiet.elapsed() >= Duration::from_millis(1500),
-        "{:?}",
-        quiet.elapsed()
-    );
+    assert!(quiet >= Duration::from_millis(1500), "{quiet:?}");
 }

@@ -161,6 +161,22 @@ impl ServeProcess {
         self.child = Self::spawn(&self.envs, &self.model, &self.cluster, self.http);
     }
 
+    /// Waits for the process to exit by itself, at most `within`; its status and
+    /// how long that took.
+    pub fn wait_exit(
+        &mut self,
+        within: std::time::Duration,
+    ) -> (std::process::ExitStatus, std::time::Duration) {
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, started.elapsed());
+            }
+            assert!(started.elapsed() < within, "still running after {within:?}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Resident memory of the process, in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
