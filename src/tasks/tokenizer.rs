@@ -63,14 +63,16 @@ impl TextTokenizer {
 
     /// Tokenizes each text, special tokens added.
     pub fn encode(&self, texts: &[String]) -> Result<Vec<Tokens>, String> {
-        let encodings = self
-            .inner
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| format!("cannot tokenize: {e}"))?;
-        encodings
-            .into_iter()
-            .zip(texts)
-            .map(|(e, text)| {
+        // One text at a time on the caller's (blocking) thread: `encode_batch` hands
+        // the texts to rayon's pool, more threads on the cores libtorch's threads
+        // compute on, for no gain the embedding benchmark could see.
+        texts
+            .iter()
+            .map(|text| {
+                let e = self
+                    .inner
+                    .encode(text.as_str(), true)
+                    .map_err(|e| format!("cannot tokenize: {e}"))?;
                 // Only a text that fills the limit can have been cut.
                 let truncated = e.len() >= self.max_tokens
                     && (!e.get_overflowing().is_empty() || self.count(text)? > self.max_tokens);
