@@ -8,7 +8,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use harness::device::DeviceChoice;
-use harness::engine::{BatchConfig, Engine, ForwardError, Kind, RunError, Tensor};
+use harness::engine::{
+    BatchConfig, Collate, Engine, ForwardError, Kind, Pooling, RunError, Tensor, TokenPooling,
+};
 use support::{assert_close, input, Affine};
 
 fn config(max_batch_size: usize, delay_ms: u64, max_queue: usize) -> BatchConfig {
@@ -318,4 +320,54 @@ async fn inputs_must_share_a_non_zero_leading_dimension() {
             "{err:?}"
         );
     }
+}
+
+/// Texts of different lengths, sent at once, share padded batches and still get
+/// the vector each would get alone: padding is masked out of the pooling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn token_requests_of_different_lengths_are_padded_per_batch_and_pooled_as_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let collate = Collate::Tokens(TokenPooling {
+        pad_values: vec![0, 0],
+        mask_input: 1,
+        pooling: Pooling::Mean,
+        normalize: false,
+    });
+    let engine = Engine::load_with(
+        support::save_token_model(dir.path()),
+        DeviceChoice::Cpu,
+        config(32, 20, 1024),
+        collate,
+    )
+    .await
+    .unwrap();
+    let texts: Vec<Vec<i64>> = (1..=12)
+        .map(|n| (0..n).map(|i| (i * 7 + n) % 49 + 1).collect())
+        .collect();
+    let callers: Vec<_> = texts
+        .iter()
+        .map(|ids| {
+            let engine = engine.clone();
+            let ids = ids.clone();
+            tokio::spawn(async move {
+                let n = ids.len() as i64;
+                let inputs = vec![
+                    Tensor::from_slice(&ids).view([1, n]),
+                    Tensor::ones([1, n], (Kind::Int64, tch::Device::Cpu)),
+                ];
+                engine.run(inputs, far()).await.expect("pooled")
+            })
+        })
+        .collect();
+    for (ids, caller) in texts.iter().zip(callers) {
+        let out = caller.await.unwrap();
+        assert_eq!(out[0].size(), vec![1, 8]);
+        let got = Vec::<f32>::try_from(out[0].view([-1])).unwrap();
+        for (g, w) in got.iter().zip(support::token_model_mean(ids)) {
+            assert!((g - w).abs() < 1e-5, "{ids:?}: {got:?}");
+        }
+    }
+    // Fewer forwards than texts: lengths of one bucket shared batches.
+    let forwards = engine.stats().forwards.load(Ordering::Relaxed);
+    assert!(forwards < texts.len() as u64, "{forwards} forwards");
 }

@@ -4,7 +4,9 @@
 mod support;
 
 use harness::device::{choose_serving_device, DeviceChoice, DevicePolicy};
-use harness::engine::{gpu::GpuFacts, BatchConfig, Engine};
+use harness::engine::{
+    gpu::GpuFacts, BatchConfig, Collate, Engine, Kind, Pooling, Tensor, TokenPooling,
+};
 use support::{input, Affine};
 
 /// CUDA kernels sum in another order than the CPU's: allow float32 rounding.
@@ -58,4 +60,62 @@ async fn a_cuda_forward_matches_the_cpu() {
         assert_near(&on_gpu[0], &on_cpu[0]);
         assert_near(&on_gpu[0], &model.apply(&x)[0]);
     }
+}
+
+/// The embedding task's path on the device: token batches padded, run, pooled and
+/// normalized on CUDA, against the CPU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a CUDA GPU: run by scripts/gpu-check"]
+async fn cuda_token_batches_pool_like_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = support::save_token_model(dir.path());
+    let collate = Collate::Tokens(TokenPooling {
+        pad_values: vec![0, 0],
+        mask_input: 1,
+        pooling: Pooling::Mean,
+        normalize: true,
+    });
+    let config = BatchConfig {
+        max_batch_delay: std::time::Duration::from_millis(20),
+        ..BatchConfig::default()
+    };
+    let cpu = Engine::load_with(&path, DeviceChoice::Cpu, config, collate.clone())
+        .await
+        .expect("load on the CPU");
+    let gpu = Engine::load_with(&path, DeviceChoice::Cuda(0), config, collate)
+        .await
+        .expect("load on cuda:0");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let texts: Vec<Vec<i64>> = (1..=24)
+        .map(|n| (0..n).map(|i| (i * 5 + n) % 49 + 1).collect())
+        .collect();
+    let run = |engine: Engine, ids: Vec<i64>| async move {
+        let n = ids.len() as i64;
+        let inputs = vec![
+            Tensor::from_slice(&ids).view([1, n]),
+            Tensor::ones([1, n], (Kind::Int64, tch::Device::Cpu)),
+        ];
+        engine.run(inputs, deadline).await.expect("pooled")
+    };
+    let on_gpu: Vec<_> = texts
+        .iter()
+        .map(|ids| tokio::spawn(run(gpu.clone(), ids.clone())))
+        .collect();
+    for (ids, answer) in texts.iter().zip(on_gpu) {
+        let got = answer.await.unwrap();
+        let want = run(cpu.clone(), ids.clone()).await;
+        assert_eq!(
+            got[0].device(),
+            tch::Device::Cpu,
+            "vectors come back on the CPU"
+        );
+        assert_near(&got[0], &want[0]);
+    }
+    println!(
+        "cuda token batches: {} texts in {} forwards",
+        texts.len(),
+        gpu.stats()
+            .forwards
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
 }

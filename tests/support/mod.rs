@@ -96,3 +96,34 @@ pub mod hub;
 pub mod minilm;
 pub mod node;
 pub mod relay;
+
+/// A small token model, traced: `(input_ids [B, L], attention_mask [B, L])` to token
+/// vectors `[B, L, 8]` (an embedding table lookup, plus the mask so that both
+/// inputs count), for the engine's token batching and pooling.
+pub fn save_token_model(dir: &Path) -> PathBuf {
+    let _no_grad = tch::no_grad_guard();
+    // Built outside the traced closure, so the trace keeps them as constants.
+    let table = Tensor::arange(50 * 8, (Kind::Float, tch::Device::Cpu)).reshape([50, 8]) / 97.0;
+    let table = table.sin();
+    let ids = Tensor::from_slice(&[1i64, 2, 3, 0]).reshape([2, 2]);
+    let mask = Tensor::from_slice(&[1i64, 1, 1, 0]).reshape([2, 2]);
+    let path = dir.join("tokens.pt");
+    let module = tch::CModule::create_by_tracing("Tokens", "forward", &[ids, mask], &mut |xs| {
+        let hidden = Tensor::embedding(&table, &xs[0], -1, false, false);
+        vec![hidden + xs[1].unsqueeze(-1).to_kind(Kind::Float) * 0.5]
+    })
+    .expect("tracing the token model");
+    module.save(&path).expect("saving the token model");
+    path
+}
+
+/// Mean pooling by hand: the vector [`save_token_model`] gives `ids` alone.
+pub fn token_model_mean(ids: &[i64]) -> Vec<f32> {
+    let mut mean = vec![0f32; 8];
+    for &id in ids {
+        for (j, m) in mean.iter_mut().enumerate() {
+            *m += ((id * 8 + j as i64) as f32 / 97.0).sin() + 0.5;
+        }
+    }
+    mean.iter().map(|m| m / ids.len() as f32).collect()
+}
