@@ -119,7 +119,7 @@ pub fn save_token_model(dir: &Path) -> PathBuf {
 
 /// Mean pooling by hand: the vector [`save_token_model`] gives `ids` alone.
 pub fn token_model_mean(ids: &[i64]) -> Vec<f32> {
-    let mut mean = vec![0f32; 8];
+    let mut mean = [0f32; 8];
     for &id in ids {
         for (j, m) in mean.iter_mut().enumerate() {
             *m += ((id * 8 + j as i64) as f32 / 97.0).sin() + 0.5;
