@@ -293,7 +293,8 @@ pub struct ServingConfig {
 
     /// The per-item inputs to warm up with, e.g. `f32[4]` or `i64[128],i64[128]`:
     /// the model runs on zeros of these shapes (one item, and a full batch) before
-    /// it is ready, and requests must bring that many inputs.
+    /// it is ready, and requests must bring that many inputs, each of that dtype
+    /// and number of dimensions (sizes may differ).
     #[arg(long, env = "HARNESS_WARMUP_INPUTS", global = true)]
     pub warmup_inputs: Option<String>,
 

@@ -19,8 +19,9 @@ use crate::tasks::tensor::InputSpec;
 #[derive(Clone)]
 pub struct Ready {
     pub engine: Engine,
-    /// Inputs per request, when the warm-up learned it.
-    pub arity: Option<usize>,
+    /// The model's per-item inputs (`HARNESS_WARMUP_INPUTS`), when declared:
+    /// requests are checked against them.
+    pub inputs: Option<Arc<Vec<InputSpec>>>,
     /// The tokenizer and pooling, for the embedding task.
     pub embedder: Option<Arc<Embedder>>,
 }
@@ -158,7 +159,7 @@ async fn start(
     engine.observe(shared.metrics.clone());
 
     shared.set_phase(Phase::Warming, None);
-    let arity = match (&embedder, &warmup) {
+    let inputs = match (&embedder, &warmup) {
         (Some(embedder), _) => {
             let max_batch = config.serving.max_batch_size as i64;
             let longest = embedder.manifest.max_seq_length as i64;
@@ -180,7 +181,7 @@ async fn start(
                     format!("the warm-up forward failed (check HARNESS_WARMUP_INPUTS): {e}")
                 })?;
             }
-            Some(specs.len())
+            Some(Arc::new(specs.clone()))
         }
         (None, None) => {
             tracing::warn!("HARNESS_WARMUP_INPUTS is unset: no warm-up, so the first requests of each shape are slow");
@@ -190,7 +191,7 @@ async fn start(
 
     let _ = ready.set(Ready {
         engine: engine.clone(),
-        arity,
+        inputs,
         embedder,
     });
     shared.set_engine(Some(engine.clone()));

@@ -15,12 +15,14 @@ pub async fn run(ready: Ready, request: RunRequest, timing: Timing) -> RunReply 
         });
     }
     let inputs = request.inputs;
-    let arity = ready.arity;
+    let specs = ready.inputs.clone();
     // Building tensors copies the bytes: off the async workers.
-    let tensors = tokio::task::spawn_blocking(move || tensor::to_tensors(&inputs, arity))
-        .await
-        .map_err(internal)?
-        .map_err(|reason| ServingError::BadInput { reason })?;
+    let tensors = tokio::task::spawn_blocking(move || {
+        tensor::to_tensors(&inputs, specs.as_ref().map(|s| s.as_slice()))
+    })
+    .await
+    .map_err(internal)?
+    .map_err(|reason| ServingError::BadInput { reason })?;
     let outputs = ready
         .engine
         .run(tensors, timing.deadline)

@@ -110,16 +110,22 @@ fn dtype_of(kind: Kind) -> Option<DType> {
     })
 }
 
-/// Checks a request's tensors against every rule and builds them. `arity` is how
-/// many inputs the model takes, when the warm-up learned it.
-pub fn to_tensors(inputs: &[WireTensor], arity: Option<usize>) -> Result<Vec<Tensor>, String> {
+/// Checks a request's tensors against every rule and builds them. `specs` are the
+/// model's per-item inputs (`HARNESS_WARMUP_INPUTS`), when declared: then the
+/// number of inputs, each one's dtype and its number of dimensions must match
+/// (the sizes may differ, for models that take several).
+pub fn to_tensors(
+    inputs: &[WireTensor],
+    specs: Option<&[InputSpec]>,
+) -> Result<Vec<Tensor>, String> {
     if inputs.is_empty() {
         return Err("no input tensors".to_string());
     }
-    if let Some(arity) = arity {
-        if inputs.len() != arity {
+    if let Some(specs) = specs {
+        if inputs.len() != specs.len() {
             return Err(format!(
-                "the model takes {arity} input tensor(s), the request has {}",
+                "the model takes {} input tensor(s), the request has {}",
+                specs.len(),
                 inputs.len()
             ));
         }
@@ -168,6 +174,24 @@ pub fn to_tensors(inputs: &[WireTensor], arity: Option<usize>) -> Result<Vec<Ten
                 ))
             }
             Some(_) => {}
+        }
+    }
+    if let Some(specs) = specs {
+        for (i, (t, spec)) in inputs.iter().zip(specs).enumerate() {
+            if t.dtype != spec.dtype || t.shape.len() != spec.shape.len() + 1 {
+                return Err(format!(
+                    "input {i} is {:?} of shape {:?}; the model takes {:?} items of shape {:?}, so [N, {}] (HARNESS_WARMUP_INPUTS)",
+                    t.dtype,
+                    t.shape,
+                    spec.dtype,
+                    spec.shape,
+                    spec.shape
+                        .iter()
+                        .map(|d| d.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
         }
     }
     inputs
@@ -234,10 +258,27 @@ mod tests {
     #[test]
     fn every_rule_is_checked() {
         let good = WireTensor::from_f32(&[2, 2], &[1.0, 2.0, 3.0, 4.0]);
-        assert!(to_tensors(std::slice::from_ref(&good), Some(1)).is_ok());
-        let cases: Vec<(Vec<WireTensor>, Option<usize>, &str)> = vec![
+        let one = InputSpec::parse_list("f32[2]").unwrap();
+        let two = InputSpec::parse_list("f32[2],f32[2]").unwrap();
+        assert!(to_tensors(std::slice::from_ref(&good), Some(&one)).is_ok());
+        // Sizes may differ from the declared ones; dtype and rank may not.
+        let wider = WireTensor::from_f32(&[1, 4], &[0.0; 4]);
+        assert!(to_tensors(std::slice::from_ref(&wider), Some(&one)).is_ok());
+        /// Inputs, the declared specs, and what the error must say.
+        type Case<'a> = (Vec<WireTensor>, Option<&'a [InputSpec]>, &'a str);
+        let cases: Vec<Case> = vec![
             (vec![], None, "no input"),
-            (vec![good.clone()], Some(2), "takes 2 input"),
+            (vec![good.clone()], Some(&two), "takes 2 input"),
+            (
+                vec![WireTensor::from_f32(&[4], &[0.0; 4])],
+                Some(&one),
+                "so [N, 2]",
+            ),
+            (
+                vec![WireTensor::from_i64(&[2, 2], &[0; 4])],
+                Some(&one),
+                "takes F32 items",
+            ),
             (
                 vec![WireTensor {
                     shape: vec![],
