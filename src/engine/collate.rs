@@ -125,21 +125,7 @@ impl Collate {
                         Collate::Stack => Ok(r[i].shallow_clone()),
                         Collate::Tokens(pooling) => {
                             let short = longest - r[i].size()[1];
-                            if short == 0 {
-                                Ok(r[i].shallow_clone())
-                            } else {
-                                r[i].f_constant_pad_nd([0, short]).and_then(|t| {
-                                    // constant_pad_nd pads with 0; only the ids need another value.
-                                    let value = pooling.pad_values[i];
-                                    if value == 0 {
-                                        Ok(t)
-                                    } else {
-                                        let mut tail = t.f_narrow(1, longest - short, short)?;
-                                        let _ = tail.f_fill_(value)?;
-                                        Ok(t)
-                                    }
-                                })
-                            }
+                            r[i].f_pad([0, short], "constant", pooling.pad_values[i] as f64)
                         }
                     })
                     .collect::<Result<Vec<_>, _>>()

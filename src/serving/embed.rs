@@ -30,24 +30,20 @@ pub async fn embed(ready: Ready, request: EmbedRequest, timing: Timing) -> Embed
     }
     // Tokenizing and building tensors is CPU work: off the async workers.
     let tokenizing = embedder.clone();
-    let items = tokio::task::spawn_blocking(move || {
+    let (inputs, facts): (Vec<_>, Vec<_>) = tokio::task::spawn_blocking(move || {
         tokenizing.tokenize(&texts).map(|all| {
             all.into_iter()
                 .map(|tokens| {
                     let inputs = tokenizing.to_tensors(&tokens);
-                    (inputs, tokens.ids.len() as u32, tokens.truncated)
+                    (inputs, (tokens.ids.len() as u32, tokens.truncated))
                 })
-                .collect::<Vec<_>>()
+                .unzip()
         })
     })
     .await
     .map_err(internal)?
     .map_err(|reason| ServingError::BadInput { reason })?;
 
-    let (inputs, facts): (Vec<_>, Vec<_>) = items
-        .into_iter()
-        .map(|(inputs, tokens, truncated)| (inputs, (tokens, truncated)))
-        .unzip();
     let engine = &ready.engine;
     let answers = join_all(
         inputs
