@@ -280,18 +280,22 @@ async fn soak_every_call_is_answered_and_memory_stays_flat() {
     row.report();
 }
 
-/// A `harness fetch` of `files` of the test hub into `cache`.
+/// A `harness fetch` of `files` of the test hub into `cache`, output captured.
 fn fetch_command(hub: &TestHub, cache: &Path, files: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_harness"));
-    cmd.arg("fetch")
-        .env("HF_ENDPOINT", hub.url())
-        .env("HARNESS_MODEL_REPO", "chaos/model")
-        .env("HARNESS_MODEL_FILES", files.join(","))
-        .env("HARNESS_CACHE_DIR", cache)
-        .env("RUST_LOG", "warn")
+    let mut cmd = hub.fetch_command(cache, "chaos/model", files);
+    cmd.env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     cmd
+}
+
+/// A xorshift step: the scenarios' random points, from fixed seeds so that a
+/// failure can be replayed.
+fn next_random(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
 }
 
 /// The blobs of the cache that are whole (named by their sha256).
@@ -370,10 +374,7 @@ async fn killed_while_downloading_the_cache_stays_whole_and_nothing_complete_is_
     let mut refetched = Vec::new();
     let mut sent = 0;
     for _ in 0..kills {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let after = Duration::from_millis(100 + seed % 600);
+        let after = Duration::from_millis(100 + next_random(&mut seed) % 600);
         let before = complete_blobs(cache.path());
         hub.clear_served();
         let mut child = fetch_command(&hub, cache.path(), &names).spawn().unwrap();
@@ -753,10 +754,7 @@ async fn bad_input_gets_typed_answers_and_bad_frames_break_nothing() {
         let mut stream = tokio::net::TcpStream::connect(&node.cluster).await.unwrap();
         let mut bytes = Vec::new();
         for _ in 0..(1 + n % 64) {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            bytes.extend_from_slice(&seed.to_le_bytes());
+            bytes.extend_from_slice(&next_random(&mut seed).to_le_bytes());
         }
         match n % 4 {
             // A length prefix promising more than arrives (a truncated frame).

@@ -12,15 +12,8 @@ use support::hub::{content, hex, TestHub};
 const REPO: &str = "acme/big-model";
 
 fn fetch_command(hub: &TestHub, cache: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_harness"));
-    cmd.arg("fetch")
-        .env("HF_ENDPOINT", hub.url())
-        .env("HARNESS_MODEL_REPO", REPO)
-        .env("HARNESS_MODEL_FILES", "model.pt,config.json")
-        .env("HARNESS_CACHE_DIR", cache)
-        .env("RUST_LOG", "harness=debug")
-        .env_remove("HF_TOKEN")
-        .env_remove("HARNESS_OFFLINE");
+    let mut cmd = hub.fetch_command(cache, REPO, &["model.pt", "config.json"]);
+    cmd.env("RUST_LOG", "harness=debug");
     cmd
 }
 

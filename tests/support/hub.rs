@@ -119,6 +119,25 @@ impl TestHub {
         TestHub { addr, state, task }
     }
 
+    /// A `harness fetch` of `files` of `repo` from this hub into the cache `cache`,
+    /// with no token or offline setting inherited from the test's environment.
+    pub fn fetch_command(
+        &self,
+        cache: &std::path::Path,
+        repo: &str,
+        files: &[&str],
+    ) -> std::process::Command {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_harness"));
+        cmd.arg("fetch")
+            .env("HF_ENDPOINT", self.url())
+            .env("HARNESS_MODEL_REPO", repo)
+            .env("HARNESS_MODEL_FILES", files.join(","))
+            .env("HARNESS_CACHE_DIR", cache)
+            .env_remove("HF_TOKEN")
+            .env_remove("HARNESS_OFFLINE");
+        cmd
+    }
+
     /// The `HF_ENDPOINT` to use.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
