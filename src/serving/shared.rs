@@ -133,14 +133,6 @@ impl ServingShared {
         if self.is_draining() && phase != Phase::Draining {
             return;
         }
-        match &message {
-            Some(why) => {
-                tracing::info!(serving = %self.name, %phase, "serving {} is {phase}: {why}", self.name)
-            }
-            None => {
-                tracing::info!(serving = %self.name, %phase, "serving {} is {phase}", self.name)
-            }
-        }
         if let Ok(mut history) = self.history.lock() {
             if history.len() == HISTORY {
                 history.pop_front();
@@ -150,7 +142,18 @@ impl ServingShared {
         if phase == Phase::Ready {
             self.touch();
         }
+        let why = message.clone();
         self.phase.send_replace(PhaseInfo { phase, message });
+        // Logged once it is true: whoever reads "is ready" and asks /health/ready
+        // gets 200 (tests/deploy.rs once caught the log ahead of the state).
+        match why {
+            Some(why) => {
+                tracing::info!(serving = %self.name, %phase, "serving {} is {phase}: {why}", self.name)
+            }
+            None => {
+                tracing::info!(serving = %self.name, %phase, "serving {} is {phase}", self.name)
+            }
+        }
     }
 
     /// Notes demand: a request arrived or was answered.
