@@ -201,11 +201,11 @@ fn main() {
         let node = Node::start(config).await.unwrap();
         node.wait_ready(Duration::from_secs(120)).await.unwrap();
         let serving = node.serving().await.unwrap();
-        let engine = node.shared().engine().unwrap();
+        let stats = node.shared().engine_stats().unwrap();
         served_round(&serving, &texts[..CALLERS * 2]).await; // warm
 
         let (mut python, mut served, mut python_single) = (Vec::new(), Vec::new(), Vec::new());
-        let before = (engine.stats().forwards.load(std::sync::atomic::Ordering::Relaxed), engine.stats().batched_items.load(std::sync::atomic::Ordering::Relaxed));
+        let before = (stats.forwards.load(std::sync::atomic::Ordering::Relaxed), stats.batched_items.load(std::sync::atomic::Ordering::Relaxed));
         for round in 0..ROUNDS {
             let (p, single) = tokio::task::block_in_place(|| python_round(&file, &source));
             let s = served_round(&serving, &texts).await;
@@ -214,7 +214,7 @@ fn main() {
             python_single.push(single);
             served.push(s.as_secs_f64());
         }
-        let after = (engine.stats().forwards.load(std::sync::atomic::Ordering::Relaxed), engine.stats().batched_items.load(std::sync::atomic::Ordering::Relaxed));
+        let after = (stats.forwards.load(std::sync::atomic::Ordering::Relaxed), stats.batched_items.load(std::sync::atomic::Ordering::Relaxed));
         let mut latencies = Vec::new();
         for text in texts.iter().take(SINGLE_CALLS) {
             let t = Instant::now();

@@ -1,6 +1,7 @@
 //! `make bench`, the serving: 64 concurrent in-process callers sending single items
 //! through the DelayedServing actor to a traced MLP, against a direct loop of
-//! batched forwards at the same batch size on the same engine, side by side. Also
+//! batched forwards at the same batch size on an engine of the same model, device
+//! and settings (the node's own engine is the serving's alone), side by side. Also
 //! p50/p99 latency per call, and the time from a crash to ready again.
 //!
 //! `HARNESS_BENCH_REQUESTS` changes the number of requests (default 6400).
@@ -69,7 +70,7 @@ fn main() {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    save_mlp(dir.path());
+    let model = save_mlp(dir.path());
     let config = harness::cli::Cli::try_parse_from([
         "harness".to_string(),
         "--device=cpu".to_string(),
@@ -88,7 +89,8 @@ fn main() {
         let node = Node::start(config).await.unwrap();
         node.wait_ready(Duration::from_secs(60)).await.unwrap();
         let serving = node.serving().await.unwrap();
-        let engine = node.shared().engine().unwrap();
+        let stats = node.shared().engine_stats().unwrap();
+        let engine = harness::engine::Engine::load(&model, harness::engine::DeviceChoice::Cpu, harness::engine::BatchConfig::default()).await.unwrap();
         let item = WireTensor::from_f32(&[1, FEATURES], &vec![0.5; FEATURES as usize]);
 
         // Direct: batches of BATCH items straight into the engine, one after another.
@@ -143,7 +145,6 @@ fn main() {
         served(CALLERS * 4).await;
         let (mut direct_times, mut served_times, mut latencies) = (Vec::new(), Vec::new(), Vec::new());
         let counters = || {
-            let stats = engine.stats();
             (stats.forwards.load(std::sync::atomic::Ordering::Relaxed), stats.batched_items.load(std::sync::atomic::Ordering::Relaxed))
         };
         let (mut forwards, mut items) = (0, 0);

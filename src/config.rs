@@ -1,4 +1,4 @@
-//! Every setting, as a flag and an environment variable (the names are DESIGN.md's
+//! Every setting, as a flag and an environment variable (the names are docs/ARCHITECTURE.md's
 //! public contract). Settings join this type as the features that use them land.
 
 use std::path::{Path, PathBuf};

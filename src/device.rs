@@ -19,12 +19,9 @@ pub enum DevicePolicy {
     Auto,
 }
 
-/// A concrete device to load a model on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceChoice {
-    Cpu,
-    Cuda(usize),
-}
+/// The concrete device a policy resolves to; it lives with the engine, which
+/// places models on it.
+pub use crate::engine::DeviceChoice;
 
 /// The policy asked for CUDA and the machine cannot give it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -147,15 +144,6 @@ impl fmt::Display for DevicePolicy {
             DevicePolicy::CudaIndex(n) => write!(f, "cuda:{n}"),
             DevicePolicy::Cpu => f.write_str("cpu"),
             DevicePolicy::Auto => f.write_str("auto"),
-        }
-    }
-}
-
-impl fmt::Display for DeviceChoice {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DeviceChoice::Cpu => f.write_str("cpu"),
-            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
         }
     }
 }

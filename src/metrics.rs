@@ -1,4 +1,4 @@
-//! The node's Prometheus metrics (names from DESIGN.md), through
+//! The node's Prometheus metrics (names in docs/ARCHITECTURE.md), through
 //! `prometheus-client`: the only room that touches it.
 
 use std::sync::atomic::AtomicU64;
@@ -36,6 +36,18 @@ const PHASES: [&str; 8] = [
     "draining",
 ];
 
+/// Every request outcome (the `outcome` label of `harness_requests_total`), all
+/// shown from the start at 0, so that a rate never misses its first increment.
+pub const OUTCOMES: [&str; 7] = [
+    "ok",
+    "not_ready",
+    "overloaded",
+    "bad_input",
+    "model",
+    "deadline_exceeded",
+    "internal",
+];
+
 /// The metrics, recorded as things happen and rendered on `/metrics`.
 pub struct Metrics {
     registry: Registry,
@@ -71,6 +83,11 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
         let requests = Family::<Outcome, Counter>::default();
+        for outcome in OUTCOMES {
+            let _ = requests.get_or_create(&Outcome {
+                outcome: outcome.to_string(),
+            });
+        }
         // Seconds, from 0.5 ms to about 16 s.
         let request_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         let queue_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
@@ -89,7 +106,7 @@ impl Default for Metrics {
         );
         registry.register(
             "harness_request_duration_seconds",
-            "Time from receiving a Run to answering it",
+            "Time from receiving a request to answering it",
             request_duration.clone(),
         );
         registry.register(
@@ -199,6 +216,25 @@ impl BatchObserver for Metrics {
         self.batch_size.observe(items as f64);
         for wait in queue_waits {
             self.queue_duration.observe(wait.as_secs_f64());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_outcome_is_shown_at_zero_before_the_first_request() {
+        let text = Metrics::default().render(Reading {
+            phase: "starting",
+            queue_depth: 0,
+            restarts: 0,
+            downloaded_bytes: 0,
+        });
+        for outcome in OUTCOMES {
+            let line = format!("harness_requests_total{{outcome=\"{outcome}\"}} 0");
+            assert!(text.contains(&line), "{line} missing from:\n{text}");
         }
     }
 }

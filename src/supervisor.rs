@@ -129,7 +129,9 @@ impl Actor for RootSupervisor {
             return Ok(());
         }
         state.serving = None;
-        state.args.shared.set_engine(None);
+        // A panicked life skips post_stop: its engine's counters go here (its
+        // model went with the actor's state).
+        state.args.shared.set_running(None);
         if state.shutting_down {
             tracing::info!("the serving stopped for shutdown");
             return Ok(());

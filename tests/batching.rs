@@ -8,9 +8,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use harness::device::DeviceChoice;
-use harness::engine::{
-    BatchConfig, Collate, Engine, ForwardError, Kind, Pooling, RunError, Tensor, TokenPooling,
-};
+use harness::engine::{BatchConfig, Collate, Engine, ForwardError, Kind, RunError, Tensor};
+use harness::tasks::{Pooler, Pooling};
 use support::{assert_close, input, Affine};
 
 fn config(max_batch_size: usize, delay_ms: u64, max_queue: usize) -> BatchConfig {
@@ -327,17 +326,20 @@ async fn inputs_must_share_a_non_zero_leading_dimension() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn token_requests_of_different_lengths_are_padded_per_batch_and_pooled_as_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let collate = Collate::Tokens(TokenPooling {
+    let collate = Collate::Tokens {
         pad_values: vec![0, 0],
+    };
+    let pooler = Pooler {
         mask_input: 1,
         pooling: Pooling::Mean,
         normalize: false,
-    });
+    };
     let engine = Engine::load_with(
         support::save_token_model(dir.path()),
         DeviceChoice::Cpu,
         config(32, 20, 1024),
         collate,
+        Some(std::sync::Arc::new(pooler)),
     )
     .await
     .unwrap();

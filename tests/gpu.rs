@@ -4,9 +4,8 @@
 mod support;
 
 use harness::device::{choose_serving_device, DeviceChoice, DevicePolicy};
-use harness::engine::{
-    gpu::GpuFacts, BatchConfig, Collate, Engine, Kind, Pooling, Tensor, TokenPooling,
-};
+use harness::engine::{gpu::GpuFacts, BatchConfig, Collate, Engine, Kind, Tensor};
+use harness::tasks::{Pooler, Pooling};
 use support::{input, Affine};
 
 /// CUDA kernels sum in another order than the CPU's: allow float32 rounding.
@@ -69,8 +68,10 @@ async fn a_cuda_forward_matches_the_cpu() {
 async fn cuda_token_batches_pool_like_the_cpu() {
     let dir = tempfile::tempdir().unwrap();
     let path = support::save_token_model(dir.path());
-    let collate = Collate::Tokens(TokenPooling {
+    let collate = Collate::Tokens {
         pad_values: vec![0, 0],
+    };
+    let pooler = std::sync::Arc::new(Pooler {
         mask_input: 1,
         pooling: Pooling::Mean,
         normalize: true,
@@ -79,10 +80,16 @@ async fn cuda_token_batches_pool_like_the_cpu() {
         max_batch_delay: std::time::Duration::from_millis(20),
         ..BatchConfig::default()
     };
-    let cpu = Engine::load_with(&path, DeviceChoice::Cpu, config, collate.clone())
-        .await
-        .expect("load on the CPU");
-    let gpu = Engine::load_with(&path, DeviceChoice::Cuda(0), config, collate)
+    let cpu = Engine::load_with(
+        &path,
+        DeviceChoice::Cpu,
+        config,
+        collate.clone(),
+        Some(pooler.clone()),
+    )
+    .await
+    .expect("load on the CPU");
+    let gpu = Engine::load_with(&path, DeviceChoice::Cuda(0), config, collate, Some(pooler))
         .await
         .expect("load on cuda:0");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);

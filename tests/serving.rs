@@ -323,14 +323,14 @@ async fn concurrent_callers_share_forwards_through_the_actor() {
         &["--max-batch-size=16", "--max-batch-delay-ms=30"],
     )
     .await;
-    let engine = node.shared().engine().unwrap();
-    let before = engine.stats().forwards.load(Ordering::Relaxed);
+    let stats = node.shared().engine_stats().unwrap();
+    let before = stats.forwards.load(Ordering::Relaxed);
     let callers = spawn_callers(&serving, 48);
     for caller in callers {
         let (out, x) = caller.await.unwrap();
         assert_rows(&out.unwrap(), &model.apply(&x)[0]);
     }
-    let forwards = engine.stats().forwards.load(Ordering::Relaxed) - before;
+    let forwards = stats.forwards.load(Ordering::Relaxed) - before;
     assert!(
         (3..48).contains(&forwards),
         "48 callers took {forwards} forwards"

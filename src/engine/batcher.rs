@@ -10,15 +10,15 @@
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
-use tch::{CModule, Tensor};
+use tch::Tensor;
 use tokio::sync::{oneshot, watch};
 
-use super::collate::{split, BatchKey, Collate};
+use super::collate::{BatchKey, Collate};
 use super::error::{panic_message, ForwardError, RunError};
-use super::worker::forward;
+use super::model::Model;
 
 /// How requests are gathered into batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,284 +80,274 @@ pub(super) struct Request {
     pub reply: oneshot::Sender<Result<Vec<Tensor>, RunError>>,
 }
 
-/// Serves the queue until every handle is gone or the device fails. A failure
+/// Serves the queue until every handle is gone or the engine fails. A failure
 /// that later calls cannot survive (a CUDA error, a panic) is published on `fatal`
 /// and every request still waiting is answered with it.
 pub(super) fn serve(
-    module: &CModule,
-    device: tch::Device,
-    collate: &Collate,
+    model: &Model,
     queue: Receiver<Job>,
     config: BatchConfig,
     stats: &EngineStats,
     fatal: &watch::Sender<Option<String>>,
 ) {
-    let max_batch = config.max_batch_size.max(1) as i64;
-    let mut waiting: VecDeque<Request> = VecDeque::new();
-    let mut open = true;
-    while open || !waiting.is_empty() {
-        if waiting.is_empty() {
-            match queue.recv() {
-                Ok(job) => {
-                    if let Some(request) = take(job, module, device, collate, stats, fatal) {
-                        waiting.push_back(request);
-                    }
-                }
-                Err(_) => break,
-            }
-            if fatal.borrow().is_some() {
-                break;
-            }
-            continue;
-        }
+    let mut batcher = Batcher {
+        model,
+        queue,
+        max_batch: config.max_batch_size.max(1) as i64,
+        max_delay: config.max_batch_delay,
+        stats,
+        fatal,
+        waiting: VecDeque::new(),
+        open: true,
+    };
+    // One check of the engine's health per step: each step runs at most one forward.
+    while !batcher.failed() && (batcher.open || !batcher.waiting.is_empty()) {
+        batcher.step();
+    }
+    batcher.answer_all_after_failure();
+}
 
+/// The batching loop's state on the engine thread.
+struct Batcher<'a> {
+    model: &'a Model,
+    queue: Receiver<Job>,
+    max_batch: i64,
+    max_delay: Duration,
+    stats: &'a EngineStats,
+    fatal: &'a watch::Sender<Option<String>>,
+    /// Requests taken off the queue, oldest first.
+    waiting: VecDeque<Request>,
+    /// False once every handle is gone: what is waiting is still served.
+    open: bool,
+}
+
+impl Batcher<'_> {
+    /// One step: wait for work, or run one batch (or one oversized request).
+    fn step(&mut self) {
+        if self.waiting.is_empty() {
+            match self.queue.recv() {
+                Ok(job) => self.accept(job),
+                Err(_) => self.open = false,
+            }
+            return;
+        }
         // A request larger than a batch runs alone, cut into batches and put back
         // together.
-        if waiting[0].items > max_batch {
-            if let Some(request) = waiting.pop_front() {
-                stats
-                    .queued_items
-                    .fetch_sub(request.items as u64, Ordering::Relaxed);
-                run_oversized(module, device, collate, request, max_batch, stats, fatal);
+        if self.waiting[0].items > self.max_batch {
+            if let Some(request) = self.waiting.pop_front() {
+                self.dequeued(request.items);
+                self.run_oversized(request);
             }
-            if fatal.borrow().is_some() {
-                break;
-            }
-            continue;
+            return;
         }
+        self.take_arrived();
+        let key = self.waiting[0].key.clone();
+        let fill_until = self.waiting[0].enqueued + self.max_delay;
+        self.gather(&key, fill_until);
+        // A direct forward taken in meanwhile may have failed the engine.
+        if self.failed() {
+            return;
+        }
+        let batch = self.take_batch(&key);
+        if !batch.is_empty() {
+            self.run_batch(batch);
+        }
+    }
 
-        // Take everything that arrived meanwhile (during the last forward) first:
-        // when a forward outlasts the delay, the oldest's time is already up, and
-        // without this every batch would hold only what `waiting` kept.
+    fn failed(&self) -> bool {
+        self.fatal.borrow().is_some()
+    }
+
+    /// Items left the queue (run, expired or failed).
+    fn dequeued(&self, items: i64) {
+        self.stats
+            .queued_items
+            .fetch_sub(items as u64, Ordering::Relaxed);
+    }
+
+    /// A direct job runs at once; a batched one waits.
+    fn accept(&mut self, job: Job) {
+        match job {
+            Job::Batched(request) => self.waiting.push_back(request),
+            Job::Direct { inputs, reply } => {
+                let _span = tracing::debug_span!("engine.forward", inputs = inputs.len()).entered();
+                let result = self.guarded(|| self.model.forward(inputs));
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Takes everything that arrived meanwhile (during the last forward) first:
+    /// when a forward outlasts the delay, the oldest's time is already up, and
+    /// without this every batch would hold only what `waiting` kept.
+    fn take_arrived(&mut self) {
         loop {
-            match queue.try_recv() {
-                Ok(job) => {
-                    if let Some(request) = take(job, module, device, collate, stats, fatal) {
-                        waiting.push_back(request);
-                    }
-                }
-                Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
+            match self.queue.try_recv() {
+                Ok(job) => self.accept(job),
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    self.open = false;
+                    return;
                 }
             }
         }
-        if fatal.borrow().is_some() {
-            break;
-        }
+    }
 
-        // Gather: more requests like the oldest, until the batch is full or the
-        // oldest has waited long enough.
-        let key = waiting[0].key.clone();
-        let fill_until = waiting[0].enqueued + config.max_batch_delay;
-        while open {
-            let gathered: i64 = waiting
+    /// More requests like the oldest, until the batch is full or the oldest has
+    /// waited long enough.
+    fn gather(&mut self, key: &BatchKey, fill_until: Instant) {
+        while self.open && !self.failed() {
+            let gathered: i64 = self
+                .waiting
                 .iter()
-                .filter(|r| r.key == key)
+                .filter(|r| &r.key == key)
                 .map(|r| r.items)
                 .sum();
             let now = Instant::now();
-            if gathered >= max_batch || now >= fill_until {
-                break;
+            if gathered >= self.max_batch || now >= fill_until {
+                return;
             }
-            match queue.recv_timeout(fill_until - now) {
-                Ok(job) => {
-                    if let Some(request) = take(job, module, device, collate, stats, fatal) {
-                        waiting.push_back(request);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => open = false,
+            match self.queue.recv_timeout(fill_until - now) {
+                Ok(job) => self.accept(job),
+                Err(RecvTimeoutError::Timeout) => return,
+                Err(RecvTimeoutError::Disconnected) => self.open = false,
             }
         }
-        if fatal.borrow().is_some() {
-            break;
-        }
+    }
 
-        // Take the batch in arrival order; answer whatever has expired meanwhile.
+    /// The batch of `key`, in arrival order; whatever has expired meanwhile is
+    /// answered `DeadlineExceeded`, unrun.
+    fn take_batch(&mut self, key: &BatchKey) -> Vec<Request> {
         let now = Instant::now();
         let mut batch = Vec::new();
         let mut items = 0;
-        for request in std::mem::take(&mut waiting) {
+        for request in std::mem::take(&mut self.waiting) {
             if request.deadline <= now {
-                stats
-                    .queued_items
-                    .fetch_sub(request.items as u64, Ordering::Relaxed);
+                self.dequeued(request.items);
                 let waited = now.duration_since(request.enqueued);
                 let _ = request
                     .reply
                     .send(Err(RunError::DeadlineExceeded { waited }));
-            } else if request.key == key && items + request.items <= max_batch {
+            } else if &request.key == key && items + request.items <= self.max_batch {
                 items += request.items;
                 batch.push(request);
             } else {
-                waiting.push_back(request);
+                self.waiting.push_back(request);
             }
         }
-        if !batch.is_empty() {
-            stats
-                .queued_items
-                .fetch_sub(items as u64, Ordering::Relaxed);
-            run_batch(module, device, collate, batch, stats, fatal);
+        self.dequeued(items);
+        batch
+    }
+
+    /// One forward for the whole batch, its outputs split back among the callers.
+    fn run_batch(&self, batch: Vec<Request>) {
+        let sizes: Vec<i64> = batch.iter().map(|r| r.items).collect();
+        let total: i64 = sizes.iter().sum();
+        if let Some(observer) = self.stats.observer.get() {
+            let waits: Vec<Duration> = batch.iter().map(|r| r.enqueued.elapsed()).collect();
+            observer.batch(total as usize, &waits);
         }
-        if fatal.borrow().is_some() {
-            break;
+        let _span =
+            tracing::debug_span!("engine.batch", requests = batch.len(), items = total).entered();
+        let (inputs, replies): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|r| (r.inputs, r.reply)).unzip();
+        let result = self.guarded(|| self.model.forward_joined(inputs, &sizes));
+        self.stats
+            .batched_items
+            .fetch_add(total as u64, Ordering::Relaxed);
+        match result {
+            Ok(parts) => {
+                for (reply, part) in replies.into_iter().zip(parts) {
+                    let _ = reply.send(Ok(part));
+                }
+            }
+            Err(err) => {
+                for reply in replies {
+                    let _ = reply.send(Err(RunError::Forward(err.clone())));
+                }
+            }
         }
     }
 
-    // The device failed: nobody waits in silence.
-    if let Some(reason) = fatal.borrow().clone() {
+    /// A request of more than `max_batch` items: its slices run one batch each, and
+    /// the outputs are joined back, so the caller sees one answer.
+    fn run_oversized(&self, request: Request) {
+        if request.deadline <= Instant::now() {
+            let waited = request.enqueued.elapsed();
+            let _ = request
+                .reply
+                .send(Err(RunError::DeadlineExceeded { waited }));
+            return;
+        }
+        let _span = tracing::debug_span!("engine.oversized", items = request.items).entered();
+        if let Some(observer) = self.stats.observer.get() {
+            observer.batch(request.items as usize, &[request.enqueued.elapsed()]);
+        }
+        let mut pieces: Vec<Vec<Tensor>> = Vec::new();
+        let mut offset = 0;
+        let mut result = Ok(());
+        while offset < request.items {
+            let n = (request.items - offset).min(self.max_batch);
+            let slice = self.guarded(|| {
+                let inputs = request
+                    .inputs
+                    .iter()
+                    .map(|t| t.f_narrow(0, offset, n).map_err(ForwardError::from_torch))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut parts = self.model.forward_joined(vec![inputs], &[n])?;
+                Ok(parts.pop().unwrap_or_default())
+            });
+            self.stats
+                .batched_items
+                .fetch_add(n as u64, Ordering::Relaxed);
+            match slice {
+                Ok(outputs) => pieces.push(outputs),
+                Err(err) => {
+                    result = Err(err);
+                    break;
+                }
+            }
+            offset += n;
+        }
+        // The outputs of the slices, stacked (they are answers now, not token inputs).
+        let joined = result.and_then(|()| Collate::Stack.join(pieces));
+        let _ = request.reply.send(joined.map_err(RunError::Forward));
+    }
+
+    /// Runs one forward's worth of work with panics caught; counts the forward and
+    /// publishes a failure the engine cannot survive (a CUDA error, a panic).
+    fn guarded<T>(&self, f: impl FnOnce() -> Result<T, ForwardError>) -> Result<T, ForwardError> {
+        let result = catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+            Err(ForwardError::Panicked {
+                message: panic_message(payload.as_ref()),
+            })
+        });
+        self.stats.forwards.fetch_add(1, Ordering::Relaxed);
+        if let Err(err @ (ForwardError::Device { .. } | ForwardError::Panicked { .. })) = &result {
+            tracing::error!(error = %err, "the engine failed; it stops and the serving must restart");
+            self.fatal.send_replace(Some(err.to_string()));
+        }
+        result
+    }
+
+    /// After a failure nobody waits in silence: everything queued is answered with it.
+    fn answer_all_after_failure(&mut self) {
+        let Some(reason) = self.fatal.borrow().clone() else {
+            return;
+        };
         let error = RunError::Forward(ForwardError::Device { message: reason });
-        for request in waiting
-            .drain(..)
-            .chain(queue.try_iter().filter_map(|job| match job {
-                Job::Batched(request) => Some(request),
+        let queued: Vec<Job> = self.queue.try_iter().collect();
+        for job in queued {
+            match job {
+                Job::Batched(request) => self.waiting.push_back(request),
                 Job::Direct { reply, .. } => {
                     let _ = reply.send(Err(ForwardError::Stopped));
-                    None
                 }
-            }))
-        {
-            stats
-                .queued_items
-                .fetch_sub(request.items as u64, Ordering::Relaxed);
+            }
+        }
+        for request in std::mem::take(&mut self.waiting) {
+            self.dequeued(request.items);
             let _ = request.reply.send(Err(error.clone()));
         }
-    }
-}
-
-/// A direct job runs at once; a batched one is returned to wait.
-fn take(
-    job: Job,
-    module: &CModule,
-    device: tch::Device,
-    collate: &Collate,
-    stats: &EngineStats,
-    fatal: &watch::Sender<Option<String>>,
-) -> Option<Request> {
-    match job {
-        Job::Batched(request) => Some(request),
-        Job::Direct { inputs, reply } => {
-            let _span = tracing::debug_span!("engine.forward", inputs = inputs.len()).entered();
-            let result = guarded(|| forward(module, device, collate, inputs));
-            stats.forwards.fetch_add(1, Ordering::Relaxed);
-            note_fatal(&result, fatal);
-            let _ = reply.send(result);
-            None
-        }
-    }
-}
-
-/// One forward for the whole batch, its outputs split back among the callers.
-fn run_batch(
-    module: &CModule,
-    device: tch::Device,
-    collate: &Collate,
-    batch: Vec<Request>,
-    stats: &EngineStats,
-    fatal: &watch::Sender<Option<String>>,
-) {
-    let sizes: Vec<i64> = batch.iter().map(|r| r.items).collect();
-    let total: i64 = sizes.iter().sum();
-    if let Some(observer) = stats.observer.get() {
-        let waits: Vec<Duration> = batch.iter().map(|r| r.enqueued.elapsed()).collect();
-        observer.batch(total as usize, &waits);
-    }
-    let _span =
-        tracing::debug_span!("engine.batch", requests = batch.len(), items = total).entered();
-    let (inputs, replies): (Vec<_>, Vec<_>) =
-        batch.into_iter().map(|r| (r.inputs, r.reply)).unzip();
-
-    let result = guarded(|| {
-        let joined = collate.join(inputs)?;
-        let outputs = forward(module, device, collate, joined)?;
-        split(outputs, &sizes, total)
-    });
-    stats.forwards.fetch_add(1, Ordering::Relaxed);
-    stats
-        .batched_items
-        .fetch_add(total as u64, Ordering::Relaxed);
-    note_fatal(&result, fatal);
-    match result {
-        Ok(parts) => {
-            for (reply, part) in replies.into_iter().zip(parts) {
-                let _ = reply.send(Ok(part));
-            }
-        }
-        Err(err) => {
-            for reply in replies {
-                let _ = reply.send(Err(RunError::Forward(err.clone())));
-            }
-        }
-    }
-}
-
-/// A request of more than `max_batch` items: its slices run one batch each, and
-/// the outputs are joined back, so the caller sees one answer.
-fn run_oversized(
-    module: &CModule,
-    device: tch::Device,
-    collate: &Collate,
-    request: Request,
-    max_batch: i64,
-    stats: &EngineStats,
-    fatal: &watch::Sender<Option<String>>,
-) {
-    if request.deadline <= Instant::now() {
-        let waited = request.enqueued.elapsed();
-        let _ = request
-            .reply
-            .send(Err(RunError::DeadlineExceeded { waited }));
-        return;
-    }
-    let _span = tracing::debug_span!("engine.oversized", items = request.items).entered();
-    if let Some(observer) = stats.observer.get() {
-        observer.batch(request.items as usize, &[request.enqueued.elapsed()]);
-    }
-    let mut pieces: Vec<Vec<Tensor>> = Vec::new();
-    let mut offset = 0;
-    let mut result = Ok(());
-    while offset < request.items {
-        let n = (request.items - offset).min(max_batch);
-        let slice = guarded(|| {
-            let inputs = request
-                .inputs
-                .iter()
-                .map(|t| t.f_narrow(0, offset, n).map_err(ForwardError::from_torch))
-                .collect::<Result<Vec<_>, _>>()?;
-            let outputs = forward(module, device, collate, inputs)?;
-            split(outputs, &[n], n).map(|mut parts| parts.pop().unwrap_or_default())
-        });
-        stats.forwards.fetch_add(1, Ordering::Relaxed);
-        stats.batched_items.fetch_add(n as u64, Ordering::Relaxed);
-        note_fatal(&slice, fatal);
-        match slice {
-            Ok(outputs) => pieces.push(outputs),
-            Err(err) => {
-                result = Err(err);
-                break;
-            }
-        }
-        offset += n;
-    }
-    // The outputs of the slices, stacked (they are answers now, not token inputs).
-    let joined = result.and_then(|()| Collate::Stack.join(pieces));
-    let _ = request.reply.send(joined.map_err(RunError::Forward));
-}
-
-fn guarded<T>(f: impl FnOnce() -> Result<T, ForwardError>) -> Result<T, ForwardError> {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
-        Err(ForwardError::Panicked {
-            message: panic_message(payload.as_ref()),
-        })
-    })
-}
-
-/// A CUDA failure or a panic leaves the engine unusable: say so once.
-fn note_fatal<T>(result: &Result<T, ForwardError>, fatal: &watch::Sender<Option<String>>) {
-    if let Err(err @ (ForwardError::Device { .. } | ForwardError::Panicked { .. })) = result {
-        tracing::error!(error = %err, "the engine failed; it stops and the serving must restart");
-        fatal.send_replace(Some(err.to_string()));
     }
 }

@@ -3,8 +3,8 @@
 //!
 //! The tensor task stacks items of one dtype and trailing shape. The embedding task
 //! batches token sequences of similar length: each batch is padded only to its own
-//! longest sequence (a short text is never padded to the longest in the queue), and
-//! the model's token vectors are pooled, per text, into one vector, on the device.
+//! longest sequence (a short text is never padded to the longest in the queue). What
+//! a task does to the outputs on the device (pooling) is its own [`Finish`].
 
 use tch::{Kind, Tensor};
 
@@ -16,47 +16,23 @@ use super::error::ForwardError;
 pub(super) struct BatchKey(Vec<(Kind, Vec<i64>)>);
 
 /// How an engine joins requests and shares out outputs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Collate {
     /// Concatenate along dim 0; requests of one batch share every trailing shape.
     #[default]
     Stack,
-    /// Token sequences `[items, tokens]`: padded per batch, pooled after the forward.
-    Tokens(TokenPooling),
+    /// Token sequences `[items, tokens]`, batched by length bucket and padded per
+    /// batch to its longest, each input with its own value (the pad token id for
+    /// `input_ids`, 0 for the attention mask and token types), in the model's order.
+    Tokens { pad_values: Vec<i64> },
 }
 
-/// Padding and pooling for a model that returns token vectors `[batch, tokens, hidden]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenPooling {
-    /// The value each input is padded with (the pad token id for `input_ids`, 0 for
-    /// the attention mask and token types), in the model's input order.
-    pub pad_values: Vec<i64>,
-    /// Which input is the attention mask (1 for a token, 0 for padding).
-    pub mask_input: usize,
-    pub pooling: Pooling,
-    /// L2-normalize each pooled vector.
-    pub normalize: bool,
-}
-
-/// How token vectors become one vector per text (sentence-transformers' modes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pooling {
-    /// The mean of the text's token vectors (padding excluded).
-    Mean,
-    /// The first token's vector (`[CLS]`).
-    Cls,
-    /// The element-wise maximum over the text's token vectors.
-    Max,
-}
-
-impl std::fmt::Display for Pooling {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Pooling::Mean => "mean",
-            Pooling::Cls => "cls",
-            Pooling::Max => "max",
-        })
-    }
+/// A task's step after each forward, on the model's device, before the outputs go
+/// back to the CPU (the embedding task pools token vectors here). It sees the
+/// forward's inputs (on the device) and outputs, and returns what the callers get,
+/// still leading with the item dimension.
+pub trait Finish: Send + Sync {
+    fn finish(&self, inputs: &[Tensor], outputs: Vec<Tensor>) -> Result<Vec<Tensor>, ForwardError>;
 }
 
 /// Length buckets for token batches: texts batch with others of their bucket and
@@ -81,10 +57,10 @@ impl Collate {
                     .map(|t| (t.kind(), t.size().get(1..).unwrap_or_default().to_vec()))
                     .collect(),
             )),
-            Collate::Tokens(pooling) => {
+            Collate::Tokens { pad_values } => {
                 let shape = |t: &Tensor| t.size();
                 let first = inputs.first().map(shape).unwrap_or_default();
-                let fits = inputs.len() == pooling.pad_values.len()
+                let fits = inputs.len() == pad_values.len()
                     && first.len() == 2
                     && first[1] > 0
                     && inputs
@@ -94,7 +70,7 @@ impl Collate {
                     return Err(ForwardError::Shape {
                         message: format!(
                             "token inputs are {} int64 tensors of one shape [items, tokens]; got {:?}",
-                            pooling.pad_values.len(),
+                            pad_values.len(),
                             inputs.iter().map(|t| (t.kind(), t.size())).collect::<Vec<_>>()
                         ),
                     });
@@ -123,9 +99,9 @@ impl Collate {
                     .iter()
                     .map(|r| match self {
                         Collate::Stack => Ok(r[i].shallow_clone()),
-                        Collate::Tokens(pooling) => {
+                        Collate::Tokens { pad_values } => {
                             let short = longest - r[i].size()[1];
-                            r[i].f_pad([0, short], "constant", pooling.pad_values[i] as f64)
+                            r[i].f_pad([0, short], "constant", pad_values[i] as f64)
                         }
                     })
                     .collect::<Result<Vec<_>, _>>()
@@ -133,67 +109,6 @@ impl Collate {
                 Tensor::f_cat(&parts, 0).map_err(ForwardError::from_torch)
             })
             .collect()
-    }
-
-    /// The forward's outputs as the callers' answers: as they are, or token
-    /// vectors pooled (and normalized) into one vector per item. Runs on the
-    /// model's device, before the outputs go back to the CPU.
-    pub(super) fn finish(
-        &self,
-        inputs: &[Tensor],
-        outputs: Vec<Tensor>,
-    ) -> Result<Vec<Tensor>, ForwardError> {
-        match self {
-            Collate::Stack => Ok(outputs),
-            Collate::Tokens(pooling) => {
-                let Some(hidden) = outputs.into_iter().next() else {
-                    return Err(ForwardError::Model {
-                        message: "the model returned nothing".to_string(),
-                    });
-                };
-                let mask = &inputs[pooling.mask_input];
-                if hidden.dim() != 3 || hidden.size()[..2] != mask.size()[..] {
-                    return Err(ForwardError::Model {
-                        message: format!(
-                            "an embedding model returns token vectors [batch, tokens, hidden] = [{}, {}, _]; this one returned {:?}",
-                            mask.size()[0],
-                            mask.size()[1],
-                            hidden.size()
-                        ),
-                    });
-                }
-                pool(&hidden, mask, pooling)
-                    .map(|pooled| vec![pooled])
-                    .map_err(ForwardError::from_torch)
-            }
-        }
-    }
-}
-
-/// sentence-transformers' pooling and normalization, in the same arithmetic.
-fn pool(hidden: &Tensor, mask: &Tensor, pooling: &TokenPooling) -> Result<Tensor, tch::TchError> {
-    let kind = hidden.kind();
-    let mask = mask.f_unsqueeze(-1)?.f_to_kind(kind)?;
-    let pooled = match pooling.pooling {
-        Pooling::Mean => {
-            let sum = hidden.f_mul(&mask)?.f_sum_dim_intlist(1, false, kind)?;
-            let count = mask.f_sum_dim_intlist(1, false, kind)?.f_clamp_min(1e-9)?;
-            sum.f_div(&count)?
-        }
-        Pooling::Cls => hidden.f_select(1, 0)?,
-        Pooling::Max => {
-            let padding = mask.f_eq(0)?.f_expand_as(hidden)?;
-            hidden.f_masked_fill(&padding, -1e9)?.f_amax(1, false)?
-        }
-    };
-    if pooling.normalize {
-        // torch.nn.functional.normalize: x / max(||x||, eps).
-        let norm = pooled
-            .f_norm_scalaropt_dim(2.0, 1, true)?
-            .f_clamp_min(1e-12)?;
-        pooled.f_div(&norm)
-    } else {
-        Ok(pooled)
     }
 }
 
@@ -231,12 +146,9 @@ mod tests {
     use super::*;
 
     fn tokens(pad: i64) -> Collate {
-        Collate::Tokens(TokenPooling {
+        Collate::Tokens {
             pad_values: vec![pad, 0],
-            mask_input: 1,
-            pooling: Pooling::Mean,
-            normalize: false,
-        })
+        }
     }
 
     #[test]
@@ -269,28 +181,6 @@ mod tests {
             Vec::<i64>::try_from(joined[1].view([-1])).unwrap(),
             vec![1, 1, 1, 1, 0, 0]
         );
-    }
-
-    #[test]
-    fn mean_pooling_ignores_padding_and_normalizing_gives_unit_vectors() {
-        let hidden = Tensor::from_slice(&[1f32, 2., 3., 4., 100., 100.]).view([1, 3, 2]);
-        let mask = Tensor::from_slice(&[1i64, 1, 0]).view([1, 3]);
-        let mut pooling = TokenPooling {
-            pad_values: vec![0, 0],
-            mask_input: 1,
-            pooling: Pooling::Mean,
-            normalize: false,
-        };
-        let mean = pool(&hidden, &mask, &pooling).unwrap();
-        assert_eq!(Vec::<f32>::try_from(mean.view([-1])).unwrap(), vec![2., 3.]);
-        pooling.pooling = Pooling::Max;
-        let max = pool(&hidden, &mask, &pooling).unwrap();
-        assert_eq!(Vec::<f32>::try_from(max.view([-1])).unwrap(), vec![3., 4.]);
-        pooling.pooling = Pooling::Cls;
-        pooling.normalize = true;
-        let cls = pool(&hidden, &mask, &pooling).unwrap();
-        let v = Vec::<f32>::try_from(cls.view([-1])).unwrap();
-        assert!((v[0] - 1. / 5f32.sqrt()).abs() < 1e-6 && (v[1] - 2. / 5f32.sqrt()).abs() < 1e-6);
     }
 
     #[test]

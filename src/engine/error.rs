@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::device::DeviceChoice;
+use super::device::DeviceChoice;
 
 /// Why a model could not be loaded.
 #[derive(Debug, thiserror::Error)]

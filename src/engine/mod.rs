@@ -4,15 +4,23 @@
 //! `forward` under `no_grad` (grad mode is per thread, so the guard is set once, on
 //! that thread). Callers talk to it through a bounded queue and get one reply per
 //! call; libtorch never runs on a tokio worker. A torch error becomes a typed
-//! [`ForwardError`] and a panic inside libtorch's wrappers is caught on the engine
-//! thread, so no panic reaches a caller and the engine keeps serving.
+//! [`ForwardError`] for that batch's callers and the engine keeps serving; a CUDA
+//! failure or a panic inside libtorch's wrappers (caught on the engine thread, so
+//! no panic reaches a caller) stops it, reported by [`Engine::failure`].
+//!
+//! The files read in one direction: `mod.rs` (the handle) → `thread.rs` (the one
+//! engine thread) → `batcher.rs` → `model.rs` → `collate.rs`, `torchscript.rs` (a
+//! leaf: the TorchScript calls) → `error.rs`, `device.rs`.
 
 mod batcher;
 mod collate;
 pub mod demo;
+mod device;
 mod error;
 pub mod gpu;
-mod worker;
+mod model;
+mod thread;
+mod torchscript;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -21,9 +29,9 @@ use std::time::Instant;
 
 use tokio::sync::{oneshot, watch};
 
-use crate::device::DeviceChoice;
 pub use batcher::{BatchConfig, BatchObserver, EngineStats};
-pub use collate::{Collate, Pooling, TokenPooling};
+pub use collate::{Collate, Finish};
+pub use device::DeviceChoice;
 pub use error::{ForwardError, LoadError, RunError};
 pub use tch::{Kind, Tensor};
 
@@ -59,52 +67,39 @@ impl Engine {
         device: DeviceChoice,
         config: BatchConfig,
     ) -> Result<Self, LoadError> {
-        Self::load_with(path, device, config, Collate::Stack).await
+        Self::load_with(path, device, config, Collate::Stack, None).await
     }
 
-    /// [`Engine::load`], with the way requests are joined and outputs finished:
-    /// [`Collate::Tokens`] pads token sequences per batch and pools the model's
-    /// token vectors, in every forward (direct ones included).
+    /// [`Engine::load`], with the way requests are joined ([`Collate::Tokens`] pads
+    /// token sequences per batch) and a task's step on the device after every
+    /// forward, direct ones included (the embedding task's pooling).
     pub async fn load_with(
         path: impl AsRef<Path>,
         device: DeviceChoice,
         config: BatchConfig,
         collate: Collate,
+        finish: Option<Arc<dyn Finish>>,
     ) -> Result<Self, LoadError> {
         let model_path = path.as_ref().to_path_buf();
-        // Unbounded: admission is counted in items against `max_queue` before a
-        // request is sent, so a full queue answers at once instead of blocking.
-        let (jobs, queue) = std::sync::mpsc::channel();
-        let (loaded_tx, loaded_rx) = oneshot::channel();
         let (fatal_tx, fatal) = watch::channel(None);
         let stats = Arc::new(EngineStats::default());
-        let shared = worker::Shared {
+        let shared = thread::Shared {
             config,
             collate: collate.clone(),
+            finish,
             stats: stats.clone(),
             fatal: fatal_tx,
         };
-        let thread_path = model_path.clone();
-        std::thread::Builder::new()
-            .name("harness-engine".to_string())
-            .spawn(move || worker::run(thread_path, device, queue, shared, loaded_tx))
-            .map_err(LoadError::Thread)?;
-        match loaded_rx.await {
-            Ok(Ok(())) => Ok(Engine {
-                jobs,
-                device,
-                model_path: Arc::new(model_path),
-                config,
-                collate: Arc::new(collate),
-                stats,
-                fatal,
-            }),
-            Ok(Err(err)) => Err(err),
-            Err(_) => Err(LoadError::Panicked {
-                path: model_path,
-                message: "the engine thread ended before reporting the load".to_string(),
-            }),
-        }
+        let jobs = thread::start(model_path.clone(), device, shared).await?;
+        Ok(Engine {
+            jobs,
+            device,
+            model_path: Arc::new(model_path),
+            config,
+            collate: Arc::new(collate),
+            stats,
+            fatal,
+        })
     }
 
     /// Runs the model's `forward` on exactly `inputs` (moved to the model's device
@@ -202,8 +197,9 @@ impl Engine {
         let _ = self.stats.observer.set(observer);
     }
 
-    /// The engine's counters: queued items, forwards run.
-    pub fn stats(&self) -> &EngineStats {
+    /// The engine's counters: queued items, forwards run. They hold nothing of
+    /// the model, so a reader may keep them past the engine's life.
+    pub fn stats(&self) -> &Arc<EngineStats> {
         &self.stats
     }
 
@@ -211,13 +207,5 @@ impl Engine {
     /// The engine answers no more work after that: the serving must restart.
     pub fn failure(&self) -> watch::Receiver<Option<String>> {
         self.fatal.clone()
-    }
-}
-
-/// libtorch's device for one of ours.
-pub(crate) fn tch_device(device: DeviceChoice) -> tch::Device {
-    match device {
-        DeviceChoice::Cpu => tch::Device::Cpu,
-        DeviceChoice::Cuda(index) => tch::Device::Cuda(index),
     }
 }

@@ -95,14 +95,40 @@ async fn transfer(
     part: &Path,
     meter: &mut FileMeter<'_>,
 ) -> Result<Option<String>, Attempt> {
+    let (mut have, mut hasher) = resume_point(meta, part, meter).await?;
+    if have == meta.size {
+        return Ok(hasher.map(hex_digest));
+    }
+    let (url, response) = get_following_redirects(hub, meta, have).await?;
+    if starts_over(hub, meta, part, &url, &response, have)? {
+        have = 0;
+        meter.resume_at(0);
+        hasher = hasher.map(|_| Sha256::new());
+    }
+    let body = Body {
+        hub,
+        meta,
+        part,
+        url: &url,
+    };
+    let hasher = body.write(response, have, hasher, meter).await?;
+    Ok(hasher.map(hex_digest))
+}
+
+/// Where the `.incomplete` file resumes (a longer one than the file starts over),
+/// with the sha256 of what it already holds for an LFS file.
+async fn resume_point(
+    meta: &FileMeta,
+    part: &Path,
+    meter: &mut FileMeter<'_>,
+) -> Result<(u64, Option<Sha256>), Attempt> {
     let mut have = file_len(part);
     if have > meta.size {
         truncate(part, 0, meta.size)?;
         have = 0;
     }
     meter.resume_at(have);
-    // The hash of what is already on disk (only a resumed file has any).
-    let mut hasher = match meta.sha256() {
+    let hasher = match meta.sha256() {
         Some(_) => Some(
             hash_prefix(part, have)
                 .await
@@ -110,13 +136,19 @@ async fn transfer(
         ),
         None => None,
     };
-    if have == meta.size {
-        return Ok(hasher.map(hex_digest));
-    }
+    Ok((have, hasher))
+}
 
+/// GET the file from byte `have` on, following up to 5 redirects (the Hub sends
+/// LFS files to its CDN); the URL that answered, and its response.
+async fn get_following_redirects(
+    hub: &Hub,
+    meta: &FileMeta,
+    have: u64,
+) -> Result<(String, reqwest::Response), Attempt> {
     let mut url = meta.download_url.clone();
     let mut redirects = 0;
-    let response = loop {
+    loop {
         let mut req = hub.request(Method::GET, &url);
         if have > 0 {
             req = req.header(header::RANGE, format!("bytes={have}-"));
@@ -134,9 +166,20 @@ async fn transfer(
                 continue;
             }
         }
-        break response;
-    };
+        return Ok((url, response));
+    }
+}
 
+/// Reads the response's status against the resume point: `true` when the body is
+/// the whole file again (a server that ignores `Range`), so the file starts over.
+fn starts_over(
+    hub: &Hub,
+    meta: &FileMeta,
+    part: &Path,
+    url: &str,
+    response: &reqwest::Response,
+    have: u64,
+) -> Result<bool, Attempt> {
     match response.status() {
         StatusCode::PARTIAL_CONTENT => {
             let start = response
@@ -150,72 +193,89 @@ async fn transfer(
                     "the server answered another range than asked; starting over",
                 ));
             }
+            Ok(false)
         }
-        StatusCode::OK => {
-            if have > 0 {
-                // The server ignores Range: take the whole file again.
-                truncate(part, 0, meta.size)?;
-                have = 0;
-                meter.resume_at(0);
-                hasher = hasher.map(|_| Sha256::new());
-            }
+        StatusCode::OK if have > 0 => {
+            truncate(part, 0, meta.size)?;
+            Ok(true)
         }
+        StatusCode::OK => Ok(false),
         StatusCode::RANGE_NOT_SATISFIABLE => {
             truncate(part, 0, meta.size)?;
-            return Err(retry_now(
+            Err(retry_now(
                 "the server refused the resume range; starting over",
-            ));
+            ))
         }
-        _ => return Err(hub.status_failure(&url, Some(&meta.file), &response)),
+        _ => Err(hub.status_failure(url, Some(&meta.file), response)),
     }
+}
 
-    // Whatever happens, what arrived reaches the disk, so that the next attempt
-    // (or the next process) resumes after it.
-    let writer = BlobWriter::start(part, hasher.take())
-        .map_err(|e| Attempt::Fatal(write_error(part, e, meta.size)))?;
-    let mut body = response.bytes_stream();
-    let mut broken = None;
-    let mut overflow = false;
-    while let Some(chunk) = body.next().await {
-        let chunk = match chunk {
-            Ok(chunk) => chunk,
-            Err(err) => {
-                broken = Some(hub.transport(&url, err));
+/// A response body on its way into the `.incomplete` file.
+struct Body<'a> {
+    hub: &'a Hub,
+    meta: &'a FileMeta,
+    part: &'a Path,
+    url: &'a str,
+}
+
+impl Body<'_> {
+    /// Streams the body after the file's first `have` bytes, hashing as it goes.
+    /// Whatever happens, what arrived reaches the disk, so that the next attempt
+    /// (or the next process) resumes after it.
+    async fn write(
+        &self,
+        response: reqwest::Response,
+        mut have: u64,
+        hasher: Option<Sha256>,
+        meter: &mut FileMeter<'_>,
+    ) -> Result<Option<Sha256>, Attempt> {
+        let (part, size) = (self.part, self.meta.size);
+        let writer = BlobWriter::start(part, hasher)
+            .map_err(|e| Attempt::Fatal(write_error(part, e, size)))?;
+        let mut body = response.bytes_stream();
+        let mut broken = None;
+        let mut overflow = false;
+        while let Some(chunk) = body.next().await {
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(err) => {
+                    broken = Some(self.hub.transport(self.url, err));
+                    break;
+                }
+            };
+            let len = chunk.len() as u64;
+            if have + len > size {
+                overflow = true;
                 break;
             }
-        };
-        let len = chunk.len() as u64;
-        if have + len > meta.size {
-            overflow = true;
-            break;
+            if !writer.write(chunk).await {
+                break; // the disk side failed: finish() says why
+            }
+            have += len;
+            meter.advance(len);
         }
-        if !writer.write(chunk).await {
-            break; // the disk side failed: finish() says why
+        let hasher = writer
+            .finish()
+            .await
+            .map_err(|e| Attempt::Fatal(write_error(part, e, size)))?;
+        if overflow {
+            truncate(part, 0, size)?;
+            return Err(retry_now(
+                "the server sent more bytes than it announced; starting over",
+            ));
         }
-        have += len;
-        meter.advance(len);
+        if let Some(broken) = broken {
+            return Err(broken);
+        }
+        if have < size {
+            return Err(Attempt::Retry {
+                reason: format!("the transfer ended early, at {have} of {size} bytes"),
+                after: None,
+                status: None,
+            });
+        }
+        Ok(hasher)
     }
-    let hasher = writer
-        .finish()
-        .await
-        .map_err(|e| Attempt::Fatal(write_error(part, e, meta.size)))?;
-    if overflow {
-        truncate(part, 0, meta.size)?;
-        return Err(retry_now(
-            "the server sent more bytes than it announced; starting over",
-        ));
-    }
-    if let Some(broken) = broken {
-        return Err(broken);
-    }
-    if have < meta.size {
-        return Err(Attempt::Retry {
-            reason: format!("the transfer ended early, at {have} of {} bytes", meta.size),
-            after: None,
-            status: None,
-        });
-    }
-    Ok(hasher.map(hex_digest))
 }
 
 /// `None` when the file is right; else what its digest (or size) was.

@@ -1,29 +1,47 @@
 //! The serving's slow start, run after the actor has started so that requests are
-//! answered (`NotReady`) meanwhile: device check, download, load, warm-up, ready.
+//! answered (`NotReady`) meanwhile: choose the device, fetch, load the task, warm
+//! up, go ready; then watch the engine until it fails.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, RwLock};
 
 use harness_client::{serving_group, ServingMessage};
 use ractor::ActorRef;
+use tokio::sync::watch;
 
-use super::shared::{DeviceInfo, FileInfo, ModelInfo, Phase, ServingShared};
-use crate::config::Task;
+use super::shared::{DeviceInfo, FileInfo, ModelInfo, Phase, Running, ServingShared};
 use crate::config::{Config, ModelSource};
 use crate::device::choose_serving_device;
-use crate::engine::{gpu::GpuFacts, Engine};
+use crate::engine::{gpu::GpuFacts, DeviceChoice};
 use crate::fetch;
-use crate::tasks::embedding::Embedder;
-use crate::tasks::tensor::InputSpec;
+use crate::tasks::{self, tensor::InputSpec, LoadContext, Task};
 
-/// What a ready serving runs requests with.
-#[derive(Clone)]
-pub struct Ready {
-    pub engine: Engine,
-    /// The model's per-item inputs (`HARNESS_WARMUP_INPUTS`), when declared:
-    /// requests are checked against them.
-    pub inputs: Option<Arc<Vec<InputSpec>>>,
-    /// The tokenizer and pooling, for the embedding task.
-    pub embedder: Option<Arc<Embedder>>,
+/// The loaded task of one life of the serving, and with it the model: set once
+/// when the serving is ready, released when that life ends ([`Loaded::release`] in
+/// `post_stop`, or the actor's state dropped after a panic), so that the model's
+/// memory is freed before the supervisor loads the next one. Requests in flight
+/// hold it only until they are answered.
+#[derive(Default)]
+pub struct Loaded(RwLock<Option<Arc<dyn Task>>>);
+
+impl Loaded {
+    /// The task, once ready.
+    pub fn get(&self) -> Option<Arc<dyn Task>> {
+        self.0.read().ok().and_then(|t| t.clone())
+    }
+
+    fn set(&self, task: Arc<dyn Task>) {
+        if let Ok(mut slot) = self.0.write() {
+            *slot = Some(task);
+        }
+    }
+
+    /// Lets go of the task: the engine ends once the last request using it is
+    /// answered.
+    pub fn release(&self) {
+        if let Ok(mut slot) = self.0.write() {
+            slot.take();
+        }
+    }
 }
 
 /// Brings the serving to `ready` (or `no_gpu`), then watches the engine. A failure
@@ -33,68 +51,85 @@ pub async fn run(
     myself: ActorRef<ServingMessage>,
     config: Arc<Config>,
     shared: Arc<ServingShared>,
-    ready: Arc<OnceLock<Ready>>,
+    loaded: Arc<Loaded>,
 ) {
-    let engine = match start(&myself, &config, &shared, &ready).await {
-        Ok(Some(engine)) => engine,
+    let reason = match start(&myself, &config, &shared, &loaded).await {
+        Ok(Some(failure)) => until_failed(failure).await,
         Ok(None) => return, // no GPU: alive, never ready
-        Err(reason) => {
-            shared.set_phase(Phase::Failed, Some(reason.clone()));
-            myself.stop(Some(reason));
-            return;
-        }
-    };
-    let mut failure = engine.failure();
-    let reason = loop {
-        if let Some(reason) = failure.borrow().clone() {
-            break reason;
-        }
-        if failure.changed().await.is_err() {
-            break "the engine thread ended".to_string();
-        }
+        Err(reason) => reason,
     };
     shared.set_phase(Phase::Failed, Some(reason.clone()));
     myself.stop(Some(reason));
 }
 
+/// The phases in order; the engine's failure signal once ready, `None` without a GPU.
 async fn start(
     myself: &ActorRef<ServingMessage>,
     config: &Config,
     shared: &ServingShared,
-    ready: &OnceLock<Ready>,
-) -> Result<Option<Engine>, String> {
-    let facts = tokio::task::spawn_blocking(GpuFacts::probe)
-        .await
-        .map_err(|e| format!("probing the GPU: {e}"))?;
-    let device = match choose_serving_device(config.device, &facts, &shared.name) {
-        Ok(device) => {
-            let (kind, name) = match device {
-                crate::device::DeviceChoice::Cpu => ("cpu", "cpu".to_string()),
-                crate::device::DeviceChoice::Cuda(i) => {
-                    let gpu = facts.devices.get(i).map_or("unknown", |d| d.name.as_str());
-                    ("cuda", format!("cuda:{i} {gpu}"))
-                }
-            };
-            shared.set_device(DeviceInfo {
-                kind: kind.to_string(),
-                name,
-            });
-            device
-        }
-        Err(no_gpu) => {
-            shared.set_phase(Phase::NoGpu, Some(no_gpu.to_string()));
-            return Ok(None);
-        }
+    loaded: &Loaded,
+) -> Result<Option<watch::Receiver<Option<String>>>, String> {
+    let warmup_inputs = warmup_inputs(config)?;
+    let Some(device) = choose_device(config, shared).await? else {
+        return Ok(None);
     };
-    let warmup = config
+    shared.set_phase(Phase::Downloading, None);
+    let files = fetch_model(config, shared).await?;
+    shared.set_phase(Phase::Loading, None);
+    let task = load_task(config, shared, files, device, warmup_inputs).await?;
+    shared.set_phase(Phase::Warming, None);
+    task.clone().warm_up().await?;
+    let failure = task.failure();
+    go_ready(myself, shared, loaded, task, device);
+    Ok(Some(failure))
+}
+
+/// `HARNESS_WARMUP_INPUTS`, checked before anything slow.
+fn warmup_inputs(config: &Config) -> Result<Option<Vec<InputSpec>>, String> {
+    config
         .serving
         .warmup_inputs
         .as_deref()
         .map(InputSpec::parse_list)
         .transpose()
-        .map_err(|e| format!("HARNESS_WARMUP_INPUTS: {e}"))?;
+        .map_err(|e| format!("HARNESS_WARMUP_INPUTS: {e}"))
+}
 
-    shared.set_phase(Phase::Downloading, None);
+/// The device the policy gives on this machine, shown in `/status`; `None` (and
+/// the `no_gpu` phase) when the policy needs a GPU that is not there.
+async fn choose_device(
+    config: &Config,
+    shared: &ServingShared,
+) -> Result<Option<DeviceChoice>, String> {
+    let facts = tokio::task::spawn_blocking(GpuFacts::probe)
+        .await
+        .map_err(|e| format!("probing the GPU: {e}"))?;
+    let device = match choose_serving_device(config.device, &facts, &shared.name) {
+        Ok(device) => device,
+        Err(no_gpu) => {
+            shared.set_phase(Phase::NoGpu, Some(no_gpu.to_string()));
+            return Ok(None);
+        }
+    };
+    let (kind, name) = match device {
+        DeviceChoice::Cpu => ("cpu", "cpu".to_string()),
+        DeviceChoice::Cuda(i) => {
+            let gpu = facts.devices.get(i).map_or("unknown", |d| d.name.as_str());
+            ("cuda", format!("cuda:{i} {gpu}"))
+        }
+    };
+    shared.set_device(DeviceInfo {
+        kind: kind.to_string(),
+        name,
+    });
+    Ok(Some(device))
+}
+
+/// The model's files, from the Hub (through the cache) or a local folder, by name.
+async fn fetch_model(
+    config: &Config,
+    shared: &ServingShared,
+) -> Result<Vec<(String, std::path::PathBuf)>, String> {
     let source = config.model.source(config.serving.task)?;
     let (repo, revision, names) = match &source {
         ModelSource::Dir { dir, files } => (
@@ -115,87 +150,68 @@ async fn start(
         ModelSource::Hub(spec) => fetch::fetch(spec, &shared.progress).await,
     }
     .map_err(|e| e.to_string())?;
+    let files: Vec<_> = names.into_iter().zip(snapshot.files).collect();
     shared.set_model(ModelInfo {
         repo,
         revision,
-        commit: snapshot.commit.clone(),
-        files: names
+        commit: snapshot.commit,
+        files: files
             .iter()
-            .zip(&snapshot.files)
             .map(|(name, path)| FileInfo {
                 name: name.clone(),
                 size: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
             })
             .collect(),
     });
-    let (model, embedder) = match config.serving.task {
-        // The first file is the TorchScript model; the others are for the task.
-        Task::Tensor => (snapshot.files.first().ok_or("no model file")?.clone(), None),
-        Task::Embedding => {
-            let files: Vec<_> = names.iter().cloned().zip(snapshot.files.clone()).collect();
-            let embedder = tokio::task::spawn_blocking(move || Embedder::load(&files))
-                .await
-                .map_err(|e| format!("reading the tokenizer: {e}"))??;
-            let m = &embedder.manifest;
-            tracing::info!(
-                inputs = ?m.inputs,
-                pooling = %m.pooling,
-                normalize = m.normalize,
-                max_seq_length = m.max_seq_length,
-                dimension = m.dimension,
-                "embedding model described by harness.json"
-            );
-            (embedder.model_path.clone(), Some(Arc::new(embedder)))
-        }
-    };
+    Ok(files)
+}
 
-    shared.set_phase(Phase::Loading, None);
+/// The configured task, loaded onto `device`; the load time goes to the metrics.
+async fn load_task(
+    config: &Config,
+    shared: &ServingShared,
+    files: Vec<(String, std::path::PathBuf)>,
+    device: DeviceChoice,
+    warmup_inputs: Option<Vec<InputSpec>>,
+) -> Result<Arc<dyn Task>, String> {
     let loading = std::time::Instant::now();
-    let collate = embedder.as_ref().map(|e| e.collate()).unwrap_or_default();
-    let engine = Engine::load_with(&model, device, config.serving.batch(), collate)
-        .await
-        .map_err(|e| e.to_string())?;
-    shared.metrics.model_loaded(loading.elapsed());
-    engine.observe(shared.metrics.clone());
-
-    shared.set_phase(Phase::Warming, None);
-    let inputs = match (&embedder, &warmup) {
-        (Some(embedder), _) => {
-            let max_batch = config.serving.max_batch_size as i64;
-            let longest = embedder.manifest.max_seq_length as i64;
-            // Short texts one at a time and batched, and one of the longest.
-            for (items, tokens) in [(1, 16), (max_batch, 16), (1, longest)] {
-                let sample = embedder.warmup_inputs(items, tokens.min(longest));
-                engine
-                    .warm_up(sample, 2)
-                    .await
-                    .map_err(|e| format!("the warm-up forward failed: {e}"))?;
-            }
-            None
-        }
-        (None, Some(specs)) => {
-            // One item and a full batch: the shapes the batcher will send.
-            for items in [1, config.serving.max_batch_size as i64] {
-                let sample: Vec<_> = specs.iter().map(|s| s.zeros(items)).collect();
-                engine.warm_up(sample, 3).await.map_err(|e| {
-                    format!("the warm-up forward failed (check HARNESS_WARMUP_INPUTS): {e}")
-                })?;
-            }
-            Some(Arc::new(specs.clone()))
-        }
-        (None, None) => {
-            tracing::warn!("HARNESS_WARMUP_INPUTS is unset: no warm-up, so the first requests of each shape are slow");
-            None
-        }
+    let context = LoadContext {
+        files,
+        device,
+        batch: config.serving.batch(),
+        warmup_inputs,
+        observer: shared.metrics.clone(),
     };
+    let task = tasks::load(config.serving.task, context).await?;
+    shared.metrics.model_loaded(loading.elapsed());
+    Ok(task)
+}
 
-    let _ = ready.set(Ready {
-        engine: engine.clone(),
-        inputs,
-        embedder,
-    });
-    shared.set_engine(Some(engine.clone()));
+/// Hands the task to the actor, joins the process group, and says so.
+fn go_ready(
+    myself: &ActorRef<ServingMessage>,
+    shared: &ServingShared,
+    loaded: &Loaded,
+    task: Arc<dyn Task>,
+    device: DeviceChoice,
+) {
+    shared.set_running(Some(Running {
+        stats: task.stats(),
+        device,
+    }));
+    loaded.set(task);
     ractor::pg::join(serving_group(&shared.name), vec![myself.get_cell()]);
     shared.set_phase(Phase::Ready, None);
-    Ok(Some(engine))
+}
+
+/// Waits until the engine reports a failure it cannot survive, or ends.
+async fn until_failed(mut failure: watch::Receiver<Option<String>>) -> String {
+    loop {
+        if let Some(reason) = failure.borrow().clone() {
+            return reason;
+        }
+        if failure.changed().await.is_err() {
+            return "the engine thread ended".to_string();
+        }
+    }
 }

@@ -5,18 +5,18 @@
 //! outlives restarts.
 
 mod boot;
-mod embed;
 mod request;
-mod run;
 mod shared;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use harness_client::{serving_group, Fault, Payload, ServingError, ServingMessage};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::watch;
 
-pub use shared::{DeviceInfo, FileInfo, InFlight, ModelInfo, Phase, PhaseInfo, ServingShared};
+pub use shared::{
+    DeviceInfo, FileInfo, InFlight, ModelInfo, Phase, PhaseInfo, Running, ServingShared,
+};
 
 use crate::config::Config;
 
@@ -33,7 +33,8 @@ pub struct ServingArgs {
 pub struct ServingState {
     config: Arc<Config>,
     shared: Arc<ServingShared>,
-    ready: Arc<OnceLock<boot::Ready>>,
+    /// The task (and model) of this life, once ready.
+    loaded: Arc<boot::Loaded>,
     /// Set (or dropped, on a panic) when this life ends: requests in flight are
     /// then answered `Internal` at once.
     stopped: watch::Sender<bool>,
@@ -64,7 +65,7 @@ impl Actor for DelayedServing {
         Ok(ServingState {
             config: args.config,
             shared: args.shared,
-            ready: Arc::new(OnceLock::new()),
+            loaded: Arc::new(boot::Loaded::default()),
             stopped: watch::channel(false).0,
             boot: None,
         })
@@ -79,7 +80,7 @@ impl Actor for DelayedServing {
             myself,
             state.config.clone(),
             state.shared.clone(),
-            state.ready.clone(),
+            state.loaded.clone(),
         );
         state.boot = Some(AbortOnDrop(tokio::spawn(task)));
         Ok(())
@@ -95,18 +96,18 @@ impl Actor for DelayedServing {
             ServingMessage::Run(payload, port) => request::spawn(
                 payload,
                 port,
-                state.ready.get(),
+                state.loaded.get(),
                 &state.shared,
                 state.stopped.subscribe(),
-                run::run,
+                |task, request, timing| task.run(request, timing),
             ),
             ServingMessage::Embed(payload, port) => request::spawn(
                 payload,
                 port,
-                state.ready.get(),
+                state.loaded.get(),
                 &state.shared,
                 state.stopped.subscribe(),
-                embed::embed,
+                |task, request, timing| task.embed(request, timing),
             ),
             ServingMessage::Status(_, port) => {
                 let _ = port.send(Payload::new(state.shared.status()));
@@ -149,6 +150,9 @@ impl Actor for DelayedServing {
     ) -> Result<(), ActorProcessingErr> {
         state.stopped.send_replace(true);
         state.boot.take();
+        // This life's model goes now, before the supervisor loads the next one.
+        state.loaded.release();
+        state.shared.set_running(None);
         ractor::pg::leave(serving_group(&state.shared.name), vec![myself.get_cell()]);
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! One request's life: checked (decoding, protocol version, readiness, time
 //! budget), handed to a task of its own so the actor goes on to the next message,
 //! answered exactly once (also when the serving stops meanwhile), and counted.
-//! What the request does is in [`super::run`] and [`super::embed`].
+//! What the request does is the task's ([`crate::tasks::Task`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,9 +11,8 @@ use harness_client::{EmbedRequest, Payload, RunRequest, ServingError, PROTOCOL_V
 use ractor::RpcReplyPort;
 use tokio::sync::watch;
 
-use super::boot::Ready;
 use super::shared::{Phase, ServingShared};
-use crate::engine::{ForwardError, RunError};
+use crate::tasks::{Task, Timing};
 
 /// What every request carries besides its work.
 pub trait Call: Send + 'static {
@@ -40,25 +39,18 @@ impl Call for EmbedRequest {
     }
 }
 
-/// When a request arrived and when its caller stops waiting.
-#[derive(Debug, Clone, Copy)]
-pub struct Timing {
-    pub received: Instant,
-    pub deadline: Instant,
-}
-
 /// Answers at once what can be answered at once, and runs `work` in a task.
 pub fn spawn<C, T, W, F>(
     payload: Payload<C>,
     port: RpcReplyPort<Payload<Result<T, ServingError>>>,
-    ready: Option<&Ready>,
+    ready: Option<Arc<dyn Task>>,
     shared: &Arc<ServingShared>,
     stopped: watch::Receiver<bool>,
     work: W,
 ) where
     C: Call,
     T: Send + 'static,
-    W: FnOnce(Ready, C, Timing) -> F + Send + 'static,
+    W: FnOnce(Arc<dyn Task>, C, Timing) -> F + Send + 'static,
     F: Future<Output = Result<T, ServingError>> + Send + 'static,
     Payload<Result<T, ServingError>>: ractor::Message,
 {
@@ -90,7 +82,6 @@ pub fn spawn<C, T, W, F>(
         received,
         deadline: received + Duration::from_millis(request.timeout_ms()),
     };
-    let ready = ready.clone();
     let in_flight = shared.request_started();
     tokio::spawn(async move {
         let _in_flight = in_flight;
@@ -129,43 +120,6 @@ pub fn check_version(version: u32) -> Result<(), ServingError> {
     })
 }
 
-/// What the caller can do about an engine error.
-pub fn serving_error(err: RunError, received: Instant) -> ServingError {
-    match err {
-        RunError::Overloaded { queued, capacity } => ServingError::Overloaded { queued, capacity },
-        RunError::DeadlineExceeded { .. } => ServingError::DeadlineExceeded {
-            waited_ms: received.elapsed().as_millis() as u64,
-        },
-        RunError::Forward(
-            e @ (ForwardError::Arity { .. }
-            | ForwardError::DType { .. }
-            | ForwardError::Shape { .. }),
-        ) => ServingError::BadInput {
-            reason: e.to_string(),
-        },
-        RunError::Forward(
-            e @ (ForwardError::OutOfMemory { .. }
-            | ForwardError::Model { .. }
-            | ForwardError::UnsupportedOutput { .. }),
-        ) => ServingError::Model {
-            message: e.to_string(),
-        },
-        RunError::Forward(
-            e @ (ForwardError::Device { .. }
-            | ForwardError::Panicked { .. }
-            | ForwardError::Stopped),
-        ) => ServingError::Internal {
-            message: e.to_string(),
-        },
-    }
-}
-
-pub fn internal(err: impl std::fmt::Display) -> ServingError {
-    ServingError::Internal {
-        message: err.to_string(),
-    }
-}
-
 /// Resolves when the actor that took the request has stopped (or died).
 async fn until_stopped(mut stopped: watch::Receiver<bool>) {
     loop {
@@ -175,5 +129,39 @@ async fn until_stopped(mut stopped: watch::Receiver<bool>) {
         if stopped.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_outcome_label_is_one_the_metrics_show_from_the_start() {
+        let errors = [
+            ServingError::NotReady {
+                phase: "loading".to_string(),
+            },
+            ServingError::Overloaded {
+                queued: 1,
+                capacity: 1,
+            },
+            ServingError::BadInput {
+                reason: String::new(),
+            },
+            ServingError::Model {
+                message: String::new(),
+            },
+            ServingError::DeadlineExceeded { waited_ms: 1 },
+            ServingError::Internal {
+                message: String::new(),
+            },
+        ];
+        let mut labels: Vec<_> = errors.into_iter().map(|e| outcome::<()>(&Err(e))).collect();
+        labels.push(outcome(&Ok(())));
+        for label in &labels {
+            assert!(crate::metrics::OUTCOMES.contains(label), "{label}");
+        }
+        assert_eq!(labels.len(), crate::metrics::OUTCOMES.len());
     }
 }

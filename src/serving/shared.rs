@@ -1,6 +1,7 @@
 //! What outlives one life of the serving actor: its phase (a watch channel that
-//! HTTP and `Status` read), the download progress, the restart count, the engine
-//! in use, and the requests in flight.
+//! HTTP and `Status` read), the download progress, the restart count, the running
+//! engine's counters and device, and the requests in flight. Nothing here holds
+//! the model: the serving's life owns it (see [`super::boot::Loaded`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,11 +11,11 @@ use tokio::sync::watch;
 
 use serde::Serialize;
 
-use crate::engine::Engine;
+use crate::engine::{DeviceChoice, EngineStats};
 use crate::fetch::FetchProgress;
 use crate::metrics::Metrics;
 
-/// The serving's phases (DESIGN.md), plus `draining` during shutdown.
+/// The serving's phases (docs/ARCHITECTURE.md), plus `draining` during shutdown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Starting,
@@ -97,7 +98,7 @@ pub struct ServingShared {
     /// became ready: what idle shutdown measures from.
     last_activity: Mutex<std::time::Instant>,
     draining: AtomicBool,
-    engine: Mutex<Option<Engine>>,
+    running: Mutex<Option<Running>>,
     /// The latest phase changes, oldest first (the watch channel keeps only the last).
     history: Mutex<std::collections::VecDeque<Phase>>,
 }
@@ -123,7 +124,7 @@ impl ServingShared {
             in_flight: AtomicU64::new(0),
             last_activity: Mutex::new(std::time::Instant::now()),
             draining: AtomicBool::new(false),
-            engine: Mutex::new(None),
+            running: Mutex::new(None),
             history: Mutex::new(std::collections::VecDeque::new()),
         })
     }
@@ -251,20 +252,26 @@ impl ServingShared {
         })
     }
 
-    pub fn set_engine(&self, engine: Option<Engine>) {
-        if let Ok(mut current) = self.engine.lock() {
-            *current = engine;
+    /// The ready serving's engine, or none once its life ended.
+    pub fn set_running(&self, running: Option<Running>) {
+        if let Ok(mut current) = self.running.lock() {
+            *current = running;
         }
     }
 
-    pub fn engine(&self) -> Option<Engine> {
-        self.engine.lock().ok().and_then(|e| e.clone())
+    /// The running engine's counters (forwards, batched items, queued items).
+    pub fn engine_stats(&self) -> Option<Arc<EngineStats>> {
+        self.running().map(|r| r.stats)
+    }
+
+    fn running(&self) -> Option<Running> {
+        self.running.lock().ok().and_then(|r| r.clone())
     }
 
     /// Items waiting in the engine's queue.
     pub fn queue_depth(&self) -> u64 {
-        self.engine()
-            .map_or(0, |e| e.stats().queued_items.load(Ordering::Relaxed))
+        self.engine_stats()
+            .map_or(0, |s| s.queued_items.load(Ordering::Relaxed))
     }
 
     /// The `Status` answer.
@@ -274,10 +281,25 @@ impl ServingShared {
             phase: info.phase.as_str().to_string(),
             message: info.message,
             serving: self.name.clone(),
-            device: self.engine().map(|e| e.device().to_string()),
+            device: self.running().map(|r| r.device.to_string()),
             queue_depth: self.queue_depth(),
             restarts: self.restarts(),
         }
+    }
+}
+
+/// What the serving reads of a ready engine: its counters and where it runs.
+#[derive(Clone)]
+pub struct Running {
+    pub stats: Arc<EngineStats>,
+    pub device: DeviceChoice,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("device", &self.device)
+            .finish()
     }
 }
 

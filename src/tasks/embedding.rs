@@ -5,15 +5,21 @@
 //! `tokenizer.json` and `harness.json`, which names the inputs and says how to pool
 //! (sentence-transformers' settings, read by the export). Texts are tokenized here
 //! and truncated to the model's longest input; the engine pads each batch to its own
-//! longest text and pools on the device ([`Collate::Tokens`]).
+//! longest text ([`Collate::Tokens`]) and pools on the device ([`Pooler`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use futures_util::future::{join_all, BoxFuture};
+use harness_client::{EmbedReply, EmbedRequest, Embedding, ServingError};
 use serde::Deserialize;
 use tch::Tensor;
+use tokio::sync::watch;
 
+use super::pooling::{Pooler, Pooling};
 use super::tokenizer::{TextTokenizer, Tokens};
-use crate::engine::{Collate, Pooling, TokenPooling};
+use super::{off_async, serving_error, LoadContext, Task, Timing};
+use crate::engine::{Collate, Engine, EngineStats};
 
 /// The files an embedding model needs when `HARNESS_MODEL_FILES` is unset.
 pub const DEFAULT_FILES: &[&str] = &["model.pt", "tokenizer.json", "harness.json"];
@@ -169,9 +175,9 @@ impl Embedder {
         })
     }
 
-    /// How the engine pads and pools for this model.
+    /// How the engine pads this model's token batches.
     pub fn collate(&self) -> Collate {
-        Collate::Tokens(TokenPooling {
+        Collate::Tokens {
             pad_values: self
                 .inputs
                 .iter()
@@ -180,6 +186,12 @@ impl Embedder {
                     TokenInput::AttentionMask | TokenInput::TypeIds => 0,
                 })
                 .collect(),
+        }
+    }
+
+    /// How the engine pools this model's token vectors, on the device.
+    pub fn pooler(&self) -> Pooler {
+        Pooler {
             mask_input: self
                 .inputs
                 .iter()
@@ -187,7 +199,7 @@ impl Embedder {
                 .unwrap_or(1),
             pooling: self.pooling,
             normalize: self.manifest.normalize,
-        })
+        }
     }
 
     /// Tokenizes `texts`: one entry per text.
@@ -226,8 +238,153 @@ impl Embedder {
     }
 }
 
+/// The embedding task: the tokenizer and pooling around an engine of token batches.
+pub struct EmbeddingTask {
+    embedder: Arc<Embedder>,
+    engine: Engine,
+}
+
+impl EmbeddingTask {
+    /// Reads `harness.json` and the tokenizer, then loads the model with token
+    /// batching and pooling.
+    pub async fn load(context: LoadContext) -> Result<Self, String> {
+        let files = context.files;
+        let embedder = tokio::task::spawn_blocking(move || Embedder::load(&files))
+            .await
+            .map_err(|e| format!("reading the tokenizer: {e}"))??;
+        let m = &embedder.manifest;
+        tracing::info!(
+            inputs = ?m.inputs,
+            pooling = %m.pooling,
+            normalize = m.normalize,
+            max_seq_length = m.max_seq_length,
+            dimension = m.dimension,
+            "embedding model described by harness.json"
+        );
+        let engine = Engine::load_with(
+            &embedder.model_path,
+            context.device,
+            context.batch,
+            embedder.collate(),
+            Some(Arc::new(embedder.pooler())),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        engine.observe(context.observer);
+        Ok(EmbeddingTask {
+            embedder: Arc::new(embedder),
+            engine,
+        })
+    }
+
+    #[tracing::instrument(name = "serving.embed", skip_all, fields(texts = request.texts.len()))]
+    async fn embed_texts(self: Arc<Self>, request: EmbedRequest, timing: Timing) -> EmbedReply {
+        let texts = request.texts;
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Each text is one queued item: more than the queue holds could never be taken.
+        let capacity = self.engine.config().max_queue;
+        if texts.len() > capacity {
+            return Err(ServingError::BadInput {
+                reason: format!(
+                    "{} texts in one call, but the node queues at most {capacity} (HARNESS_MAX_QUEUE): send fewer per call",
+                    texts.len()
+                ),
+            });
+        }
+        let embedder = self.embedder.clone();
+        let (inputs, facts) = off_async(
+            move || {
+                let tokens = embedder.tokenize(&texts)?;
+                let facts: Vec<_> = tokens
+                    .iter()
+                    .map(|t| (t.ids.len() as u32, t.truncated))
+                    .collect();
+                let inputs: Vec<_> = tokens.iter().map(|t| embedder.to_tensors(t)).collect();
+                Ok((inputs, facts))
+            },
+            |reason| ServingError::BadInput { reason },
+        )
+        .await?;
+
+        let engine = &self.engine;
+        let answers = join_all(
+            inputs
+                .into_iter()
+                .map(|inputs| engine.run(inputs, timing.deadline)),
+        )
+        .await;
+        let outputs = answers
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| serving_error(e, timing.received))?;
+        let vectors = off_async(
+            move || {
+                outputs
+                    .into_iter()
+                    .map(vector)
+                    .collect::<Result<Vec<_>, _>>()
+            },
+            |message| ServingError::Model { message },
+        )
+        .await?;
+        Ok(vectors
+            .into_iter()
+            .zip(facts)
+            .map(|(vector, (tokens, truncated))| Embedding {
+                vector,
+                tokens,
+                truncated,
+            })
+            .collect())
+    }
+}
+
+impl Task for EmbeddingTask {
+    fn name(&self) -> &'static str {
+        "embedding"
+    }
+
+    fn answers(&self) -> &'static str {
+        "Embed"
+    }
+
+    fn warm_up(self: Arc<Self>) -> BoxFuture<'static, Result<(), String>> {
+        Box::pin(async move {
+            let max_batch = self.engine.config().max_batch_size as i64;
+            let longest = self.embedder.manifest.max_seq_length as i64;
+            // Short texts one at a time and batched, and one of the longest.
+            for (items, tokens) in [(1, 16), (max_batch, 16), (1, longest)] {
+                let sample = self.embedder.warmup_inputs(items, tokens.min(longest));
+                self.engine
+                    .warm_up(sample, 2)
+                    .await
+                    .map_err(|e| format!("the warm-up forward failed: {e}"))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn stats(&self) -> Arc<EngineStats> {
+        self.engine.stats().clone()
+    }
+
+    fn failure(&self) -> watch::Receiver<Option<String>> {
+        self.engine.failure()
+    }
+
+    fn embed(
+        self: Arc<Self>,
+        request: EmbedRequest,
+        timing: Timing,
+    ) -> BoxFuture<'static, EmbedReply> {
+        Box::pin(self.embed_texts(request, timing))
+    }
+}
+
 /// One text's vector from the engine's answer (`[1, dimension]`).
-pub fn vector(mut output: Vec<Tensor>) -> Result<Vec<f32>, String> {
+fn vector(mut output: Vec<Tensor>) -> Result<Vec<f32>, String> {
     let vector = output.pop().ok_or("the engine answered no vector")?;
     vector
         .f_view([-1])

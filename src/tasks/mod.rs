@@ -1,6 +1,158 @@
-//! Tasks: what a request means to the model, on each side of the engine. With the
-//! engine, the only room that touches `tch`.
+//! Tasks: what a request means to the model, on each side of the engine. Each task
+//! is one type implementing [`Task`]: it checks its requests, prepares them for
+//! the engine (tensors from the wire, texts tokenized), finishes the engine's
+//! answer (vectors pooled, tensors to the wire) and warms its model up. The
+//! serving holds one `Arc<dyn Task>` and knows no task by name: adding a task is
+//! adding a file here and an arm in [`load`].
+//!
+//! With the engine, the only room that touches `tch`.
 
 pub mod embedding;
+mod pooling;
 pub mod tensor;
 pub mod tokenizer;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::future::BoxFuture;
+use harness_client::{EmbedReply, EmbedRequest, RunReply, RunRequest, ServingError};
+use tokio::sync::watch;
+
+pub use pooling::{Pooler, Pooling};
+
+use crate::config::Task as TaskKind;
+use crate::engine::{
+    BatchConfig, BatchObserver, DeviceChoice, EngineStats, ForwardError, RunError,
+};
+
+/// When a request arrived and when its caller stops waiting.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub received: Instant,
+    pub deadline: Instant,
+}
+
+/// What a task is loaded with.
+pub struct LoadContext {
+    /// The model's files by name (as `HARNESS_MODEL_FILES` lists them), fetched.
+    pub files: Vec<(String, PathBuf)>,
+    pub device: DeviceChoice,
+    pub batch: BatchConfig,
+    /// `HARNESS_WARMUP_INPUTS`, parsed: the tensor task's per-item inputs.
+    pub warmup_inputs: Option<Vec<tensor::InputSpec>>,
+    /// Told of every batch the task's engine runs (the serving's metrics).
+    pub observer: Arc<dyn BatchObserver>,
+}
+
+/// A loaded task: its model on the device and everything around it. A request
+/// kind the task does not answer gets `BadInput` naming the one it does.
+pub trait Task: Send + Sync + 'static {
+    /// The task's name, as `HARNESS_TASK` writes it.
+    fn name(&self) -> &'static str;
+
+    /// The request kind it answers (`Run`, `Embed`), for callers who send another.
+    fn answers(&self) -> &'static str;
+
+    /// Runs the model on the shapes it will serve, so the first requests are not
+    /// slow (TorchScript optimises a graph per input shape over its first calls).
+    fn warm_up(self: Arc<Self>) -> BoxFuture<'static, Result<(), String>>;
+
+    /// The engine's counters (queued items), which outlive the model.
+    fn stats(&self) -> Arc<EngineStats>;
+
+    /// Resolves when the model's engine fails for good, with why.
+    fn failure(&self) -> watch::Receiver<Option<String>>;
+
+    /// `Run`: tensors in, tensors out.
+    fn run(self: Arc<Self>, _request: RunRequest, _timing: Timing) -> BoxFuture<'static, RunReply> {
+        let refusal = self.refuse("Run");
+        Box::pin(async move { Err(refusal) })
+    }
+
+    /// `Embed`: texts in, one vector per text out.
+    fn embed(
+        self: Arc<Self>,
+        _request: EmbedRequest,
+        _timing: Timing,
+    ) -> BoxFuture<'static, EmbedReply> {
+        let refusal = self.refuse("Embed");
+        Box::pin(async move { Err(refusal) })
+    }
+
+    /// The answer to a request kind this task does not take.
+    fn refuse(&self, sent: &str) -> ServingError {
+        let (name, answers) = (self.name(), self.answers());
+        let task = ANSWERED_BY
+            .iter()
+            .find(|(kind, _)| *kind == sent)
+            .map_or(String::new(), |(_, task)| {
+                format!(", or start it with HARNESS_TASK={task}")
+            });
+        ServingError::BadInput {
+            reason: format!("this node serves the {name} task: send {answers}{task}"),
+        }
+    }
+}
+
+/// Which task answers each request kind (`HARNESS_TASK`'s values).
+const ANSWERED_BY: &[(&str, &str)] = &[("Run", "tensor"), ("Embed", "embedding")];
+
+/// Loads the task `kind` from its files: its own checks, its engine, its model.
+pub async fn load(kind: TaskKind, context: LoadContext) -> Result<Arc<dyn Task>, String> {
+    Ok(match kind {
+        TaskKind::Tensor => Arc::new(tensor::TensorTask::load(context).await?),
+        TaskKind::Embedding => Arc::new(embedding::EmbeddingTask::load(context).await?),
+    })
+}
+
+/// What the caller can do about an engine error.
+pub(crate) fn serving_error(err: RunError, received: Instant) -> ServingError {
+    match err {
+        RunError::Overloaded { queued, capacity } => ServingError::Overloaded { queued, capacity },
+        RunError::DeadlineExceeded { .. } => ServingError::DeadlineExceeded {
+            waited_ms: received.elapsed().as_millis() as u64,
+        },
+        RunError::Forward(
+            e @ (ForwardError::Arity { .. }
+            | ForwardError::DType { .. }
+            | ForwardError::Shape { .. }),
+        ) => ServingError::BadInput {
+            reason: e.to_string(),
+        },
+        RunError::Forward(
+            e @ (ForwardError::OutOfMemory { .. }
+            | ForwardError::Model { .. }
+            | ForwardError::UnsupportedOutput { .. }),
+        ) => ServingError::Model {
+            message: e.to_string(),
+        },
+        RunError::Forward(
+            e @ (ForwardError::Device { .. }
+            | ForwardError::Panicked { .. }
+            | ForwardError::Stopped),
+        ) => ServingError::Internal {
+            message: e.to_string(),
+        },
+    }
+}
+
+/// A failure of ours (a blocking task that died), for the caller.
+pub(crate) fn internal(err: impl std::fmt::Display) -> ServingError {
+    ServingError::Internal {
+        message: err.to_string(),
+    }
+}
+
+/// Runs CPU work (building tensors, tokenizing, reading vectors back) off the
+/// async workers; a failure of the work itself becomes `on_error(reason)`.
+pub(crate) async fn off_async<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, String> + Send + 'static,
+    on_error: impl FnOnce(String) -> ServingError,
+) -> Result<T, ServingError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(internal)?
+        .map_err(on_error)
+}

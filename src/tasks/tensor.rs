@@ -3,8 +3,15 @@
 //!
 //! Every rule is checked before anything is queued, and each failure says which.
 
-use harness_client::{DType, WireTensor};
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use harness_client::{DType, RunReply, RunRequest, ServingError, WireTensor};
 use tch::{Kind, Tensor};
+use tokio::sync::watch;
+
+use super::{off_async, serving_error, LoadContext, Task, Timing};
+use crate::engine::{Engine, EngineStats};
 
 /// Elements one request may carry, over all its tensors: a guard against a
 /// request that would exhaust memory (256 Mi elements, 1 GiB of f32).
@@ -225,6 +232,89 @@ pub fn to_wire(outputs: Vec<Tensor>) -> Result<Vec<WireTensor>, String> {
             })
         })
         .collect()
+}
+
+/// The tensor task: a TorchScript model whose inputs stack along the item dimension.
+pub struct TensorTask {
+    engine: Engine,
+    /// The model's per-item inputs (`HARNESS_WARMUP_INPUTS`), when declared:
+    /// requests are checked against them and warm-up uses them.
+    inputs: Option<Arc<Vec<InputSpec>>>,
+}
+
+impl TensorTask {
+    /// Loads the model: the first of the files is the TorchScript module.
+    pub async fn load(context: LoadContext) -> Result<Self, String> {
+        let (_, model) = context.files.first().ok_or("no model file")?;
+        let engine = Engine::load(model, context.device, context.batch)
+            .await
+            .map_err(|e| e.to_string())?;
+        engine.observe(context.observer);
+        Ok(TensorTask {
+            engine,
+            inputs: context.warmup_inputs.map(Arc::new),
+        })
+    }
+
+    #[tracing::instrument(name = "serving.run", skip_all, fields(inputs = request.inputs.len()))]
+    async fn run_tensors(self: Arc<Self>, request: RunRequest, timing: Timing) -> RunReply {
+        let inputs = request.inputs;
+        let specs = self.inputs.clone();
+        let tensors = off_async(
+            move || to_tensors(&inputs, specs.as_ref().map(|s| s.as_slice())),
+            |reason| ServingError::BadInput { reason },
+        )
+        .await?;
+        let outputs = self
+            .engine
+            .run(tensors, timing.deadline)
+            .await
+            .map_err(|e| serving_error(e, timing.received))?;
+        off_async(
+            move || to_wire(outputs),
+            |message| ServingError::Model { message },
+        )
+        .await
+    }
+}
+
+impl Task for TensorTask {
+    fn name(&self) -> &'static str {
+        "tensor"
+    }
+
+    fn answers(&self) -> &'static str {
+        "Run"
+    }
+
+    fn warm_up(self: Arc<Self>) -> BoxFuture<'static, Result<(), String>> {
+        Box::pin(async move {
+            let Some(specs) = &self.inputs else {
+                tracing::warn!("HARNESS_WARMUP_INPUTS is unset: no warm-up, so the first requests of each shape are slow");
+                return Ok(());
+            };
+            // One item and a full batch: the shapes the batcher will send.
+            for items in [1, self.engine.config().max_batch_size as i64] {
+                let sample: Vec<_> = specs.iter().map(|s| s.zeros(items)).collect();
+                self.engine.warm_up(sample, 3).await.map_err(|e| {
+                    format!("the warm-up forward failed (check HARNESS_WARMUP_INPUTS): {e}")
+                })?;
+            }
+            Ok(())
+        })
+    }
+
+    fn stats(&self) -> Arc<EngineStats> {
+        self.engine.stats().clone()
+    }
+
+    fn failure(&self) -> watch::Receiver<Option<String>> {
+        self.engine.failure()
+    }
+
+    fn run(self: Arc<Self>, request: RunRequest, timing: Timing) -> BoxFuture<'static, RunReply> {
+        Box::pin(self.run_tensors(request, timing))
+    }
 }
 
 #[cfg(test)]

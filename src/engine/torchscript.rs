@@ -1,81 +1,53 @@
-//! The engine thread: loads the model, then hands the queue to the batcher.
+//! The room for TorchScript: loading a `.pt` file onto a device and calling its
+//! `forward`, with the output flattened into tensors. A leaf: it knows nothing of
+//! batching, threads or tasks.
 
 use std::io::Read;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::Path;
 
 use tch::{CModule, IValue, Tensor};
-use tokio::sync::{oneshot, watch};
 
-use super::batcher::{self, BatchConfig, EngineStats, Job};
-use super::collate::Collate;
-use super::error::{panic_message, torch_message, ForwardError, LoadError};
-use super::tch_device;
-use crate::device::DeviceChoice;
+use super::device::DeviceChoice;
+use super::error::{torch_message, ForwardError, LoadError};
 
-/// What the engine thread needs besides the model.
-pub(super) struct Shared {
-    pub config: BatchConfig,
-    pub collate: Collate,
-    pub stats: std::sync::Arc<EngineStats>,
-    pub fatal: watch::Sender<Option<String>>,
+/// A TorchScript module in eval mode on its device.
+pub(super) struct TorchScript {
+    module: CModule,
+    device: tch::Device,
 }
 
-/// The thread's body: load, report the load, then serve until every handle is gone.
-pub(super) fn run(
-    path: PathBuf,
-    device: DeviceChoice,
-    queue: std::sync::mpsc::Receiver<Job>,
-    shared: Shared,
-    loaded: oneshot::Sender<Result<(), LoadError>>,
-) {
-    // Grad mode is per thread: every forward on this thread, warm-up included, runs
-    // without building autograd graphs.
-    let _no_grad = tch::no_grad_guard();
-
-    let span = tracing::info_span!("engine.load", path = %path.display(), %device);
-    let started = Instant::now();
-    let module = span.in_scope(|| {
-        catch_unwind(AssertUnwindSafe(|| load(&path, device))).unwrap_or_else(|payload| {
-            Err(LoadError::Panicked {
-                path: path.clone(),
-                message: panic_message(payload.as_ref()),
-            })
+impl TorchScript {
+    /// Loads `path` onto `device`, after the checks that give the common mistakes a
+    /// plain reason.
+    pub fn load(path: &Path, device: DeviceChoice) -> Result<Self, LoadError> {
+        Ok(TorchScript {
+            module: load_module(path, device)?,
+            device: device.tch(),
         })
-    });
-    let module = match module {
-        Ok(module) => {
-            span.in_scope(|| {
-                tracing::info!(
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "model loaded"
-                )
-            });
-            let _ = loaded.send(Ok(()));
-            module
-        }
-        Err(err) => {
-            let _ = loaded.send(Err(err));
-            return;
-        }
-    };
+    }
 
-    batcher::serve(
-        &module,
-        tch_device(device),
-        &shared.collate,
-        queue,
-        shared.config,
-        &shared.stats,
-        &shared.fatal,
-    );
-    tracing::debug!(path = %path.display(), "engine stopped");
+    /// libtorch's device the module lives on.
+    pub fn device(&self) -> tch::Device {
+        self.device
+    }
+
+    /// `forward` on inputs already on [`TorchScript::device`]; its tensors in order.
+    pub fn forward(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ForwardError> {
+        let values: Vec<IValue> = inputs
+            .iter()
+            .map(|t| IValue::Tensor(t.shallow_clone()))
+            .collect();
+        let output = self
+            .module
+            .forward_is(&values)
+            .map_err(ForwardError::from_torch)?;
+        output_tensors(output)
+    }
 }
 
 /// TorchScript files are zip archives: check what we can before torch does, so the
 /// common mistakes get a plain reason rather than a C++ one.
-fn load(path: &Path, device: DeviceChoice) -> Result<CModule, LoadError> {
+fn load_module(path: &Path, device: DeviceChoice) -> Result<CModule, LoadError> {
     let unreadable = |source: std::io::Error| LoadError::Unreadable {
         path: path.to_path_buf(),
         source,
@@ -121,7 +93,7 @@ fn load(path: &Path, device: DeviceChoice) -> Result<CModule, LoadError> {
         }
     }
 
-    let mut module = CModule::load_on_device(path, tch_device(device)).map_err(|err| {
+    let mut module = CModule::load_on_device(path, device.tch()).map_err(|err| {
         let message = torch_message(&err);
         if message.to_ascii_lowercase().contains("cuda") {
             LoadError::Device {
@@ -137,36 +109,6 @@ fn load(path: &Path, device: DeviceChoice) -> Result<CModule, LoadError> {
         .f_set_eval()
         .map_err(|err| not_torchscript(torch_message(&err)))?;
     Ok(module)
-}
-
-/// One forward: inputs to the model's device, outputs finished there (pooled, for
-/// token models) and brought back to the CPU.
-pub(super) fn forward(
-    module: &CModule,
-    device: tch::Device,
-    collate: &Collate,
-    inputs: Vec<Tensor>,
-) -> Result<Vec<Tensor>, ForwardError> {
-    let inputs = inputs
-        .into_iter()
-        .map(|t| t.f_to_device(device))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(ForwardError::from_torch)?;
-    let values: Vec<IValue> = inputs
-        .iter()
-        .map(|t| IValue::Tensor(t.shallow_clone()))
-        .collect();
-    let output = module
-        .forward_is(&values)
-        .map_err(ForwardError::from_torch)?;
-    collate
-        .finish(&inputs, output_tensors(output)?)?
-        .into_iter()
-        .map(|t| {
-            t.f_to_device(tch::Device::Cpu)
-                .map_err(ForwardError::from_torch)
-        })
-        .collect()
 }
 
 /// A tensor, or a tuple or list of tensors, flattened in order.
