@@ -72,12 +72,20 @@ pub async fn start(addr: &str, state: HttpState) -> std::io::Result<HttpServer> 
 
 /// Binds `addr`; an IPv6 wildcard falls back to the IPv4 one.
 pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
-    let parsed: SocketAddr = addr.parse().map_err(|e| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("{addr:?} is not HOST:PORT: {e}"),
-        )
-    })?;
+    let parsed: SocketAddr = match addr.parse() {
+        Ok(parsed) => parsed,
+        // A host name (`localhost:8080`): its first address.
+        Err(e) => tokio::net::lookup_host(addr)
+            .await
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{addr:?} is not HOST:PORT: {e}"),
+                )
+            })?,
+    };
     match TcpListener::bind(parsed).await {
         Ok(listener) => Ok(listener),
         Err(err) if parsed.is_ipv6() && parsed.ip().is_unspecified() => {

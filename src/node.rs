@@ -29,10 +29,28 @@ pub struct Node {
     idle_shutdown: Option<Duration>,
 }
 
+/// A shorter cookie is warned about: it is all that guards the cluster port.
+const MIN_COOKIE_CHARS: usize = 16;
+
 impl Node {
     /// Starts the supervisor, which starts the serving. Returns at once: the
     /// serving downloads, loads and warms up in the background.
     pub async fn start(config: Config) -> anyhow::Result<Node> {
+        // Settings no restart can fix fail the start (`serve` exits 2), not the
+        // supervisor's restarts.
+        crate::tasks::tensor::warmup_specs(
+            config.serving.warmup_inputs.as_deref(),
+            config.serving.max_batch_size,
+        )
+        .map_err(anyhow::Error::msg)?;
+        if let Some(cookie) = &config.cookie {
+            let len = cookie.expose().chars().count();
+            if len < MIN_COOKIE_CHARS {
+                tracing::warn!(
+                    "HARNESS_COOKIE is {len} characters: anyone who guesses it can call and crash the model; use at least {MIN_COOKIE_CHARS} random ones (openssl rand -hex 32)"
+                );
+            }
+        }
         let shared = ServingShared::new(&config.serving_name);
         let exit_code = Arc::new(AtomicI32::new(0));
         // First, so that health checks are answered during a long download.

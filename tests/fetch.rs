@@ -505,6 +505,8 @@ async fn not_found_names_the_repo_the_revision_or_the_file() {
             .unwrap_err();
         assert!(matches!(err, FetchError::NotFound { .. }), "{err:?}");
         assert!(err.to_string().contains(says), "{err}");
+        // The Hub's 401 for a missing repo asked without a token is not "gated".
+        assert!(!err.to_string().contains("gated"), "{err}");
     }
 }
 

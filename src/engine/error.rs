@@ -58,6 +58,9 @@ pub enum ForwardError {
 pub enum RunError {
     #[error("the queue is full ({queued} items queued of {capacity})")]
     Overloaded { queued: u64, capacity: u64 },
+    /// More items than the queue can ever hold: no retry can fit them.
+    #[error("{items} items in one request, but the node queues at most {capacity} (HARNESS_MAX_QUEUE): send fewer items per request")]
+    TooManyItems { items: u64, capacity: u64 },
     #[error("the deadline passed after {waited:?} in the queue; not run")]
     DeadlineExceeded { waited: std::time::Duration },
     #[error(transparent)]

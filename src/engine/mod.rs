@@ -32,6 +32,7 @@ use tokio::sync::{oneshot, watch};
 pub use batcher::{BatchConfig, BatchObserver, EngineStats};
 pub use collate::{Collate, Finish};
 pub use device::DeviceChoice;
+pub(crate) use error::panic_message;
 pub use error::{ForwardError, LoadError, RunError};
 pub use tch::{Kind, Tensor};
 
@@ -136,6 +137,12 @@ impl Engine {
         }
         let key = self.collate.key(&inputs).map_err(RunError::Forward)?;
         let capacity = self.config.max_queue as u64;
+        if items as u64 > capacity {
+            return Err(RunError::TooManyItems {
+                items: items as u64,
+                capacity,
+            });
+        }
         let queued = self
             .stats
             .queued_items

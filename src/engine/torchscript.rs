@@ -45,6 +45,30 @@ impl TorchScript {
     }
 }
 
+/// What to do with a file that is PyTorch's but not TorchScript.
+const EXPORT_HINT: &str = "make TorchScript with torch.jit.trace or torch.jit.script and save it with torch.jit.save (or, for a Hub text model, tools/export_torchscript.py)";
+
+/// Whether a zip archive that torch refused is a `torch.save` checkpoint: its
+/// central directory (at the end of the file) names entries but none under
+/// `code/`, where `torch.jit.save` puts the module's TorchScript. Only read after
+/// torch refused the file.
+fn is_checkpoint(path: &Path) -> bool {
+    use std::io::{Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let tail = len.min(4 << 20);
+    let mut bytes = Vec::with_capacity(tail as usize);
+    if file.seek(SeekFrom::End(-(tail as i64))).is_err()
+        || file.take(tail).read_to_end(&mut bytes).is_err()
+    {
+        return false;
+    }
+    let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    has(b"data.pkl") && !has(b"/code/")
+}
+
 /// TorchScript files are zip archives: check what we can before torch does, so the
 /// common mistakes get a plain reason rather than a C++ one.
 fn load_module(path: &Path, device: DeviceChoice) -> Result<CModule, LoadError> {
@@ -74,6 +98,12 @@ fn load_module(path: &Path, device: DeviceChoice) -> Result<CModule, LoadError> 
     }
     let mut magic = [0u8; 4];
     let n = file.read(&mut magic).map_err(unreadable)?;
+    if n >= 2 && magic[0] == 0x80 && (2..=5).contains(&magic[1]) {
+        return Err(not_torchscript(format!(
+            "it is a Python pickle (protocol {}), as torch.save writes with _use_new_zipfile_serialization=False or pickle.dump; {EXPORT_HINT}",
+            magic[1]
+        )));
+    }
     if n < 4 || &magic != b"PK\x03\x04" {
         return Err(not_torchscript(format!(
             "it does not start like a zip archive (TorchScript files are zip archives written by torch.jit.save); its first bytes are {:02x?}",
@@ -101,6 +131,10 @@ fn load_module(path: &Path, device: DeviceChoice) -> Result<CModule, LoadError> 
                 device,
                 message,
             }
+        } else if is_checkpoint(path) {
+            not_torchscript(format!(
+                "it is a PyTorch checkpoint (torch.save of a state_dict or a whole module: a zip archive with no TorchScript code in it), not TorchScript; {EXPORT_HINT}"
+            ))
         } else {
             not_torchscript(message)
         }

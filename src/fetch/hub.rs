@@ -189,7 +189,18 @@ impl Hub {
     pub fn status_failure(&self, url: &str, file: Option<&str>, response: &Response) -> Attempt {
         let status = response.status();
         let code = status.as_u16();
+        let error_code = header_str(response.headers(), "x-error-code");
         match status {
+            // The Hub answers a repo that does not exist, asked without a token, with
+            // 401 (so as not to tell it from a private one): its error code says so.
+            StatusCode::UNAUTHORIZED if error_code == Some("RepoNotFound") => {
+                Attempt::Fatal(FetchError::NotFound {
+                    repo: self.repo.clone(),
+                    revision: self.revision.clone(),
+                    file: file.map(str::to_string),
+                    code: error_code.map(str::to_string),
+                })
+            }
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 Attempt::Fatal(FetchError::Unauthorized {
                     repo: self.repo.clone(),
@@ -202,7 +213,7 @@ impl Hub {
                 repo: self.repo.clone(),
                 revision: self.revision.clone(),
                 file: file.map(str::to_string),
-                code: header_str(response.headers(), "x-error-code").map(str::to_string),
+                code: error_code.map(str::to_string),
             }),
             StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT => Attempt::Retry {
                 reason: format!("the Hub answered {code}"),

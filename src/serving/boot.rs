@@ -2,8 +2,10 @@
 //! answered (`NotReady`) meanwhile: choose the device, fetch, load the task, warm
 //! up, go ready; then watch the engine until it fails.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, RwLock};
 
+use futures_util::FutureExt;
 use harness_client::{serving_group, ServingMessage};
 use ractor::ActorRef;
 use tokio::sync::watch;
@@ -11,7 +13,7 @@ use tokio::sync::watch;
 use super::shared::{DeviceInfo, FileInfo, ModelInfo, Phase, Running, ServingShared};
 use crate::config::{Config, ModelSource};
 use crate::device::choose_serving_device;
-use crate::engine::{gpu::GpuFacts, DeviceChoice};
+use crate::engine::{gpu::GpuFacts, panic_message, DeviceChoice};
 use crate::fetch;
 use crate::tasks::{self, tensor::InputSpec, LoadContext, Task};
 
@@ -53,10 +55,20 @@ pub async fn run(
     shared: Arc<ServingShared>,
     loaded: Arc<Loaded>,
 ) {
-    let reason = match start(&myself, &config, &shared, &loaded).await {
-        Ok(Some(failure)) => until_failed(failure).await,
-        Ok(None) => return, // no GPU: alive, never ready
-        Err(reason) => reason,
+    // A panic in any phase ends in `failed` with its message, like any error,
+    // so the supervisor restarts the serving instead of it staying in a phase.
+    let started = AssertUnwindSafe(start(&myself, &config, &shared, &loaded))
+        .catch_unwind()
+        .await;
+    let reason = match started {
+        Ok(Ok(Some(failure))) => until_failed(failure).await,
+        Ok(Ok(None)) => return, // no GPU: alive, never ready
+        Ok(Err(reason)) => reason,
+        Err(panic) => format!(
+            "the serving panicked while {}: {}",
+            shared.phase().phase,
+            panic_message(panic.as_ref())
+        ),
     };
     shared.set_phase(Phase::Failed, Some(reason.clone()));
     myself.stop(Some(reason));
@@ -86,13 +98,10 @@ async fn start(
 
 /// `HARNESS_WARMUP_INPUTS`, checked before anything slow.
 fn warmup_inputs(config: &Config) -> Result<Option<Vec<InputSpec>>, String> {
-    config
-        .serving
-        .warmup_inputs
-        .as_deref()
-        .map(InputSpec::parse_list)
-        .transpose()
-        .map_err(|e| format!("HARNESS_WARMUP_INPUTS: {e}"))
+    tasks::tensor::warmup_specs(
+        config.serving.warmup_inputs.as_deref(),
+        config.serving.max_batch_size,
+    )
 }
 
 /// The device the policy gives on this machine, shown in `/status`; `None` (and

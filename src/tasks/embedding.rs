@@ -207,6 +207,23 @@ impl Embedder {
         self.tokenizer.encode(texts)
     }
 
+    /// Tokenizes `texts` until `deadline`: `Ok(None)` once it has passed (the
+    /// caller stopped waiting, so the rest is not worth the CPU).
+    pub fn tokenize_until(
+        &self,
+        texts: &[String],
+        deadline: std::time::Instant,
+    ) -> Result<Option<Vec<Tokens>>, String> {
+        let mut all = Vec::with_capacity(texts.len());
+        for text in texts {
+            if std::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            all.push(self.tokenizer.encode_one(text)?);
+        }
+        Ok(Some(all))
+    }
+
     /// `items` made-up texts of `tokens` tokens, as model inputs, for warm-up.
     pub fn warmup_inputs(&self, items: i64, tokens: i64) -> Vec<Tensor> {
         let fake = Tokens {
@@ -294,19 +311,27 @@ impl EmbeddingTask {
             });
         }
         let embedder = self.embedder.clone();
-        let (inputs, facts) = off_async(
+        let deadline = timing.deadline;
+        let tokenized = off_async(
             move || {
-                let tokens = embedder.tokenize(&texts)?;
+                let Some(tokens) = embedder.tokenize_until(&texts, deadline)? else {
+                    return Ok(None);
+                };
                 let facts: Vec<_> = tokens
                     .iter()
                     .map(|t| (t.ids.len() as u32, t.truncated))
                     .collect();
                 let inputs: Vec<_> = tokens.iter().map(|t| embedder.to_tensors(t)).collect();
-                Ok((inputs, facts))
+                Ok(Some((inputs, facts)))
             },
             |reason| ServingError::BadInput { reason },
         )
         .await?;
+        let Some((inputs, facts)) = tokenized else {
+            return Err(ServingError::DeadlineExceeded {
+                waited_ms: timing.received.elapsed().as_millis() as u64,
+            });
+        };
 
         let engine = &self.engine;
         let answers = join_all(

@@ -111,6 +111,9 @@ pub async fn load(kind: TaskKind, context: LoadContext) -> Result<Arc<dyn Task>,
 pub(crate) fn serving_error(err: RunError, received: Instant) -> ServingError {
     match err {
         RunError::Overloaded { queued, capacity } => ServingError::Overloaded { queued, capacity },
+        e @ RunError::TooManyItems { .. } => ServingError::BadInput {
+            reason: e.to_string(),
+        },
         RunError::DeadlineExceeded { .. } => ServingError::DeadlineExceeded {
             waited_ms: received.elapsed().as_millis() as u64,
         },

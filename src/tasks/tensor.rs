@@ -66,6 +66,39 @@ impl InputSpec {
     }
 }
 
+/// `HARNESS_WARMUP_INPUTS` parsed and checked against `HARNESS_MAX_BATCH_SIZE`:
+/// warm-up's largest batch must be one a request could carry ([`MAX_ELEMENTS`]),
+/// so an allocation that cannot succeed is refused before it is tried.
+pub fn warmup_specs(
+    text: Option<&str>,
+    max_batch_size: u32,
+) -> Result<Option<Vec<InputSpec>>, String> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    let specs = InputSpec::parse_list(text).map_err(|e| format!("HARNESS_WARMUP_INPUTS: {e}"))?;
+    let per_item: u128 = specs
+        .iter()
+        .map(|s| s.shape.iter().map(|&d| d as u128).product::<u128>())
+        .sum();
+    let batch = per_item * u128::from(max_batch_size);
+    if batch > MAX_ELEMENTS as u128 {
+        let bytes: u128 = specs
+            .iter()
+            .map(|s| {
+                s.shape.iter().map(|&d| d as u128).product::<u128>()
+                    * s.dtype.size() as u128
+                    * u128::from(max_batch_size)
+            })
+            .sum();
+        return Err(format!(
+            "HARNESS_WARMUP_INPUTS={text} with HARNESS_MAX_BATCH_SIZE={max_batch_size} makes a warm-up batch of {batch} elements ({:.1} GiB), over the {MAX_ELEMENTS} one request may carry: lower HARNESS_MAX_BATCH_SIZE or check HARNESS_WARMUP_INPUTS (the shape of ONE item)",
+            bytes as f64 / (1u64 << 30) as f64
+        ));
+    }
+    Ok(Some(specs))
+}
+
 fn parse_dtype(name: &str) -> Result<DType, String> {
     Ok(match name.to_ascii_lowercase().as_str() {
         "f32" | "float" | "float32" => DType::F32,
@@ -343,6 +376,21 @@ mod tests {
         for bad in ["", "f32", "x9[4]", "f32[-1]", "f32[4"] {
             assert!(InputSpec::parse_list(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_warm_up_batch_that_cannot_be_allocated_is_refused_before_it_is_tried() {
+        let err = warmup_specs(Some("f32[1000,1000]"), 65536).unwrap_err();
+        assert!(err.contains("HARNESS_MAX_BATCH_SIZE=65536"), "{err}");
+        assert!(err.contains("244.1 GiB"), "{err}");
+        assert_eq!(
+            warmup_specs(Some("f32[4]"), 32).unwrap().unwrap()[0].shape,
+            vec![4]
+        );
+        assert_eq!(warmup_specs(None, 65536).unwrap(), None);
+        assert!(warmup_specs(Some("f32[x]"), 1)
+            .unwrap_err()
+            .starts_with("HARNESS_WARMUP_INPUTS: "));
     }
 
     #[test]

@@ -16,6 +16,34 @@ pub struct Tokens {
     pub truncated: bool,
 }
 
+/// Bytes of text per token that a long text is first cut at (most tokens are a
+/// few bytes; a text that has fewer tokens in that much is looked at further).
+const BYTES_PER_TOKEN: usize = 16;
+/// The shortest cut: texts below it are tokenized whole.
+const MIN_CUT: usize = 4096;
+
+/// The text up to the last whitespace at or before byte `cut`: tokenizers split
+/// words at whitespace, so the prefix's tokens are the text's first tokens.
+fn word_prefix(text: &str, cut: usize) -> &str {
+    let mut end = cut.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    match text[..end].rfind(char::is_whitespace) {
+        Some(space) => &text[..space],
+        None => "",
+    }
+}
+
+fn tokens(e: &tokenizers::Encoding, truncated: bool) -> Tokens {
+    Tokens {
+        truncated,
+        ids: e.get_ids().to_vec(),
+        type_ids: e.get_type_ids().to_vec(),
+        attention_mask: e.get_attention_mask().to_vec(),
+    }
+}
+
 /// A tokenizer that truncates to the model's longest input and never pads (the
 /// batcher pads each batch to its own longest text).
 pub struct TextTokenizer {
@@ -66,24 +94,34 @@ impl TextTokenizer {
         // One text at a time on the caller's (blocking) thread: `encode_batch` hands
         // the texts to rayon's pool, more threads on the cores libtorch's threads
         // compute on, for no gain the embedding benchmark could see.
-        texts
-            .iter()
-            .map(|text| {
-                let e = self
-                    .inner
-                    .encode(text.as_str(), true)
-                    .map_err(|e| format!("cannot tokenize: {e}"))?;
-                // Only a text that fills the limit can have been cut.
-                let truncated = e.len() >= self.max_tokens
-                    && (!e.get_overflowing().is_empty() || self.count(text)? > self.max_tokens);
-                Ok(Tokens {
-                    truncated,
-                    ids: e.get_ids().to_vec(),
-                    type_ids: e.get_type_ids().to_vec(),
-                    attention_mask: e.get_attention_mask().to_vec(),
-                })
-            })
-            .collect()
+        texts.iter().map(|text| self.encode_one(text)).collect()
+    }
+
+    /// Tokenizes one text. A long text is cut before tokenizing, at a word
+    /// boundary far enough in to hold more tokens than the limit: its first
+    /// tokens are the same, and megabytes of text cost no more than a page.
+    pub fn encode_one(&self, text: &str) -> Result<Tokens, String> {
+        let mut cut = self.max_tokens.saturating_mul(BYTES_PER_TOKEN).max(MIN_CUT);
+        while cut < text.len() {
+            let prefix = word_prefix(text, cut);
+            if !prefix.is_empty() && self.count(prefix)? > self.max_tokens {
+                let e = self.tokenize(prefix)?;
+                return Ok(tokens(&e, true));
+            }
+            // Few, long tokens (or no word boundary): look further in.
+            cut = cut.saturating_mul(4);
+        }
+        let e = self.tokenize(text)?;
+        // Only a text that fills the limit can have been cut.
+        let truncated = e.len() >= self.max_tokens
+            && (!e.get_overflowing().is_empty() || self.count(text)? > self.max_tokens);
+        Ok(tokens(&e, truncated))
+    }
+
+    fn tokenize(&self, text: &str) -> Result<tokenizers::Encoding, String> {
+        self.inner
+            .encode(text, true)
+            .map_err(|e| format!("cannot tokenize: {e}"))
     }
 
     /// Tokens in `text` with nothing cut.
@@ -92,5 +130,55 @@ impl TextTokenizer {
             .encode(text, true)
             .map(|e| e.len())
             .map_err(|e| format!("cannot tokenize: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A word-level tokenizer with a [CLS] .. [SEP] template, as BERT's.
+    fn tokenizer(max_tokens: usize) -> (tempfile::TempDir, TextTokenizer) {
+        let dir = tempfile::tempdir().unwrap();
+        let json = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [
+              {"id": 0, "content": "[UNK]", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+              {"id": 3, "content": "[CLS]", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+              {"id": 4, "content": "[SEP]", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": {"type": "TemplateProcessing",
+              "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
+              "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+              "special_tokens": {"[CLS]": {"id": "[CLS]", "ids": [3], "tokens": ["[CLS]"]}, "[SEP]": {"id": "[SEP]", "ids": [4], "tokens": ["[SEP]"]}}},
+            "decoder": null,
+            "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "hello": 1, "world": 2, "[CLS]": 3, "[SEP]": 4}, "unk_token": "[UNK]"}}"#;
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, json).unwrap();
+        (dir, TextTokenizer::from_file(&path, max_tokens).unwrap())
+    }
+
+    #[test]
+    fn a_huge_text_is_cut_before_tokenizing_and_gives_the_same_tokens() {
+        let (_dir, tok) = tokenizer(8);
+        let huge = "hello world ".repeat(500_000); // 6 MB
+        let cut = tok.encode_one(&huge).unwrap();
+        let whole = tok.inner.encode(huge.as_str(), true).unwrap();
+        assert_eq!(cut.ids, whole.get_ids());
+        assert_eq!(cut.ids, vec![3, 1, 2, 1, 2, 1, 2, 4]);
+        assert!(cut.truncated);
+        // The cut is at a word boundary within the first few KB.
+        let prefix = word_prefix(&huge, (8 * BYTES_PER_TOKEN).max(MIN_CUT));
+        assert!(prefix.len() <= MIN_CUT && prefix.ends_with("world"));
+    }
+
+    #[test]
+    fn texts_near_the_limit_are_told_truncated_exactly() {
+        let (_dir, tok) = tokenizer(4);
+        let fits = tok.encode_one("hello world").unwrap();
+        assert_eq!((fits.ids.len(), fits.truncated), (4, false));
+        let over = tok.encode_one("hello world hello").unwrap();
+        assert_eq!((over.ids, over.truncated), (vec![3, 1, 2, 4], true));
+        // A long text of one giant word has no boundary to cut at: whole, as before.
+        let word = "x".repeat(10_000);
+        assert_eq!(tok.encode_one(&word).unwrap().ids, vec![3, 0, 4]);
     }
 }

@@ -356,7 +356,10 @@ async fn route(
             return status(307, &[("location", location.as_str())]);
         }
         let Some(repo_state) = state.repos.get(&repo) else {
-            return status(404, &[("x-error-code", "RepoNotFound")]);
+            // As the Hub: without a token, a missing repo is 401 (it could be
+            // private), told apart from a gated one only by its error code.
+            let code = if authorization.is_some() { 404 } else { 401 };
+            return status(code, &[("x-error-code", "RepoNotFound")]);
         };
         if let Some(token) = &repo_state.token {
             if authorization != Some(format!("Bearer {token}").as_str()) {

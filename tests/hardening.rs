@@ -1,0 +1,160 @@
+//! The node under an unlucky operator and a careless caller (issue: hardening):
+//! settings no restart can fix stop the start with exit 2, PyTorch files that are
+//! not TorchScript are named for what they are, a request that can never fit the
+//! queue is refused at once, and the engine thread of a crashed serving is gone
+//! before the next one serves.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use harness::engine::{BatchConfig, DeviceChoice, Engine, LoadError};
+use harness_client::{ClientConfig, ClientError, HarnessClient, ServingError, WireTensor};
+use support::node::ServeProcess;
+
+const COOKIE: &str = "hardening-cookie-0123456789";
+
+#[test]
+fn a_warm_up_batch_too_large_to_allocate_stops_the_start_with_exit_2() {
+    let model = support::node::demo_model_dir();
+    let out = Command::new(env!("CARGO_BIN_EXE_harness"))
+        .arg("serve")
+        .env("HARNESS_MODEL_DIR", model.path())
+        .env("HARNESS_DEVICE", "cpu")
+        .env("HARNESS_COOKIE", COOKIE)
+        .env("HARNESS_WARMUP_INPUTS", "f32[1000,1000]")
+        .env("HARNESS_MAX_BATCH_SIZE", "65536")
+        .env("HARNESS_CLUSTER_ADDR", "127.0.0.1:0")
+        .env("HARNESS_HTTP_ADDR", "127.0.0.1:0")
+        .stderr(Stdio::piped())
+        .output()
+        .expect("running harness serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("HARNESS_MAX_BATCH_SIZE=65536") && stderr.contains("GiB"),
+        "{stderr}"
+    );
+}
+
+/// `torch.save` of a state_dict and a pickled file are told apart from a broken
+/// TorchScript file, with the way to make one.
+#[tokio::test]
+async fn pytorch_files_that_are_not_torchscript_are_named_for_what_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("checkpoint.pt");
+    let pickle = dir.path().join("legacy.pt");
+    support::run_python(
+        "import sys, torch\n\
+         m = torch.nn.Linear(4, 2)\n\
+         torch.save(m.state_dict(), sys.argv[1])\n\
+         torch.save(m.state_dict(), sys.argv[2], _use_new_zipfile_serialization=False)\n",
+        &[&checkpoint, &pickle],
+    );
+    for (file, says) in [
+        (&checkpoint, "is a PyTorch checkpoint"),
+        (&pickle, "is a Python pickle"),
+    ] {
+        let err = Engine::load(file, DeviceChoice::Cpu, BatchConfig::default())
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, LoadError::NotTorchScript { .. }), "{text}");
+        assert!(text.contains(says), "{text}");
+        assert!(text.contains("torch.jit.trace"), "{text}");
+    }
+}
+
+/// More items than `HARNESS_MAX_QUEUE` can never be queued: `BadInput` naming the
+/// limit, at once, not `Overloaded` retried by the client to its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_of_more_items_than_the_queue_holds_is_bad_input_at_once() {
+    let serving = "more_than_the_queue";
+    let node = ServeProcess::start(COOKIE, serving, &[("HARNESS_MAX_QUEUE", "16")]);
+    let mut config = ClientConfig::new(vec![node.cluster.clone()], COOKIE);
+    config.serving = serving.to_string();
+    let client = HarnessClient::connect(config).await.unwrap();
+    let fits = WireTensor::from_f32(&[16, 4], &[0.5; 64]);
+    client.run(vec![fits], None).await.expect("16 items fit");
+    let started = Instant::now();
+    let err = client
+        .run(
+            vec![WireTensor::from_f32(&[17, 4], &[0.5; 68])],
+            Some(Duration::from_secs(20)),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Serving(ServingError::BadInput { reason }) if reason.contains("HARNESS_MAX_QUEUE")),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered at once, not retried to the deadline"
+    );
+}
+
+/// The threads of a process named `name`.
+fn threads_named(pid: u32, name: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|comm| comm.trim() == name)
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// One owner of the model: after a crash, the old engine thread (and the model
+/// it holds) is gone once the new serving is ready, not kept by a stale handle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_servings_engine_is_gone_once_the_next_one_serves() {
+    use harness_client::{serving_group, Fault, FaultRequest, Payload, ServingMessage};
+    let serving = "one_engine_after_a_crash";
+    let node = ServeProcess::start(COOKIE, serving, &[("HARNESS_FAULT_INJECTION", "1")]);
+    let pid = node.child.id();
+    let mut config = ClientConfig::new(vec![node.cluster.clone()], COOKIE);
+    config.serving = serving.to_string();
+    let client = HarnessClient::connect(config).await.unwrap();
+    let item = || vec![WireTensor::from_f32(&[1, 4], &[0.1, 0.2, 0.3, 0.4])];
+    client.run(item(), None).await.unwrap();
+    assert_eq!(threads_named(pid, "harness-engine"), 1);
+
+    let member = ractor::pg::get_members(&serving_group(serving))
+        .pop()
+        .expect("a member");
+    let remote = ractor::ActorRef::<ServingMessage>::from(member);
+    let crash = harness_client::PROTOCOL_VERSION;
+    let _ = remote
+        .call(
+            |port| {
+                ServingMessage::Inject(
+                    Payload::new(FaultRequest {
+                        version: crash,
+                        fault: Fault::Crash,
+                    }),
+                    port,
+                )
+            },
+            Some(Duration::from_secs(2)),
+        )
+        .await;
+    // Served again by the restarted serving.
+    for _ in 0..3 {
+        client
+            .run(item(), Some(Duration::from_secs(30)))
+            .await
+            .expect("served after the restart");
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    while threads_named(pid, "harness-engine") != 1 {
+        assert!(
+            Instant::now() < until,
+            "{} engine threads after the restart",
+            threads_named(pid, "harness-engine")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
