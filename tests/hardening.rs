@@ -158,3 +158,38 @@ async fn a_crashed_servings_engine_is_gone_once_the_next_one_serves() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// SIGTERM while a request is in flight: the drain lasts until its answer has
+/// left over the cluster session, and the caller gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_request_still_delivers_the_answer() {
+    let serving = "answer_through_the_drain";
+    // A batch that waits 3 s for company: a request in flight for that long.
+    let mut node = ServeProcess::start(
+        COOKIE,
+        serving,
+        &[("HARNESS_MAX_BATCH_DELAY_MS", "3000")],
+    );
+    let mut config = ClientConfig::new(vec![node.cluster.clone()], COOKIE);
+    config.serving = serving.to_string();
+    let client = std::sync::Arc::new(HarnessClient::connect(config).await.unwrap());
+    let caller = client.clone();
+    let call = tokio::spawn(async move {
+        caller
+            .run(
+                vec![WireTensor::from_f32(&[1, 4], &[0.1, 0.2, 0.3, 0.4])],
+                Some(Duration::from_secs(15)),
+            )
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        unsafe { libc::kill(node.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    let answer = call.await.unwrap();
+    let outputs = answer.expect("the in-flight request is answered through the drain");
+    assert_eq!(outputs[0].shape[0], 1);
+    let (status, _) = node.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+}

@@ -252,7 +252,7 @@ impl HarnessClient {
                 // members leave the group) answers nothing: move on at once.
                 let answer = tokio::select! {
                     answer = call => Some(answer),
-                    () = self.pool.gone(serving.get_id()) => None,
+                    () = self.pool.gone(&serving) => None,
                 };
                 member.in_flight.fetch_sub(1, Ordering::Relaxed);
                 let Some(answer) = answer else {

@@ -65,14 +65,17 @@ impl Pool {
 }
 
 impl Pool {
-    /// Resolves once the serving `id` has left the group (its node went away).
-    pub async fn gone(&self, id: ActorId) {
+    /// Resolves once the serving has gone away: its node's session closed (its
+    /// stand-in actor here stopped). A serving that only left the group (it is
+    /// draining for shutdown) still answers the calls it took, so it is waited for.
+    pub async fn gone(&self, serving: &ActorRef<ServingMessage>) {
+        let id = serving.get_id();
         loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            if !ractor::pg::get_members(&self.group)
+            let member = ractor::pg::get_members(&self.group)
                 .iter()
-                .any(|c| c.get_id() == id)
-            {
+                .any(|c| c.get_id() == id);
+            if !member && serving.get_status() != ractor::ActorStatus::Running {
                 return;
             }
         }
