@@ -14,6 +14,6 @@ pub use client::{ClientConfig, ClientError, ClientTls, HarnessClient};
 
 pub use protocol::{
     serving_group, DType, EmbedReply, EmbedRequest, Embedding, Fault, FaultRequest, Payload,
-    RunReply, RunRequest, ServingError, ServingMessage, ServingStatus, StatusRequest, WireTensor,
-    PROTOCOL_VERSION,
+    RunReply, RunRequest, ServingError, ServingMessage, ServingStatus, StatusModel, StatusRequest,
+    WireTensor, PROTOCOL_VERSION,
 };
