@@ -5,6 +5,8 @@
 //! node builds on a laptop with nothing but Rust installed.
 
 mod client;
+#[cfg(feature = "cli")]
+pub mod cli;
 mod pool;
 pub mod protocol;
 mod sessions;
