@@ -369,6 +369,14 @@ impl HarnessClient {
                 "no Harness node answered yet{}; calls wait for one within their deadlines",
                 sessions.describe_unready()
             );
+        } else {
+            // Nodes that answered and refused, beside ones that work: retried,
+            // but a person should know.
+            for err in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+                if !err.is_temporary() {
+                    tracing::warn!("{err}; retrying it in the background");
+                }
+            }
         }
         let pool = crate::pool::Pool::start(&config.serving);
         Ok(HarnessClient {

@@ -244,12 +244,17 @@ impl Sessions {
         loop {
             let (addrs, outcomes) = self.round(&node).await;
             let all_ready = !addrs.is_empty() && outcomes.iter().all(Result::is_ok);
-            // Tell what changed, once: a node being down is common (idle shutdown).
-            let failure = outcomes.iter().find_map(|o| o.as_ref().err()).map(reason);
+            // Tell what changed, once: a node being down is common (idle shutdown),
+            // one that refuses needs a person. (The first round is connect's to tell.)
+            let error = outcomes.iter().find_map(|o| o.as_ref().err());
+            let failure = error.map(reason);
             if failure != logged {
-                match (&failure, first.is_some()) {
-                    (Some(why), false) => {
-                        tracing::debug!(%node, "cannot connect to {node} yet: {why}; retrying")
+                match (error, first.is_some()) {
+                    (Some(err), false) if !err.is_temporary() => {
+                        tracing::warn!(%node, "cannot connect to {node}: {err}; retrying")
+                    }
+                    (Some(err), false) => {
+                        tracing::debug!(%node, "cannot connect to {node} yet: {err}; retrying")
                     }
                     (None, false) => tracing::info!(%node, "connected to {node}"),
                     _ => {}
