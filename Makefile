@@ -17,7 +17,7 @@ help:
 	@echo "make bench      benchmarks (results go in BENCHMARKS.md)"
 	@echo "make chaos      the chaos and load suite, long form (minutes; table in RELIABILITY.md)"
 	@echo "make fuzz       fuzz the protocol decoders (nightly Rust and cargo-fuzz)"
-	@echo "make lint       cargo fmt --check and clippy -D warnings"
+	@echo "make lint       cargo fmt --check, clippy -D warnings, the client crate's docs complete"
 	@echo "make release    build target/release/harness"
 	@echo "make gpu-check  prepare the check for a lent GPU machine (scripts/gpu-check)"
 
@@ -52,6 +52,7 @@ run: $(EMBED_MODEL_DIR)/harness.json
 	@echo "   It takes Embed requests (texts in, 384-dim vectors out) in process group harness.serving.$${HARNESS_SERVING_NAME:-default}."
 	@echo "   Watch it: curl localhost:8080/status, /health/ready, /metrics (HARNESS_HTTP_ADDR)."
 	@echo "   Call it:  $(CALL_HINT) --embed \"Hello world\" --embed \"Bonjour le monde\""
+	@echo "   or:       HARNESS_COOKIE=$${HARNESS_COOKIE:-dev-cookie-change-me} cargo run -p harness-client --example client -- \"Hello world\""
 	@echo "   (the cookie is HARNESS_COOKIE, or this Makefile's dev default). Ctrl-C drains and stops it."
 	@$(WITH_LIBTORCH) $(RUN_ENV) HARNESS_TASK=embedding HARNESS_MODEL_DIR="$(EMBED_MODEL_DIR)" exec $(HARNESS_BIN) serve
 
@@ -61,6 +62,7 @@ run-tensor:
 	@$(WITH_LIBTORCH) $(HARNESS_BIN) demo --write-model $(DEMO_MODEL_DIR) >/dev/null
 	@echo "== harness serve: the demo model from $(DEMO_MODEL_DIR) (Run requests of f32[N,4] tensors)"
 	@echo "   Call it:  $(CALL_HINT) --tensor 1,4:0.1,0.2,0.3,0.4"
+	@echo "   or:       HARNESS_COOKIE=$${HARNESS_COOKIE:-dev-cookie-change-me} cargo run -p harness-client --example tensor"
 	@$(WITH_LIBTORCH) $(RUN_ENV) HARNESS_TASK=tensor HARNESS_MODEL_DIR="$(DEMO_MODEL_DIR)" \
 		HARNESS_WARMUP_INPUTS="$${HARNESS_WARMUP_INPUTS:-f32[4]}" exec $(HARNESS_BIN) serve
 
@@ -68,7 +70,8 @@ test:
 	@$(WITH_LIBTORCH) $(CARGO) test --workspace
 	@# The client crate must build with no libtorch anywhere in sight.
 	@env -u LIBTORCH -u LIBTORCH_USE_PYTORCH $(CARGO) build -q -p harness-client
-	@echo "harness-client builds without libtorch"
+	@env -u LIBTORCH -u LIBTORCH_USE_PYTORCH $(CARGO) build -q -p harness-client --features cli --examples --bins
+	@echo "harness-client (and its harness-client binary) builds without libtorch"
 
 # Side-by-side benchmarks, release build; see BENCHMARKS.md.
 bench:
@@ -96,6 +99,8 @@ fuzz:
 lint:
 	$(CARGO) fmt --all -- --check
 	@$(WITH_LIBTORCH) $(CARGO) clippy --workspace --all-targets -- -D warnings
+	@# Every public item of the client crate is documented (the cli feature's too).
+	RUSTDOCFLAGS="-D missing_docs" $(CARGO) doc -p harness-client --no-deps --features cli
 
 fmt:
 	$(CARGO) fmt --all

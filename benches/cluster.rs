@@ -9,7 +9,6 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use harness::node::Node;
 use harness_client::{
     ClientConfig, HarnessClient, Payload, RunRequest, ServingMessage, WireTensor, PROTOCOL_VERSION,
@@ -89,8 +88,8 @@ fn main() {
     runtime.block_on(async {
         let mut args = vec!["harness".to_string(), format!("--model-dir={}", dir.path().display())];
         args.extend(settings.iter().map(|(k, v)| format!("--{}={v}", k.trim_start_matches("HARNESS_").to_lowercase().replace('_', "-"))));
-        args.extend(["--serving-name=local".to_string(), "--http-addr=127.0.0.1:0".to_string(), "serve".to_string()]);
-        let node = Node::start(harness::cli::Cli::try_parse_from(args).unwrap().config).await.unwrap();
+        args.extend(["--serving-name=local".to_string(), "--http-addr=127.0.0.1:0".to_string()]);
+        let node = Node::start(harness::cli::server_config(args).unwrap()).await.unwrap();
         node.wait_ready(Duration::from_secs(60)).await.unwrap();
         let local = node.serving().await.unwrap();
 

@@ -7,7 +7,6 @@
 
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use harness::node::Node;
 use harness_client::{EmbedRequest, Payload, ServingMessage, PROTOCOL_VERSION};
 use ractor::ActorRef;
@@ -185,17 +184,15 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let config = harness::cli::Cli::try_parse_from([
+    let config = harness::cli::server_config([
         "harness".to_string(),
         "--device=cpu".to_string(),
         "--task=embedding".to_string(),
         format!("--model-dir={}", model_dir.display()),
         "--max-batch-size=32".to_string(),
         "--http-addr=127.0.0.1:0".to_string(),
-        "serve".to_string(),
     ])
-    .unwrap()
-    .config;
+    .unwrap();
 
     runtime.block_on(async move {
         let node = Node::start(config).await.unwrap();

@@ -8,7 +8,6 @@
 
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use harness::node::Node;
 use harness_client::{
     Fault, FaultRequest, Payload, RunRequest, ServingMessage, WireTensor, PROTOCOL_VERSION,
@@ -71,7 +70,7 @@ fn main() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let model = save_mlp(dir.path());
-    let config = harness::cli::Cli::try_parse_from([
+    let config = harness::cli::server_config([
         "harness".to_string(),
         "--device=cpu".to_string(),
         format!("--model-dir={}", dir.path().display()),
@@ -80,10 +79,8 @@ fn main() {
         "--max-batch-delay-ms=5".to_string(),
         "--fault-injection".to_string(),
         "--http-addr=127.0.0.1:0".to_string(),
-        "serve".to_string(),
     ])
-    .unwrap()
-    .config;
+    .unwrap();
 
     runtime.block_on(async move {
         let node = Node::start(config).await.unwrap();

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorRef};
-use ractor_cluster::{NodeServer, NodeServerMessage};
+use ractor_cluster::node::NodeServerSessionInformation;
+use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
 
 use crate::fetch::Secret;
 
@@ -83,6 +84,12 @@ pub async fn start(config: ClusterConfig<'_>) -> anyhow::Result<ClusterNode> {
     let (server, _) = Actor::spawn(None, server, ())
         .await
         .map_err(|e| anyhow::anyhow!("starting the cluster listener: {e}"))?;
+    // Peers coming and going, at INFO: a client leaving is normal (ractor_cluster's
+    // own warning for it is dropped by the log filter, see harness_client::cli).
+    let _ = server.cast(NodeServerMessage::SubscribeToEvents {
+        id: "harness-session-log".to_string(),
+        subscription: Box::new(SessionLog),
+    });
     let addr = SocketAddr::new(ip, parsed.port());
     if let Some(tls) = tls {
         let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -139,5 +146,25 @@ async fn accept_tls(
                 }
             }
         });
+    }
+}
+
+/// Logs peers' sessions: ready (DEBUG) and ended (INFO).
+struct SessionLog;
+
+fn peer_name(ses: &NodeServerSessionInformation) -> String {
+    ses.peer_name
+        .as_ref()
+        .map_or_else(|| "(unnamed)".to_string(), |n| n.name.clone())
+}
+
+impl NodeEventSubscription for SessionLog {
+    fn node_session_opened(&self, _: NodeServerSessionInformation) {}
+    fn node_session_authenticated(&self, _: NodeServerSessionInformation) {}
+    fn node_session_ready(&self, ses: NodeServerSessionInformation) {
+        tracing::debug!(peer = %ses.peer_addr, name = %peer_name(&ses), "a peer's session is ready");
+    }
+    fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
+        tracing::info!(peer = %ses.peer_addr, name = %peer_name(&ses), "a peer's session ended");
     }
 }

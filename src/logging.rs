@@ -1,25 +1,14 @@
 //! Log output: lines a person on call can read (`text`), or one JSON object per
-//! line for log shippers (`json`). `RUST_LOG` filters; the default is `info`.
+//! line for log shippers (`json`). `RUST_LOG` filters; the default is `info` for
+//! the node's verbs and warnings only for the client verbs (`call`, `status`).
+//! Colour only when stderr is a terminal. One implementation, the client crate's,
+//! for both.
 
-use tracing_subscriber::EnvFilter;
+pub use harness_client::cli::LogFormat;
 
-/// `HARNESS_LOG_FORMAT`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-/// Installs the global subscriber, writing to stderr so stdout stays for command
-/// output (`gpu-check --json`, `fetch`'s paths).
+/// Installs the global subscriber of the node's verbs (`serve`, `fetch`, `demo`,
+/// `gpu-check`), writing to stderr so stdout stays for command output
+/// (`gpu-check --json`, `fetch`'s paths). A second init (tests) keeps the first.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A second init (tests) keeps the first subscriber.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
+    harness_client::cli::init_logging(format, "info");
 }

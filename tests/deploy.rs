@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use clap::{CommandFactory, Parser};
+use clap::CommandFactory;
 use harness_client::{ClientConfig, HarnessClient, WireTensor};
 
 mod support;
@@ -53,9 +53,7 @@ fn dockerfile() -> Vec<String> {
 }
 
 fn defaults() -> harness::config::Config {
-    harness::cli::Cli::try_parse_from(["harness", "serve"])
-        .expect("the defaults parse")
-        .config
+    harness::cli::server_config(["harness"]).expect("the defaults parse")
 }
 
 fn port(addr: &str) -> u16 {

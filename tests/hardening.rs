@@ -165,11 +165,7 @@ async fn a_crashed_servings_engine_is_gone_once_the_next_one_serves() {
 async fn sigterm_mid_request_still_delivers_the_answer() {
     let serving = "answer_through_the_drain";
     // A batch that waits 3 s for company: a request in flight for that long.
-    let mut node = ServeProcess::start(
-        COOKIE,
-        serving,
-        &[("HARNESS_MAX_BATCH_DELAY_MS", "3000")],
-    );
+    let mut node = ServeProcess::start(COOKIE, serving, &[("HARNESS_MAX_BATCH_DELAY_MS", "3000")]);
     let mut config = ClientConfig::new(vec![node.cluster.clone()], COOKIE);
     config.serving = serving.to_string();
     let client = std::sync::Arc::new(HarnessClient::connect(config).await.unwrap());

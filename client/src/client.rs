@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorRef, BytesConvertable, RpcReplyPort};
+
 use ractor_cluster::{NodeServer, NodeServerMessage};
 
 use crate::protocol::{
@@ -49,11 +50,17 @@ impl std::fmt::Debug for ClientConfig {
             .field("cookie", &"[redacted]")
             .field("serving", &self.serving)
             .field("name", &self.name)
+            .field("default_deadline", &self.default_deadline)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("tls", &self.tls)
             .finish()
     }
 }
 
 impl ClientConfig {
+    /// The settings for `nodes` (`HOST:PORT`, or a name standing for several)
+    /// with `cookie`; the serving `default`, a 30 s default deadline, the 64 MiB
+    /// message limit, and plain TCP.
     pub fn new(nodes: Vec<String>, cookie: impl Into<String>) -> Self {
         ClientConfig {
             nodes,
@@ -68,39 +75,207 @@ impl ClientConfig {
 }
 
 /// Why a call did not return a result. Each says what to do.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+///
+/// Its `Debug` form is its `Display` sentence, so that `main` returning
+/// `Result<(), Box<dyn Error>>` prints something a person can act on.
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClientError {
+    /// No session could be opened with a node (connection refused, no route,
+    /// name not resolved, no handshake in time). Worth retrying: the node may
+    /// be starting. Calls say it in [`ClientError::Deadline`]'s `last`.
     #[error("cannot connect to {node}: {message}; check the address and that the node runs")]
-    Unreachable { node: String, message: String },
-    #[error("{node} closed the session during authentication: check that the cookie matches the node's HARNESS_COOKIE")]
-    Refused { node: String },
-    #[error("no serving {serving} is ready on the connected nodes within the deadline")]
-    NoServing { serving: String },
+    Unreachable {
+        /// The node, as configured or resolved.
+        node: String,
+        /// Why.
+        message: String,
+    },
+    /// The node answered ractor_cluster's handshake, then closed the session:
+    /// the cookie differs from the node's `HARNESS_COOKIE`.
+    #[error("{node} closed the session during authentication after a proper handshake reply: check that the cookie matches the node's HARNESS_COOKIE")]
+    Refused {
+        /// The node.
+        node: String,
+    },
+    /// The address answered, but not with ractor_cluster's protocol: it is not a
+    /// Harness cluster port (the HTTP port, another service).
+    #[error("{node} is not a Harness cluster port: {message}; use the node's HARNESS_CLUSTER_ADDR (port 9000 by default), not its HTTP port, and for a node with TLS set HARNESS_TLS_CA")]
+    NotHarness {
+        /// The address.
+        node: String,
+        /// What the peer did instead.
+        message: String,
+    },
+    /// TLS with the node failed (certificate, CA, or a node that wants a client
+    /// certificate, or a node without TLS).
+    #[error("TLS with {node} failed: {message}")]
+    Tls {
+        /// The node.
+        node: String,
+        /// Why.
+        message: String,
+    },
+    /// Connected nodes have no ready serving of this name within the deadline:
+    /// check `HARNESS_SERVING_NAME`, or wait for the serving to become ready.
+    #[error("no serving {serving} is ready on the connected nodes within the deadline (check HARNESS_SERVING_NAME, or that the serving has finished loading)")]
+    NoServing {
+        /// The serving's name.
+        serving: String,
+    },
+    /// The request is larger than the nodes accept; it was not sent.
     #[error("the request is {bytes} bytes, over the {limit}-byte message limit (HARNESS_MAX_MESSAGE_BYTES): send fewer items per call")]
-    TooLarge { bytes: usize, limit: usize },
+    TooLarge {
+        /// The request's size, with an allowance for ractor_cluster's envelope.
+        bytes: usize,
+        /// [`ClientConfig::max_message_bytes`].
+        limit: usize,
+    },
+    /// The deadline passed before any serving answered with a result.
     #[error("the deadline of {deadline:?} passed{}", .last.as_ref().map(|l| format!(" (last: {l})")).unwrap_or_default())]
     Deadline {
+        /// The call's deadline.
         deadline: Duration,
+        /// The last reason the call was retried, and which nodes are not
+        /// connected and why.
         last: Option<String>,
     },
+    /// The serving answered with an error retrying cannot fix (`BadInput`,
+    /// `Model`, `DeadlineExceeded`).
     #[error(transparent)]
     Serving(#[from] ServingError),
+    /// The client's own node could not start, or is gone.
     #[error("the client node could not start: {0}")]
     Internal(String),
 }
 
+impl std::fmt::Debug for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl ClientError {
+    /// Whether trying again later may succeed (unreachable, deadline, no serving),
+    /// as opposed to an error that needs a change first (bad input, cookie, size).
+    pub fn is_temporary(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Unreachable { .. }
+                | ClientError::Deadline { .. }
+                | ClientError::NoServing { .. }
+                | ClientError::Serving(
+                    ServingError::NotReady { .. }
+                        | ServingError::Overloaded { .. }
+                        | ServingError::Internal { .. }
+                        | ServingError::DeadlineExceeded { .. }
+                )
+        )
+    }
+}
+
+/// ractor_cluster's envelope around a payload (target, variant, reply tag,
+/// span metadata), counted against the message limit with the payload.
+const ENVELOPE_BYTES: usize = 1024;
+
+/// A request kind of the protocol: how it carries a timeout, which message
+/// it is, and what its answer means. Every call goes through [`HarnessClient::call`].
+trait Request: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + 'static {
+    /// What the reply port carries.
+    type Answer: serde::Serialize + serde::de::DeserializeOwned + Send + 'static;
+    /// What the caller gets.
+    type Output;
+    /// The request with the caller's remaining budget.
+    fn with_timeout(&self, timeout_ms: u64) -> Self;
+    /// The message to send.
+    fn message(payload: Payload<Self>, port: RpcReplyPort<Payload<Self::Answer>>)
+        -> ServingMessage;
+    /// The answer as a result or the serving's error.
+    fn output(answer: Self::Answer) -> Result<Self::Output, ServingError>;
+}
+
+impl Request for RunRequest {
+    type Answer = Result<Vec<WireTensor>, ServingError>;
+    type Output = Vec<WireTensor>;
+    fn with_timeout(&self, timeout_ms: u64) -> Self {
+        RunRequest {
+            timeout_ms,
+            ..self.clone()
+        }
+    }
+    fn message(
+        payload: Payload<Self>,
+        port: RpcReplyPort<Payload<Self::Answer>>,
+    ) -> ServingMessage {
+        ServingMessage::Run(payload, port)
+    }
+    fn output(answer: Self::Answer) -> Result<Self::Output, ServingError> {
+        answer
+    }
+}
+
+impl Request for EmbedRequest {
+    type Answer = Result<Vec<Embedding>, ServingError>;
+    type Output = Vec<Embedding>;
+    fn with_timeout(&self, timeout_ms: u64) -> Self {
+        EmbedRequest {
+            timeout_ms,
+            ..self.clone()
+        }
+    }
+    fn message(
+        payload: Payload<Self>,
+        port: RpcReplyPort<Payload<Self::Answer>>,
+    ) -> ServingMessage {
+        ServingMessage::Embed(payload, port)
+    }
+    fn output(answer: Self::Answer) -> Result<Self::Output, ServingError> {
+        answer
+    }
+}
+
+impl Request for StatusRequest {
+    type Answer = ServingStatus;
+    type Output = ServingStatus;
+    fn with_timeout(&self, _: u64) -> Self {
+        self.clone()
+    }
+    fn message(
+        payload: Payload<Self>,
+        port: RpcReplyPort<Payload<Self::Answer>>,
+    ) -> ServingMessage {
+        ServingMessage::Status(payload, port)
+    }
+    fn output(answer: Self::Answer) -> Result<Self::Output, ServingError> {
+        Ok(answer)
+    }
+}
+
 /// A client of one or more harness nodes.
+///
+/// Keep one per process: ractor's process groups and remote actor ids are
+/// process-wide.
 pub struct HarnessClient {
     config: ClientConfig,
     server: ActorRef<NodeServerMessage>,
-    /// Kept for the reconnects it runs.
-    _sessions: Arc<crate::sessions::Sessions>,
+    /// Whether this client started `server` (and stops it when dropped).
+    owns_server: bool,
+    sessions: Arc<crate::sessions::Sessions>,
     pool: Arc<crate::pool::Pool>,
 }
 
 impl HarnessClient {
-    /// Starts this client's own node, connects to every node in `config.nodes` and
-    /// waits until each session is authenticated and ready.
+    /// Starts this client's own node (listening on loopback only), connects to
+    /// the nodes of `config.nodes` and returns once each has answered or failed
+    /// its first attempt (at most about ten seconds).
+    ///
+    /// Nodes that are down are connected in the background, with backoff (100 ms
+    /// doubling to 5 s), as are nodes lost later; calls wait for a ready serving
+    /// within their deadlines. **If no node answers at all, `connect` still
+    /// succeeds**: calls then wait, and their [`ClientError::Deadline`] says which
+    /// nodes are unreachable and why. It fails at once with
+    /// [`ClientError::Refused`] when every node that answered refused the cookie,
+    /// and with [`ClientError::NotHarness`] or [`ClientError::Tls`] when every one
+    /// that answered is no Harness cluster port or failed TLS.
     pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
         // A client node listens on loopback only, on a port of the OS's choosing.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -120,6 +295,35 @@ impl HarnessClient {
         let (server, _) = Actor::spawn(None, node, ())
             .await
             .map_err(|e| ClientError::Internal(e.to_string()))?;
+        let client = Self::start(server.clone(), config, true).await;
+        if client.is_err() {
+            server.stop(None);
+        }
+        client
+    }
+
+    /// A client on the application's own `NodeServer`, for applications that
+    /// run their own ractor node: the client opens its sessions through
+    /// `server` and reads the process groups the application sees.
+    ///
+    /// `server`'s cookie is used (`config.cookie` is not), and its inbound
+    /// frame limit applies to answers. Dropping the client stops its background
+    /// work only: it never stops `server` and never closes a session, so the
+    /// application's view of the mesh is not disturbed. Connects as
+    /// [`HarnessClient::connect`] does; a node `server` already has an
+    /// authenticated session with is used as it is.
+    pub async fn attach(
+        server: ActorRef<NodeServerMessage>,
+        config: ClientConfig,
+    ) -> Result<Self, ClientError> {
+        Self::start(server, config, false).await
+    }
+
+    async fn start(
+        server: ActorRef<NodeServerMessage>,
+        config: ClientConfig,
+        owns_server: bool,
+    ) -> Result<Self, ClientError> {
         let tls = match &config.tls {
             None => None,
             Some(tls) => {
@@ -127,10 +331,8 @@ impl HarnessClient {
                     .identity
                     .as_ref()
                     .map(|(c, k)| (c.as_path(), k.as_path()));
-                let rustls_config = crate::tls::client_config(&tls.ca, identity).map_err(|e| {
-                    server.stop(None);
-                    ClientError::Internal(e.to_string())
-                })?;
+                let rustls_config = crate::tls::client_config(&tls.ca, identity)
+                    .map_err(|e| ClientError::Internal(e.to_string()))?;
                 Some((
                     tokio_rustls::TlsConnector::from(Arc::new(rustls_config)),
                     tls.server_name.clone(),
@@ -139,25 +341,40 @@ impl HarnessClient {
         };
         let sessions = crate::sessions::Sessions::start(server.clone(), tls)?;
         // A name may stand for several nodes (Fly's `<app>.internal`): use them all.
-        for node in &config.nodes {
-            let addrs: Vec<std::net::SocketAddr> =
-                match tokio::net::lookup_host(node.as_str()).await {
-                    Ok(addrs) => addrs.collect(),
-                    Err(e) => {
-                        server.stop(None);
-                        return Err(ClientError::Unreachable {
-                            node: node.clone(),
-                            message: e.to_string(),
-                        });
-                    }
-                };
-            for addr in addrs {
-                if let Err(err) = sessions.connect(addr).await {
-                    server.stop(None);
-                    return Err(match err {
-                        ClientError::Refused { .. } => ClientError::Refused { node: node.clone() },
-                        other => other,
-                    });
+        let firsts: Vec<_> = config
+            .nodes
+            .iter()
+            .map(|node| sessions.keep(node.clone()))
+            .collect();
+        let mut outcomes = Vec::new();
+        for first in firsts {
+            // Each first attempt is bounded by the handshake timeout.
+            if let Ok(Ok(node)) = tokio::time::timeout(crate::sessions::HANDSHAKE * 2, first).await
+            {
+                outcomes.extend(node);
+            }
+        }
+        if !outcomes.iter().any(Result::is_ok) {
+            let refusal = outcomes
+                .iter()
+                .filter_map(|o| o.as_ref().err())
+                .filter(|e| !e.is_temporary())
+                .min_by_key(|e| !matches!(e, ClientError::Refused { .. }));
+            if let Some(err) = refusal {
+                let err = err.clone();
+                sessions.stop();
+                return Err(err);
+            }
+            tracing::info!(
+                "no Harness node answered yet{}; calls wait for one within their deadlines",
+                sessions.describe_unready()
+            );
+        } else {
+            // Nodes that answered and refused, beside ones that work: retried,
+            // but a person should know.
+            for err in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+                if !err.is_temporary() {
+                    tracing::warn!("{err}; retrying it in the background");
                 }
             }
         }
@@ -165,7 +382,8 @@ impl HarnessClient {
         Ok(HarnessClient {
             config,
             server,
-            _sessions: sessions,
+            owns_server,
+            sessions,
             pool,
         })
     }
@@ -177,28 +395,12 @@ impl HarnessClient {
         inputs: Vec<WireTensor>,
         deadline: Option<Duration>,
     ) -> Result<Vec<WireTensor>, ClientError> {
-        let deadline = deadline.unwrap_or(self.config.default_deadline);
-        // Checked once, at the largest budget an attempt can carry.
-        let largest = RunRequest {
+        let request = RunRequest {
             version: PROTOCOL_VERSION,
             inputs,
-            timeout_ms: deadline.as_millis() as u64,
+            timeout_ms: 0,
         };
-        let bytes = Payload::new(largest.clone()).into_bytes().len();
-        if bytes > self.config.max_message_bytes {
-            return Err(ClientError::TooLarge {
-                bytes,
-                limit: self.config.max_message_bytes,
-            });
-        }
-        self.call(deadline, |timeout_ms, port| {
-            let request = RunRequest {
-                timeout_ms,
-                ..largest.clone()
-            };
-            ServingMessage::Run(Payload::new(request), port)
-        })
-        .await
+        self.call(request, deadline).await
     }
 
     /// Embeds `texts` (a node serving the embedding task): one [`Embedding`] per
@@ -209,37 +411,56 @@ impl HarnessClient {
         texts: Vec<String>,
         deadline: Option<Duration>,
     ) -> Result<Vec<Embedding>, ClientError> {
-        let deadline = deadline.unwrap_or(self.config.default_deadline);
-        self.call(deadline, |timeout_ms, port| {
-            let request = EmbedRequest {
-                version: PROTOCOL_VERSION,
-                texts: texts.clone(),
-                timeout_ms,
-            };
-            ServingMessage::Embed(Payload::new(request), port)
-        })
-        .await
+        let request = EmbedRequest {
+            version: PROTOCOL_VERSION,
+            texts,
+            timeout_ms: 0,
+        };
+        self.call(request, deadline).await
     }
 
-    /// Sends `message(timeout_ms, port)` to the least busy serving until one
+    /// The status of a ready serving (the least busy). Retries as
+    /// [`HarnessClient::run`] does.
+    pub async fn status(&self, deadline: Option<Duration>) -> Result<ServingStatus, ClientError> {
+        let request = StatusRequest {
+            version: PROTOCOL_VERSION,
+        };
+        self.call(request, deadline).await
+    }
+
+    /// Checks `request`'s size, then sends it to the least busy serving until one
     /// answers with a result or an error retrying cannot fix, or `deadline` passes.
-    async fn call<T: Send + 'static>(
+    async fn call<R: Request>(
         &self,
-        deadline: Duration,
-        message: impl Fn(u64, RpcReplyPort<Payload<Result<T, ServingError>>>) -> ServingMessage,
-    ) -> Result<T, ClientError> {
+        request: R,
+        deadline: Option<Duration>,
+    ) -> Result<R::Output, ClientError> {
+        let deadline = deadline.unwrap_or(self.config.default_deadline);
+        // Checked once, at the largest budget an attempt can carry.
+        let largest = request.with_timeout(deadline.as_millis() as u64);
+        let bytes = Payload::new(largest).into_bytes().len() + ENVELOPE_BYTES;
+        if bytes > self.config.max_message_bytes {
+            return Err(ClientError::TooLarge {
+                bytes,
+                limit: self.config.max_message_bytes,
+            });
+        }
         let started = Instant::now();
         let mut last = None;
+        let mut seen_serving = false;
         let mut pause = Duration::from_millis(10);
         while started.elapsed() < deadline {
             let servings = self.pool.servings();
             if servings.is_empty() {
-                last.get_or_insert_with(|| {
-                    format!("no serving {} is ready yet", self.config.serving)
-                });
+                last = Some(format!(
+                    "no serving {} is ready yet{}",
+                    self.config.serving,
+                    self.sessions.describe_unready()
+                ));
             }
             // The least busy first; after a failure, the next one at once.
             for (serving, member) in servings {
+                seen_serving = true;
                 let Some(left) = deadline
                     .checked_sub(started.elapsed())
                     .filter(|d| !d.is_zero())
@@ -247,7 +468,8 @@ impl HarnessClient {
                     break;
                 };
                 member.in_flight.fetch_add(1, Ordering::Relaxed);
-                let call = serving.call(|port| message(left.as_millis() as u64, port), Some(left));
+                let attempt = request.with_timeout(left.as_millis() as u64);
+                let call = serving.call(|port| R::message(Payload::new(attempt), port), Some(left));
                 // A node that goes away mid-call (its session closes and its
                 // members leave the group) answers nothing: move on at once.
                 let answer = tokio::select! {
@@ -259,7 +481,7 @@ impl HarnessClient {
                     last = Some("the serving's node went away mid-call".to_string());
                     continue;
                 };
-                match outcome(answer) {
+                match outcome::<R>(answer) {
                     Step::Done(value) => return Ok(value),
                     Step::Fail(err) => return Err(err),
                     Step::Retry(reason) => last = Some(reason),
@@ -269,46 +491,13 @@ impl HarnessClient {
             tokio::time::sleep(pause.min(left)).await;
             pause = (pause * 2).min(Duration::from_millis(500));
         }
-        Err(ClientError::Deadline { deadline, last })
-    }
-
-    /// The status of a ready serving (the least busy).
-    pub async fn status(&self, deadline: Option<Duration>) -> Result<ServingStatus, ClientError> {
-        let deadline = deadline.unwrap_or(self.config.default_deadline);
-        let started = Instant::now();
-        let mut last = None;
-        while started.elapsed() < deadline {
-            for (serving, _) in self.pool.servings() {
-                let left = deadline.saturating_sub(started.elapsed());
-                let request = StatusRequest {
-                    version: PROTOCOL_VERSION,
-                };
-                match serving
-                    .call(
-                        |port| ServingMessage::Status(Payload::new(request), port),
-                        Some(left),
-                    )
-                    .await
-                {
-                    Ok(ractor::rpc::CallResult::Success(Payload(Ok(status)))) => return Ok(status),
-                    Ok(ractor::rpc::CallResult::Success(Payload(Err(text)))) => last = Some(text),
-                    Ok(ractor::rpc::CallResult::SenderError) => {
-                        last = Some("the serving's node went away (its session closed)".to_string())
-                    }
-                    Ok(ractor::rpc::CallResult::Timeout) => {
-                        last = Some("no answer within the deadline".to_string())
-                    }
-                    Err(err) => last = Some(format!("the serving was lost: {err}")),
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Err(match last {
-            None => ClientError::NoServing {
+        if !seen_serving && self.sessions.any_ready() && self.sessions.describe_unready().is_empty()
+        {
+            return Err(ClientError::NoServing {
                 serving: self.config.serving.clone(),
-            },
-            last => ClientError::Deadline { deadline, last },
-        })
+            });
+        }
+        Err(ClientError::Deadline { deadline, last })
     }
 }
 
@@ -321,17 +510,19 @@ enum Step<T> {
 
 /// Sorts an answer: a result, an error retrying cannot fix, or a reason to retry
 /// (not ready, overloaded, restarting, lost).
-fn outcome<T, E: std::fmt::Display>(
-    answer: Result<ractor::rpc::CallResult<Payload<Result<T, ServingError>>>, E>,
-) -> Step<T> {
+fn outcome<R: Request>(
+    answer: Result<ractor::rpc::CallResult<Payload<R::Answer>>, impl std::fmt::Display>,
+) -> Step<R::Output> {
     use ractor::rpc::CallResult;
     match answer {
-        Ok(CallResult::Success(Payload(Ok(Ok(value))))) => Step::Done(value),
-        Ok(CallResult::Success(Payload(Ok(Err(err))))) => match err {
-            ServingError::NotReady { .. }
-            | ServingError::Overloaded { .. }
-            | ServingError::Internal { .. } => Step::Retry(err.to_string()),
-            other => Step::Fail(ClientError::Serving(other)),
+        Ok(CallResult::Success(Payload(Ok(answer)))) => match R::output(answer) {
+            Ok(value) => Step::Done(value),
+            Err(
+                err @ (ServingError::NotReady { .. }
+                | ServingError::Overloaded { .. }
+                | ServingError::Internal { .. }),
+            ) => Step::Retry(err.to_string()),
+            Err(other) => Step::Fail(ClientError::Serving(other)),
         },
         Ok(CallResult::Success(Payload(Err(text)))) => Step::Retry(text),
         Ok(CallResult::SenderError) => {
@@ -344,6 +535,9 @@ fn outcome<T, E: std::fmt::Display>(
 
 impl Drop for HarnessClient {
     fn drop(&mut self) {
-        self.server.stop(None);
+        self.sessions.stop();
+        if self.owns_server {
+            self.server.stop(None);
+        }
     }
 }

@@ -1,9 +1,97 @@
 //! harness-client: call a Harness model node from any Rust program.
 //!
-//! This crate holds the wire protocol ([`protocol`]) and, with the cluster, the
-//! client. It never depends on libtorch, so an application that calls a Harness
-//! node builds on a laptop with nothing but Rust installed.
+//! This crate holds the wire protocol ([`protocol`]) and the client
+//! ([`HarnessClient`]). It never depends on libtorch, so an application that
+//! calls a Harness node builds on a laptop with nothing but Rust installed.
+//!
+//! ```toml
+//! [dependencies]
+//! harness-client = { git = "https://github.com/harness-rs/harness" }
+//! # or, from a checkout: harness-client = { path = "../harness/client" }
+//! tokio = { version = "1", features = ["rt-multi-thread", "macros"] }
+//! ```
+//!
+//! Embedding texts (a node with `HARNESS_TASK=embedding`, as `make run` serves):
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use harness_client::{ClientConfig, HarnessClient};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut config = ClientConfig::new(vec!["127.0.0.1:9000".into()], std::env::var("HARNESS_COOKIE")?);
+//! config.serving = "default".into(); // the node's HARNESS_SERVING_NAME
+//! let client = HarnessClient::connect(config).await?;
+//! let embeddings = client
+//!     .embed(vec!["Hello world".into()], Some(Duration::from_secs(5)))
+//!     .await?;
+//! println!("{} dimensions", embeddings[0].vector.len());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Running a tensor model (`HARNESS_TASK=tensor`, as `make run-tensor` serves):
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use harness_client::{ClientConfig, HarnessClient, WireTensor};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = ClientConfig::new(vec!["127.0.0.1:9000".into()], std::env::var("HARNESS_COOKIE")?);
+//! let client = HarnessClient::connect(config).await?;
+//! let x = WireTensor::from_f32(&[1, 4], &[0.1, 0.2, 0.3, 0.4]);
+//! let outputs = client.run(vec![x], Some(Duration::from_secs(5))).await?;
+//! println!("{:?}", outputs[0].to_f32());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! On Fly.io, a name such as `my-harness.internal:9000` stands for every machine
+//! of the app, and the client connects to all of them:
+//!
+//! ```no_run
+//! # use harness_client::{ClientConfig, HarnessClient};
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = ClientConfig::new(vec!["my-harness.internal:9000".into()], std::env::var("HARNESS_COOKIE")?);
+//! let client = HarnessClient::connect(config).await?; // every machine behind the name
+//! let vectors = client.embed(vec!["Hello world".into()], None).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! An application that runs its own ractor node attaches the client to it
+//! ([`HarnessClient::attach`]), or calls the serving with plain ractor: see
+//! `client/examples/plain_ractor.rs`. The process group is
+//! [`serving_group`]`(name)`, its members take [`ServingMessage`], and each
+//! request carries [`PROTOCOL_VERSION`]:
+//!
+//! ```no_run
+//! use harness_client::{serving_group, Payload, RunRequest, ServingMessage, WireTensor, PROTOCOL_VERSION};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! // With a session to the node open on the application's NodeServer:
+//! let member = ractor::pg::get_members(&serving_group("default"))
+//!     .pop()
+//!     .ok_or("no serving is ready")?;
+//! let serving = ractor::ActorRef::<ServingMessage>::from(member);
+//! let request = RunRequest {
+//!     version: PROTOCOL_VERSION,
+//!     inputs: vec![WireTensor::from_f32(&[1, 4], &[0.1, 0.2, 0.3, 0.4])],
+//!     timeout_ms: 5_000,
+//! };
+//! let Payload(answer) = ractor::call_t!(serving, ServingMessage::Run, 5_000, Payload::new(request))?;
+//! let outputs = answer??; // a payload that decoded, then the serving's answer
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! With the `cli` feature the crate also builds the `harness-client` binary
+//! (`harness-client call`, `harness-client status`): `cargo install --path client
+//! --features cli`.
 
+#![warn(missing_docs)]
+
+#[cfg(feature = "cli")]
+pub mod cli;
 mod client;
 mod pool;
 pub mod protocol;
@@ -14,6 +102,6 @@ pub use client::{ClientConfig, ClientError, ClientTls, HarnessClient};
 
 pub use protocol::{
     serving_group, DType, EmbedReply, EmbedRequest, Embedding, Fault, FaultRequest, Payload,
-    RunReply, RunRequest, ServingError, ServingMessage, ServingStatus, StatusRequest, WireTensor,
-    PROTOCOL_VERSION,
+    RunReply, RunRequest, ServingError, ServingMessage, ServingStatus, StatusModel, StatusRequest,
+    WireTensor, PROTOCOL_VERSION,
 };

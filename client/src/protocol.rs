@@ -13,7 +13,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// The protocol version every request carries. A node answers a request of
 /// another version with [`ServingError::BadInput`] naming both versions.
 /// Version 2: `Embed` answers [`Embedding`]s (vector, token count, truncation).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version 3: [`ServingStatus`] carries the model, the node's versions, the
+/// requests in flight and the uptime, as HTTP `/status` does.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The process group of the serving named `name`: `harness.serving.<name>`.
 pub fn serving_group(name: &str) -> String {
@@ -25,6 +27,7 @@ pub fn serving_group(name: &str) -> String {
 pub struct Payload<T>(pub Result<T, String>);
 
 impl<T> Payload<T> {
+    /// A payload holding `value`.
     pub fn new(value: T) -> Self {
         Payload(Ok(value))
     }
@@ -70,15 +73,25 @@ impl<T: Serialize + DeserializeOwned> BytesConvertable for Payload<T> {
 /// A tensor element type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum DType {
+    /// 32-bit float.
     F32,
+    /// 64-bit float.
     F64,
+    /// 16-bit float (IEEE half).
     F16,
+    /// bfloat16.
     BF16,
+    /// 64-bit signed integer (token ids, masks).
     I64,
+    /// 32-bit signed integer.
     I32,
+    /// 16-bit signed integer.
     I16,
+    /// 8-bit signed integer.
     I8,
+    /// 8-bit unsigned integer.
     U8,
+    /// Boolean, one byte per element.
     Bool,
 }
 
@@ -97,8 +110,11 @@ impl DType {
 /// A tensor on the wire: dtype, shape, and the elements little-endian, row-major.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WireTensor {
+    /// The element type.
     pub dtype: DType,
+    /// The dimensions, outermost first (the first one counts the items of a batch).
     pub shape: Vec<i64>,
+    /// The elements, little-endian, row-major.
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
@@ -153,7 +169,9 @@ impl WireTensor {
 /// `Run`: tensors in (sharing their leading dimension, the items), tensors out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunRequest {
+    /// [`PROTOCOL_VERSION`].
     pub version: u32,
+    /// The model's inputs, in order; each has the items as its first dimension.
     pub inputs: Vec<WireTensor>,
     /// How long the caller will wait, in milliseconds from when the node receives
     /// the request (a budget, since the two clocks may differ).
@@ -165,8 +183,11 @@ pub struct RunRequest {
 /// special tokens); more texts than the node's `HARNESS_MAX_QUEUE` is `BadInput`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EmbedRequest {
+    /// [`PROTOCOL_VERSION`].
     pub version: u32,
+    /// The texts to embed.
     pub texts: Vec<String>,
+    /// How long the caller will wait, in milliseconds (see [`RunRequest::timeout_ms`]).
     pub timeout_ms: u64,
 }
 
@@ -185,6 +206,7 @@ pub struct Embedding {
 /// `Status`: ask for the serving's status.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusRequest {
+    /// [`PROTOCOL_VERSION`].
     pub version: u32,
 }
 
@@ -201,34 +223,88 @@ pub struct ServingStatus {
     pub phase: String,
     /// Why, for `failed` and `no_gpu`.
     pub message: Option<String>,
+    /// The serving's name (`HARNESS_SERVING_NAME`).
     pub serving: String,
+    /// The device the model runs on (`cpu`, `cuda:0`), once chosen.
     pub device: Option<String>,
+    /// Items waiting for a batch.
     pub queue_depth: u64,
+    /// Times the serving was restarted after a failure.
     pub restarts: u64,
+    /// The model served, once the serving has started fetching it.
+    pub model: Option<StatusModel>,
+    /// The node's Harness version (its crate version).
+    pub server_version: String,
+    /// The node's [`PROTOCOL_VERSION`].
+    pub protocol_version: u32,
+    /// Requests accepted and not yet answered.
+    pub in_flight: u64,
+    /// Seconds since the node started.
+    pub uptime_s: u64,
+}
+
+/// The model a serving serves, as [`ServingStatus`] and `/status` report it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusModel {
+    /// The Hub repo (`org/name`), or the `HARNESS_MODEL_DIR` folder.
+    pub repo: String,
+    /// The revision asked for (`main`, a tag, a commit), or `local` for a folder.
+    pub revision: String,
+    /// The commit the revision resolved to; `None` until fetched, or for a folder.
+    pub commit: Option<String>,
 }
 
 /// Why a request was not answered with a result. Each says what to do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum ServingError {
+    /// The serving is not ready yet (or is draining): retry until your deadline.
     #[error("the serving is not ready (phase: {phase}); retry until your deadline")]
-    NotReady { phase: String },
+    NotReady {
+        /// The phase it is in.
+        phase: String,
+    },
+    /// The queue is full: back off and retry.
     #[error("the serving is overloaded ({queued} items queued of {capacity}); back off and retry")]
-    Overloaded { queued: u64, capacity: u64 },
+    Overloaded {
+        /// Items queued now.
+        queued: u64,
+        /// `HARNESS_MAX_QUEUE`.
+        capacity: u64,
+    },
+    /// The request breaks a rule of the serving (version, arity, dtype, shape,
+    /// size, task); retrying the same request cannot help.
     #[error("bad input: {reason}")]
-    BadInput { reason: String },
+    BadInput {
+        /// Which rule, and what was expected.
+        reason: String,
+    },
+    /// The model failed on the batch (torch's message); the serving stays ready.
     #[error("the model failed on this batch: {message}")]
-    Model { message: String },
+    Model {
+        /// torch's message, in one line.
+        message: String,
+    },
+    /// The request waited in the queue past its `timeout_ms` and was never run.
     #[error("the deadline passed after {waited_ms} ms in the queue; the request was not run")]
-    DeadlineExceeded { waited_ms: u64 },
+    DeadlineExceeded {
+        /// How long it waited.
+        waited_ms: u64,
+    },
+    /// The serving stopped with the request in flight; it restarts: retry.
     #[error("internal error: {message}; the serving is restarting, retry")]
-    Internal { message: String },
+    Internal {
+        /// What happened.
+        message: String,
+    },
 }
 
 /// A fault to inject, for tests of the restart path. A node refuses it with
 /// `BadInput` unless it runs with `HARNESS_FAULT_INJECTION=1`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FaultRequest {
+    /// [`PROTOCOL_VERSION`].
     pub version: u32,
+    /// The fault.
     pub fault: Fault,
 }
 
@@ -327,6 +403,29 @@ mod tests {
         });
         let bytes = Payload::new(reply.clone()).into_bytes();
         assert_eq!(Payload::<RunReply>::from_bytes(bytes).0, Ok(reply));
+    }
+
+    #[test]
+    fn a_status_round_trips_with_its_model_and_versions() {
+        let status = ServingStatus {
+            phase: "ready".to_string(),
+            message: None,
+            serving: "default".to_string(),
+            device: Some("cpu".to_string()),
+            queue_depth: 3,
+            restarts: 1,
+            model: Some(StatusModel {
+                repo: "org/name".to_string(),
+                revision: "main".to_string(),
+                commit: Some("0123456789abcdef0123456789abcdef01234567".to_string()),
+            }),
+            server_version: "0.1.0".to_string(),
+            protocol_version: PROTOCOL_VERSION,
+            in_flight: 2,
+            uptime_s: 42,
+        };
+        let bytes = Payload::new(status.clone()).into_bytes();
+        assert_eq!(Payload::<ServingStatus>::from_bytes(bytes).0, Ok(status));
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! The `harness` command line: one file per verb.
+//! The `harness` command line: one file per verb. The node's verbs (`serve`,
+//! `fetch`, `demo`, `gpu-check`) take the server's [`Config`]; the client verbs
+//! (`call`, `status`) take only client settings and are the `harness-client`
+//! binary's own code ([`harness_client::cli`]).
 
-mod call;
 mod demo;
 mod fetch;
 mod gpu_check;
@@ -9,19 +11,28 @@ mod serve;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use harness_client::cli::{CallArgs, StatusArgs};
 
 use crate::config::Config;
 
 /// Serve a TorchScript model from a GPU machine to a ractor cluster.
 #[derive(Debug, Parser)]
-#[command(name = "harness", version, about)]
+#[command(name = "harness", version, about, after_help = EXIT_CODES)]
 pub struct Cli {
-    #[command(flatten)]
-    pub config: Config,
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// Every exit code of `harness`, for `--help`.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0   success
+  1   gpu-check: no usable GPU (demo: would not start without one)
+  2   an error that needs a change first (the message says what)
+  3   serve gave up after too many restarts
+  75  call/status: a temporary error, retry later (EX_TEMPFAIL)";
+
+/// The `harness` verbs.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Report whether this process can use a CUDA GPU: devices, CUDA runtime,
@@ -30,39 +41,20 @@ pub enum Command {
         /// Print the facts as one JSON object.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        config: Box<Config>,
     },
     /// Run the node: download, load and serve the model, restart it when it fails,
     /// drain on SIGTERM or SIGINT. Exits 3 after too many restarts.
-    Serve,
+    Serve(Box<Config>),
     /// Send a request to a remote node and print the answer: `--tensor` (Run) or
     /// `--embed` (Embed).
-    #[command(group(clap::ArgGroup::new("input").required(true).args(["tensors", "texts"])))]
-    Call {
-        /// A node's cluster address, HOST:PORT (repeat for several).
-        #[arg(long = "node", required = true)]
-        nodes: Vec<String>,
-        /// An f32 input tensor as SHAPE:VALUES, e.g. `1,4:0.1,0.2,0.3,0.4` (repeat
-        /// for a model with several inputs).
-        #[arg(long = "tensor")]
-        tensors: Vec<String>,
-        /// A text to embed (repeat for several).
-        #[arg(long = "embed")]
-        texts: Vec<String>,
-        /// How long to keep trying, in milliseconds.
-        #[arg(long, default_value_t = 30_000)]
-        deadline_ms: u64,
-    },
-    /// Print a remote node's serving status.
-    Status {
-        /// A node's cluster address, HOST:PORT.
-        #[arg(long = "node", required = true)]
-        nodes: Vec<String>,
-        #[arg(long, default_value_t = 10_000)]
-        deadline_ms: u64,
-    },
+    Call(CallArgs),
+    /// Print a remote node's serving status as one JSON object.
+    Status(StatusArgs),
     /// Download and verify the model's files into the cache (or find them there),
     /// print their local paths, and exit.
-    Fetch,
+    Fetch(Box<Config>),
     /// Trace a small built-in model, serve one batch through the engine on the
     /// configured device, and check the answer against a direct computation.
     Demo {
@@ -73,27 +65,55 @@ pub enum Command {
         /// `HARNESS_MODEL_DIR`; its inputs are `f32[4]`) and exit.
         #[arg(long, value_name = "DIR")]
         write_model: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        config: Box<Config>,
     },
+}
+
+/// The node's settings from a command line of flags alone (`harness
+/// --device=cpu --model-dir=...`, no verb), with the environment, as `serve`
+/// reads them: what tests and benchmarks start nodes with.
+pub fn server_config<I, T>(args: I) -> Result<Config, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    #[derive(Parser)]
+    #[command(name = "harness")]
+    struct ServerArgs {
+        #[command(flatten)]
+        config: Config,
+    }
+    ServerArgs::try_parse_from(args).map(|a| a.config)
 }
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    crate::logging::init(cli.config.log_format);
     match cli.command {
-        Command::GpuCheck { json } => gpu_check::run(json),
-        Command::Serve => serve::run(cli.config),
-        Command::Fetch => fetch::run(&cli.config),
-        Command::Call {
-            nodes,
-            tensors,
-            texts,
-            deadline_ms,
-        } => call::call(&cli.config, &nodes, &tensors, &texts, deadline_ms),
-        Command::Status { nodes, deadline_ms } => call::status(&cli.config, &nodes, deadline_ms),
+        Command::GpuCheck { json, config } => {
+            crate::logging::init(config.log_format);
+            gpu_check::run(json)
+        }
+        Command::Serve(config) => {
+            crate::logging::init(config.log_format);
+            serve::run(*config)
+        }
+        Command::Fetch(config) => {
+            crate::logging::init(config.log_format);
+            fetch::run(&config)
+        }
+        Command::Call(args) => Ok(harness_client::cli::call(&args, "harness")),
+        Command::Status(args) => Ok(harness_client::cli::status(&args, "harness")),
         Command::Demo {
-            write_model: Some(dir),
-            ..
-        } => demo::write_model(&dir),
-        Command::Demo { batch, .. } => demo::run(&cli.config, batch),
+            write_model,
+            batch,
+            config,
+        } => {
+            crate::logging::init(config.log_format);
+            match write_model {
+                Some(dir) => demo::write_model(&dir),
+                None => demo::run(&config, batch),
+            }
+        }
     }
 }

@@ -284,6 +284,15 @@ impl ServingShared {
             device: self.running().map(|r| r.device.to_string()),
             queue_depth: self.queue_depth(),
             restarts: self.restarts(),
+            model: self.model().map(|m| harness_client::StatusModel {
+                repo: m.repo,
+                revision: m.revision,
+                commit: m.commit,
+            }),
+            server_version: env!("CARGO_PKG_VERSION").to_string(),
+            protocol_version: harness_client::PROTOCOL_VERSION,
+            in_flight: self.in_flight(),
+            uptime_s: self.started.elapsed().as_secs(),
         }
     }
 }

@@ -1,8 +1,6 @@
 //! Helpers for tests that run a node: its configuration, parsed from the same
 //! command line an operator would write, and loopback ports.
 
-use clap::Parser;
-
 use super::hub::TestHub;
 
 /// The node's settings: the Hub at `hub`, repo `repo`, cache `cache`, on the CPU
@@ -28,10 +26,7 @@ pub fn config(
         args.push("--device=cpu".to_string());
     }
     args.extend(extra.iter().map(|s| s.to_string()));
-    args.push("serve".to_string());
-    harness::cli::Cli::try_parse_from(args)
-        .expect("arguments")
-        .config
+    harness::cli::server_config(args).expect("arguments")
 }
 
 /// A port nothing listens on now.
