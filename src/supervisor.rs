@@ -19,6 +19,11 @@ use crate::serving::{DelayedServing, Phase, ServingArgs, ServingShared};
 /// The exit code of `harness serve` when the serving failed too often.
 pub const EXIT_TOO_MANY_RESTARTS: i32 = 3;
 
+/// The exit code of `harness serve` when the serving failed in a way no restart
+/// fixes (a repo or file that does not exist, a file that is not TorchScript):
+/// the same as for bad settings found before starting.
+pub const EXIT_NO_RESTART_HELPS: i32 = 2;
+
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -134,6 +139,18 @@ impl Actor for RootSupervisor {
         state.args.shared.set_running(None);
         if state.shutting_down {
             tracing::info!("the serving stopped for shutdown");
+            return Ok(());
+        }
+        if let Some(why) = state.args.shared.take_failure_for_good() {
+            tracing::error!(
+                "the serving failed and a restart will not help: {why}. Fix the model's files or the settings, then start the node again; exiting with code {EXIT_NO_RESTART_HELPS}"
+            );
+            state.args.shared.set_phase(Phase::Failed, Some(why));
+            state
+                .args
+                .exit_code
+                .store(EXIT_NO_RESTART_HELPS, Ordering::SeqCst);
+            myself.stop(Some("a failure no restart fixes".to_string()));
             return Ok(());
         }
         restart(&myself, state, reason);

@@ -24,11 +24,12 @@ fn serve(model_dir: &std::path::Path) -> Command {
 
 #[test]
 fn too_many_restarts_end_the_process_with_exit_code_3() {
-    let dir = tempfile::tempdir().unwrap();
-    // A model file that never loads: every start of the serving fails.
-    std::fs::write(dir.path().join("model.pt"), b"not a model").unwrap();
+    let dir = support::node::demo_model_dir();
+    // Warm-up inputs the model cannot take: every warm-up forward fails, a failure
+    // a restart might fix (as memory or a device could), so it is retried.
     let started = Instant::now();
     let out = serve(dir.path())
+        .env("HARNESS_WARMUP_INPUTS", "f32[5]")
         .env("HARNESS_MAX_RESTARTS", "2")
         .env("HARNESS_RESTART_WINDOW_S", "60")
         .output()
@@ -46,10 +47,29 @@ fn too_many_restarts_end_the_process_with_exit_code_3() {
     );
     assert!(stderr.contains("giving up with exit code 3"), "{stderr}");
     assert!(
-        stderr.contains("is not a TorchScript model"),
+        stderr.contains("the warm-up forward failed"),
         "the reason is logged: {stderr}"
     );
     assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn a_failure_no_restart_fixes_ends_the_process_at_once_with_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    // A model file that never loads, however often it is tried.
+    std::fs::write(dir.path().join("model.pt"), b"not a model").unwrap();
+    let out = serve(dir.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(harness::supervisor::EXIT_NO_RESTART_HELPS),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("restarting it in"), "{stderr}");
+    assert!(
+        stderr.contains("a restart will not help") && stderr.contains("is not a TorchScript model"),
+        "{stderr}"
+    );
 }
 
 #[test]

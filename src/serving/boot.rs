@@ -15,7 +15,8 @@ use crate::config::{Config, ModelSource};
 use crate::device::choose_serving_device;
 use crate::engine::{gpu::GpuFacts, panic_message, DeviceChoice};
 use crate::fetch;
-use crate::tasks::{self, tensor::InputSpec, LoadContext, Task};
+use crate::fetch::FetchError;
+use crate::tasks::{self, tensor::InputSpec, LoadContext, LoadFailure, Task};
 
 /// The loaded task of one life of the serving, and with it the model: set once
 /// when the serving is ready, released when that life ends ([`Loaded::release`] in
@@ -63,7 +64,13 @@ pub async fn run(
     let reason = match started {
         Ok(Ok(Some(failure))) => until_failed(failure).await,
         Ok(Ok(None)) => return, // no GPU: alive, never ready
-        Ok(Err(reason)) => reason,
+        Ok(Err(failure)) => {
+            if failure.permanent {
+                // The supervisor reads it when this life ends: no restart.
+                shared.fail_for_good(failure.message.clone());
+            }
+            failure.message
+        }
         Err(panic) => format!(
             "the serving panicked while {}: {}",
             shared.phase().phase,
@@ -80,8 +87,8 @@ async fn start(
     config: &Config,
     shared: &ServingShared,
     loaded: &Loaded,
-) -> Result<Option<watch::Receiver<Option<String>>>, String> {
-    let warmup_inputs = warmup_inputs(config)?;
+) -> Result<Option<watch::Receiver<Option<String>>>, LoadFailure> {
+    let warmup_inputs = warmup_inputs(config).map_err(LoadFailure::permanent)?;
     let Some(device) = choose_device(config, shared).await? else {
         return Ok(None);
     };
@@ -138,8 +145,11 @@ async fn choose_device(
 async fn fetch_model(
     config: &Config,
     shared: &ServingShared,
-) -> Result<Vec<(String, std::path::PathBuf)>, String> {
-    let source = config.model.source(config.serving.task)?;
+) -> Result<Vec<(String, std::path::PathBuf)>, LoadFailure> {
+    let source = config
+        .model
+        .source(config.serving.task)
+        .map_err(LoadFailure::permanent)?;
     let (repo, revision, names) = match &source {
         ModelSource::Dir { dir, files } => (
             dir.display().to_string(),
@@ -158,7 +168,7 @@ async fn fetch_model(
         ModelSource::Dir { dir, files } => fetch::local_dir(dir, files),
         ModelSource::Hub(spec) => fetch::fetch(spec, &shared.progress).await,
     }
-    .map_err(|e| e.to_string())?;
+    .map_err(fetch_failure)?;
     let files: Vec<_> = names.into_iter().zip(snapshot.files).collect();
     shared.set_model(ModelInfo {
         repo,
@@ -175,6 +185,23 @@ async fn fetch_model(
     Ok(files)
 }
 
+/// A fetch error, and whether fetching again could help: a repo, revision or file
+/// that does not exist, a refused token or files missing offline stay so.
+fn fetch_failure(err: FetchError) -> LoadFailure {
+    let permanent = matches!(
+        err,
+        FetchError::NotFound { .. }
+            | FetchError::Config(_)
+            | FetchError::Unauthorized { .. }
+            | FetchError::OfflineMissing { .. }
+            | FetchError::LocalMissing { .. }
+    );
+    LoadFailure {
+        message: err.to_string(),
+        permanent,
+    }
+}
+
 /// The configured task, loaded onto `device`; the load time goes to the metrics.
 async fn load_task(
     config: &Config,
@@ -182,7 +209,7 @@ async fn load_task(
     files: Vec<(String, std::path::PathBuf)>,
     device: DeviceChoice,
     warmup_inputs: Option<Vec<InputSpec>>,
-) -> Result<Arc<dyn Task>, String> {
+) -> Result<Arc<dyn Task>, LoadFailure> {
     let loading = std::time::Instant::now();
     let context = LoadContext {
         files,

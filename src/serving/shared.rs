@@ -99,6 +99,8 @@ pub struct ServingShared {
     last_activity: Mutex<std::time::Instant>,
     draining: AtomicBool,
     running: Mutex<Option<Running>>,
+    /// Why the serving failed in a way no restart fixes, for the supervisor.
+    for_good: Mutex<Option<String>>,
     /// The latest phase changes, oldest first (the watch channel keeps only the last).
     history: Mutex<std::collections::VecDeque<Phase>>,
 }
@@ -125,6 +127,7 @@ impl ServingShared {
             last_activity: Mutex::new(std::time::Instant::now()),
             draining: AtomicBool::new(false),
             running: Mutex::new(None),
+            for_good: Mutex::new(None),
             history: Mutex::new(std::collections::VecDeque::new()),
         })
     }
@@ -250,6 +253,18 @@ impl ServingShared {
             restarts: self.restarts(),
             downloaded_bytes: self.progress.downloaded_bytes(),
         })
+    }
+
+    /// The serving failed and a restart will not help (wrong files or settings).
+    pub fn fail_for_good(&self, reason: String) {
+        if let Ok(mut slot) = self.for_good.lock() {
+            *slot = Some(reason);
+        }
+    }
+
+    /// Takes the reason of a failure no restart fixes, if the serving had one.
+    pub fn take_failure_for_good(&self) -> Option<String> {
+        self.for_good.lock().ok().and_then(|mut r| r.take())
     }
 
     /// The ready serving's engine, or none once its life ended.

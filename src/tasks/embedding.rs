@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use super::pooling::{Pooler, Pooling};
 use super::tokenizer::{TextTokenizer, Tokens};
-use super::{off_async, serving_error, LoadContext, Task, Timing};
+use super::{off_async, serving_error, LoadContext, LoadFailure, Task, Timing};
 use crate::engine::{Collate, Engine, EngineStats};
 
 /// The files an embedding model needs when `HARNESS_MODEL_FILES` is unset.
@@ -264,11 +264,13 @@ pub struct EmbeddingTask {
 impl EmbeddingTask {
     /// Reads `harness.json` and the tokenizer, then loads the model with token
     /// batching and pooling.
-    pub async fn load(context: LoadContext) -> Result<Self, String> {
+    pub async fn load(context: LoadContext) -> Result<Self, LoadFailure> {
         let files = context.files;
         let embedder = tokio::task::spawn_blocking(move || Embedder::load(&files))
             .await
-            .map_err(|e| format!("reading the tokenizer: {e}"))??;
+            .map_err(|e| format!("reading the tokenizer: {e}"))?
+            // The manifest and tokenizer are the files as they are.
+            .map_err(LoadFailure::permanent)?;
         let m = &embedder.manifest;
         tracing::info!(
             inputs = ?m.inputs,
@@ -285,8 +287,7 @@ impl EmbeddingTask {
             embedder.collate(),
             Some(Arc::new(embedder.pooler())),
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
         engine.observe(context.observer);
         Ok(EmbeddingTask {
             embedder: Arc::new(embedder),

@@ -24,7 +24,7 @@ pub use pooling::{Pooler, Pooling};
 
 use crate::config::Task as TaskKind;
 use crate::engine::{
-    BatchConfig, BatchObserver, DeviceChoice, EngineStats, ForwardError, RunError,
+    BatchConfig, BatchObserver, DeviceChoice, EngineStats, ForwardError, LoadError, RunError,
 };
 
 /// When a request arrived and when its caller stops waiting.
@@ -99,8 +99,50 @@ pub trait Task: Send + Sync + 'static {
 /// Which task answers each request kind (`HARNESS_TASK`'s values).
 const ANSWERED_BY: &[(&str, &str)] = &[("Run", "tensor"), ("Embed", "embedding")];
 
+/// Why a task could not be loaded, and whether loading again could help.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadFailure {
+    pub message: String,
+    /// The files or settings are wrong (not TorchScript, a bad manifest): the
+    /// same files fail the same way however often the serving restarts.
+    pub permanent: bool,
+}
+
+impl LoadFailure {
+    /// A failure that only a change of files or settings fixes.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        LoadFailure {
+            message: message.into(),
+            permanent: true,
+        }
+    }
+}
+
+impl From<String> for LoadFailure {
+    /// A failure a restart may fix (a device error, memory, a thread).
+    fn from(message: String) -> Self {
+        LoadFailure {
+            message,
+            permanent: false,
+        }
+    }
+}
+
+impl From<LoadError> for LoadFailure {
+    fn from(err: LoadError) -> Self {
+        let permanent = matches!(
+            err,
+            LoadError::Missing { .. } | LoadError::NotTorchScript { .. }
+        );
+        LoadFailure {
+            message: err.to_string(),
+            permanent,
+        }
+    }
+}
+
 /// Loads the task `kind` from its files: its own checks, its engine, its model.
-pub async fn load(kind: TaskKind, context: LoadContext) -> Result<Arc<dyn Task>, String> {
+pub async fn load(kind: TaskKind, context: LoadContext) -> Result<Arc<dyn Task>, LoadFailure> {
     Ok(match kind {
         TaskKind::Tensor => Arc::new(tensor::TensorTask::load(context).await?),
         TaskKind::Embedding => Arc::new(embedding::EmbeddingTask::load(context).await?),

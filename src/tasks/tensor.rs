@@ -10,7 +10,7 @@ use harness_client::{DType, RunReply, RunRequest, ServingError, WireTensor};
 use tch::{Kind, Tensor};
 use tokio::sync::watch;
 
-use super::{off_async, serving_error, LoadContext, Task, Timing};
+use super::{off_async, serving_error, LoadContext, LoadFailure, Task, Timing};
 use crate::engine::{Engine, EngineStats};
 
 /// Elements one request may carry, over all its tensors: a guard against a
@@ -277,11 +277,12 @@ pub struct TensorTask {
 
 impl TensorTask {
     /// Loads the model: the first of the files is the TorchScript module.
-    pub async fn load(context: LoadContext) -> Result<Self, String> {
-        let (_, model) = context.files.first().ok_or("no model file")?;
-        let engine = Engine::load(model, context.device, context.batch)
-            .await
-            .map_err(|e| e.to_string())?;
+    pub async fn load(context: LoadContext) -> Result<Self, LoadFailure> {
+        let (_, model) = context
+            .files
+            .first()
+            .ok_or_else(|| LoadFailure::permanent("no model file (HARNESS_MODEL_FILES)"))?;
+        let engine = Engine::load(model, context.device, context.batch).await?;
         engine.observe(context.observer);
         Ok(TensorTask {
             engine,
