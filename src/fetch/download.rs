@@ -284,10 +284,17 @@ fn check_content(part: &Path, meta: &FileMeta, digest: Option<&str>) -> Option<S
     if len != meta.size {
         return Some(format!("{len} bytes instead of {}", meta.size));
     }
-    // A file that is not LFS has no sha256 on the Hub: its size is what we can check.
-    let expected = meta.sha256()?.to_ascii_lowercase();
-    let digest = digest.unwrap_or_default();
-    (digest != expected).then(|| digest.to_string())
+    if let Some(expected) = meta.sha256() {
+        let digest = digest.unwrap_or_default();
+        return (digest != expected.to_ascii_lowercase()).then(|| digest.to_string());
+    }
+    // A small (non-LFS) file's etag is its git blob id: small enough to read again.
+    let etag = meta.etag.to_ascii_lowercase();
+    if etag.len() != 40 || !etag.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None; // no hash to check against: the size was checked
+    }
+    let got = super::verify::git_blob_sha1(part).unwrap_or_else(|e| format!("unreadable: {e}"));
+    (got != etag).then_some(got)
 }
 
 /// The sha256 state after the first `len` bytes of `path`.

@@ -14,6 +14,7 @@ mod error;
 mod hub;
 pub mod progress;
 mod retry;
+mod verify;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use std::time::Duration;
 
 pub use error::FetchError;
 pub use progress::{FetchProgress, ProgressSnapshot};
+pub use verify::{evict, verify_files, Corrupt};
 
 use cache::{is_commit, RepoCache};
 use hub::{Attempt, FileMeta, Hub};

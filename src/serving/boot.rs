@@ -95,7 +95,7 @@ async fn start(
     shared.set_phase(Phase::Downloading, None);
     let files = fetch_model(config, shared).await?;
     shared.set_phase(Phase::Loading, None);
-    let task = load_task(config, shared, files, device, warmup_inputs).await?;
+    let task = load_checked(config, shared, files, device, warmup_inputs).await?;
     shared.set_phase(Phase::Warming, None);
     task.clone().warm_up().await?;
     let failure = task.failure();
@@ -200,6 +200,62 @@ fn fetch_failure(err: FetchError) -> LoadFailure {
         message: err.to_string(),
         permanent,
     }
+}
+
+/// Loads the task while the fetched files are hashed against their names in the
+/// cache (in parallel: the check costs a read of the model, not a second load). A
+/// file that fails (a disk or volume error) is removed from the cache and fetched
+/// again, and the task is loaded from the fresh files; offline, the fetch then
+/// names the file as missing.
+async fn load_checked(
+    config: &Config,
+    shared: &ServingShared,
+    files: Vec<(String, std::path::PathBuf)>,
+    device: DeviceChoice,
+    warmup_inputs: Option<Vec<InputSpec>>,
+) -> Result<Arc<dyn Task>, LoadFailure> {
+    let paths: Vec<_> = files.iter().map(|(_, path)| path.clone()).collect();
+    let check = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let corrupt = fetch::verify_files(&paths);
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "the cached files were checked against their hashes"
+        );
+        corrupt
+    });
+    let (task, corrupt) = tokio::join!(
+        load_task(config, shared, files, device, warmup_inputs.clone()),
+        check
+    );
+    let corrupt = corrupt.map_err(|e| format!("checking the cached files: {e}"))?;
+    if corrupt.is_empty() {
+        return task;
+    }
+    // Whatever the load made of the bad bytes goes; the error it gave too.
+    drop(task);
+    for bad in &corrupt {
+        tracing::warn!(file = %bad.path.display(), "{bad}: the disk or volume under the cache changed it; removed it, fetching it again");
+        fetch::evict(bad)
+            .map_err(|e| format!("cannot remove the corrupt {}: {e}", bad.blob.display()))?;
+    }
+    shared.set_phase(Phase::Downloading, None);
+    let files = fetch_model(config, shared).await.map_err(|failure| {
+        let names: Vec<_> = corrupt
+            .iter()
+            .map(|c| c.path.display().to_string())
+            .collect();
+        LoadFailure {
+            message: format!(
+                "{} failed its check in the cache and was removed; fetching it again failed: {}",
+                names.join(", "),
+                failure.message
+            ),
+            ..failure
+        }
+    })?;
+    shared.set_phase(Phase::Loading, None);
+    load_task(config, shared, files, device, warmup_inputs).await
 }
 
 /// The configured task, loaded onto `device`; the load time goes to the metrics.

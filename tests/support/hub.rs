@@ -156,9 +156,13 @@ impl TestHub {
         let entries = files
             .iter()
             .map(|(name, content, lfs)| {
-                let sha = hex(&Sha256::digest(content));
-                // Small files' etag is their git blob id: 40 hex, never a sha256.
-                let etag = if *lfs { sha } else { sha[..40].to_string() };
+                // LFS files' etag is their sha256; small files' is their git blob
+                // id (sha1 of `blob <len>\0` and the content), as on the Hub.
+                let etag = if *lfs {
+                    hex(&Sha256::digest(content))
+                } else {
+                    git_blob_id(content)
+                };
                 (
                     name.to_string(),
                     FileEntry {
@@ -241,6 +245,15 @@ async fn serve(listener: TcpListener, state: Arc<Mutex<State>>, cdn: SocketAddr)
                 .await;
         });
     }
+}
+
+/// The git blob id of `content`, as `git hash-object` gives it.
+pub fn git_blob_id(content: &[u8]) -> String {
+    use sha1::Digest as _;
+    let mut hasher = sha1::Sha1::new();
+    hasher.update(format!("blob {}\0", content.len()).as_bytes());
+    hasher.update(content);
+    hex(&hasher.finalize())
 }
 
 pub fn hex(bytes: &[u8]) -> String {
