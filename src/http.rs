@@ -8,8 +8,10 @@
 //!
 //! The listener starts before anything slow, so a platform's checks are answered
 //! during a long first download. A client cannot hold it: connections are
-//! bounded, headers must arrive within a few seconds, and a connection lives at
-//! most a minute.
+//! bounded, headers must arrive within a few seconds, a connection lives at most a
+//! minute, and when every place is taken a new connection closes the oldest one
+//! that has not sent its headers (so health checks are answered under a
+//! slowloris).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,13 +24,15 @@ use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::fetch::ProgressSnapshot;
 use crate::serving::{DeviceInfo, ModelInfo, Phase, ServingShared};
 
-/// Connections served at once; more wait in the kernel's backlog.
-pub const MAX_CONNECTIONS: usize = 256;
+/// Connections open at once; past it, the oldest that has not sent its headers is
+/// closed for a new one. An idle connection costs a task and a few KB, so this is
+/// high enough that hundreds of sockets that never finish their headers (each
+/// closed after HEADER_TIMEOUT) leave room for the platform's checks.
+pub const MAX_CONNECTIONS: usize = 4096;
 /// How long a client has to send its request headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest one connection is kept.
@@ -98,22 +102,28 @@ pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
 }
 
 async fn accept_loop(listener: TcpListener, state: HttpState) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = Arc::new(Connections::default());
+    let mut failures = AcceptFailures::default();
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(err) => {
-                tracing::debug!(%err, "accept failed");
+                // Out of file handles, say: back off instead of spinning, and say
+                // so at a bounded rate.
+                failures.note(&err);
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
+        let Some(slot) = connections.admit() else {
+            continue; // full of requests being answered: the new one is dropped
+        };
         let state = state.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
+        let first_request = slot.clone();
+        let task = tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req| {
+                first_request.headers_arrived();
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, &req)) }
             });
@@ -123,6 +133,110 @@ async fn accept_loop(listener: TcpListener, state: HttpState) {
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
         });
+        connections.started(task.abort_handle());
+    }
+}
+
+/// Pause after a failed accept.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The open connections, and which of them have not yet sent a request's
+/// headers. When all `MAX_CONNECTIONS` are taken, a new connection closes the
+/// oldest that is still waiting for its headers: sockets that never finish them
+/// (slowloris) cannot keep a health check, which sends its headers at once, from
+/// being answered.
+#[derive(Default)]
+struct Connections {
+    inner: std::sync::Mutex<ConnectionsInner>,
+}
+
+#[derive(Default)]
+struct ConnectionsInner {
+    open: usize,
+    next_id: u64,
+    /// Connections without a request yet, oldest first.
+    waiting: std::collections::VecDeque<(u64, Option<tokio::task::AbortHandle>)>,
+}
+
+impl Connections {
+    /// A slot for a new connection, closing the oldest one still waiting for its
+    /// headers if every slot is taken; `None` if every slot serves a request.
+    fn admit(self: &Arc<Self>) -> Option<Arc<Slot>> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.open >= MAX_CONNECTIONS {
+            let (_, oldest) = inner.waiting.pop_front()?;
+            if let Some(task) = oldest {
+                task.abort(); // its Slot frees the place when the task ends
+            }
+        }
+        inner.open += 1;
+        inner.next_id += 1;
+        let id = inner.next_id;
+        inner.waiting.push_back((id, None));
+        Some(Arc::new(Slot {
+            id,
+            connections: self.clone(),
+        }))
+    }
+
+    /// The task serving the connection admitted last, so it can be closed.
+    fn started(&self, task: tokio::task::AbortHandle) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let id = inner.next_id;
+        if let Some(entry) = inner.waiting.iter_mut().find(|(i, _)| *i == id) {
+            entry.1 = Some(task);
+        }
+    }
+
+    fn forget_waiting(&self, id: u64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.waiting.retain(|(i, _)| *i != id);
+    }
+}
+
+/// One connection's place; freed when its task ends (or is closed).
+struct Slot {
+    id: u64,
+    connections: Arc<Connections>,
+}
+
+impl Slot {
+    /// A request's headers arrived: the connection is no longer a candidate to close.
+    fn headers_arrived(&self) {
+        self.connections.forget_waiting(self.id);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut inner = self
+            .connections
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        inner.open -= 1;
+        inner.waiting.retain(|(i, _)| *i != self.id);
+    }
+}
+
+/// Failed accepts, logged at most once a second with how many there were.
+#[derive(Default)]
+struct AcceptFailures {
+    since_log: u64,
+    last_log: Option<std::time::Instant>,
+}
+
+impl AcceptFailures {
+    fn note(&mut self, err: &std::io::Error) {
+        self.since_log += 1;
+        if self
+            .last_log
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            tracing::warn!(%err, failures = self.since_log, "the HTTP listener cannot accept connections ({err}); retrying");
+            self.since_log = 0;
+            self.last_log = Some(std::time::Instant::now());
+        }
     }
 }
 

@@ -189,3 +189,61 @@ async fn sigterm_mid_request_still_delivers_the_answer() {
     let (status, _) = node.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "{status:?}");
 }
+
+/// 800 sockets that never finish their headers, reconnecting as they are closed,
+/// and `/health/live` still answers every probe within a second: a platform would
+/// otherwise restart a healthy node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_under_a_slowloris() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = ServeProcess::start(COOKIE, "slowloris", &[]);
+    let http = format!("127.0.0.1:{}", node.http);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attackers: Vec<_> = (0..800)
+        .map(|_| {
+            let (http, stop) = (http.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let Ok(mut socket) = tokio::net::TcpStream::connect(&http).await else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let _ = socket
+                        .write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n")
+                        .await;
+                    // Hold it until the server closes it, then come back.
+                    let mut sink = [0u8; 64];
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(30), socket.read(&mut sink)).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut slow = Vec::new();
+    for _ in 0..8 {
+        let started = Instant::now();
+        let answer = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut socket = tokio::net::TcpStream::connect(&http).await?;
+            socket
+                .write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await?;
+            let mut reply = Vec::new();
+            socket.read_to_end(&mut reply).await?;
+            std::io::Result::Ok(String::from_utf8_lossy(&reply).to_string())
+        })
+        .await;
+        let took = started.elapsed();
+        match answer {
+            Ok(Ok(reply)) if reply.starts_with("HTTP/1.1 200") && took < Duration::from_secs(1) => {
+            }
+            other => slow.push(format!("{took:?}: {other:?}")),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for attacker in attackers {
+        attacker.abort();
+    }
+    assert!(slow.is_empty(), "probes not answered within 1 s: {slow:?}");
+}
