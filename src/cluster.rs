@@ -35,12 +35,20 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Starts the listener. `[::]` falls back to `0.0.0.0` where IPv6 is off.
 pub async fn start(config: ClusterConfig<'_>) -> anyhow::Result<ClusterNode> {
-    let parsed: SocketAddr = config.addr.parse().map_err(|e| {
-        anyhow::anyhow!(
-            "HARNESS_CLUSTER_ADDR {:?} is not HOST:PORT: {e}",
-            config.addr
-        )
-    })?;
+    let parsed: SocketAddr = match config.addr.parse() {
+        Ok(parsed) => parsed,
+        // A host name (`localhost:9000`): its first address.
+        Err(e) => tokio::net::lookup_host(config.addr)
+            .await
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "HARNESS_CLUSTER_ADDR {:?} is not HOST:PORT: {e}",
+                    config.addr
+                )
+            })?,
+    };
     let mut ip = parsed.ip();
     if ip.is_ipv6() && ip.is_unspecified() && std::net::TcpListener::bind(parsed).is_err() {
         tracing::warn!("cannot bind {parsed} (IPv6 off?); the cluster listens on 0.0.0.0");
@@ -61,6 +69,19 @@ pub async fn start(config: ClusterConfig<'_>) -> anyhow::Result<ClusterNode> {
         Some((cert, key, ca)) => Some(harness_client::tls::server_config(cert, key, ca)?),
         None => None,
     };
+    // ractor_cluster reports a port in use as a panic of its listener actor: say
+    // which setting and address instead.
+    let addr = SocketAddr::new(ip, parsed.port());
+    if let Err(err) = std::net::TcpListener::bind(addr) {
+        anyhow::bail!(
+            "HARNESS_CLUSTER_ADDR {addr}: cannot listen there ({err}){}",
+            if err.kind() == std::io::ErrorKind::AddrInUse {
+                ": another process (another harness?) holds the port; stop it or choose another port"
+            } else {
+                ""
+            }
+        );
+    }
     let (node_port, node_ip) = match tls {
         Some(_) => (
             std::net::TcpListener::bind("127.0.0.1:0")?
@@ -90,7 +111,6 @@ pub async fn start(config: ClusterConfig<'_>) -> anyhow::Result<ClusterNode> {
         id: "harness-session-log".to_string(),
         subscription: Box::new(SessionLog),
     });
-    let addr = SocketAddr::new(ip, parsed.port());
     if let Some(tls) = tls {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         tokio::spawn(accept_tls(

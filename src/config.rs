@@ -83,8 +83,9 @@ pub struct Config {
     #[arg(long, env = "HARNESS_TLS_CA", global = true)]
     pub tls_ca: Option<PathBuf>,
 
-    /// The largest cluster message accepted, in bytes (a larger one is refused).
-    #[arg(long, env = "HARNESS_MAX_MESSAGE_BYTES", default_value_t = 64 << 20, global = true)]
+    /// The largest cluster message accepted, in bytes (a larger one is refused); at
+    /// least 65536, which the handshake and a small request need.
+    #[arg(long, env = "HARNESS_MAX_MESSAGE_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(65536..), global = true)]
     pub max_message_bytes: u64,
 
     /// Exit cleanly (code 0) after this many seconds with no `Run` or `Embed`

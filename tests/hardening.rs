@@ -247,3 +247,41 @@ async fn health_answers_under_a_slowloris() {
     }
     assert!(slow.is_empty(), "probes not answered within 1 s: {slow:?}");
 }
+
+/// The cluster port in use is named with its setting; a message limit too small
+/// for the handshake is refused at start.
+#[test]
+fn cluster_settings_that_cannot_work_are_named_at_start() {
+    let model = support::node::demo_model_dir();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let serve = |extra: &[(&str, &str)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_harness"))
+            .arg("serve")
+            .env("HARNESS_MODEL_DIR", model.path())
+            .env("HARNESS_DEVICE", "cpu")
+            .env("HARNESS_COOKIE", COOKIE)
+            .env("HARNESS_HTTP_ADDR", "127.0.0.1:0")
+            .envs(extra.iter().copied())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("running harness serve");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, stderr) = serve(&[("HARNESS_CLUSTER_ADDR", &taken_addr)]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("HARNESS_CLUSTER_ADDR {taken_addr}")) && stderr.contains("in use"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let (code, stderr) = serve(&[
+        ("HARNESS_CLUSTER_ADDR", "127.0.0.1:0"),
+        ("HARNESS_MAX_MESSAGE_BYTES", "0"),
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("65536"), "{stderr}");
+}

@@ -142,7 +142,7 @@ pub struct ClientArgs {
 
     /// The largest message the nodes accept, in bytes (their
     /// HARNESS_MAX_MESSAGE_BYTES); a larger request is refused before sending.
-    #[arg(long, env = "HARNESS_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
+    #[arg(long, env = "HARNESS_MAX_MESSAGE_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(65536..))]
     pub max_message_bytes: u64,
 
     /// Log lines as `text` or `json` (warnings only unless RUST_LOG says more).
