@@ -285,3 +285,27 @@ fn cluster_settings_that_cannot_work_are_named_at_start() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("65536"), "{stderr}");
 }
+
+/// An OS error is told once, not once per layer of the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_os_error_is_printed_once() {
+    let hub = support::hub::TestHub::start().await;
+    hub.commit("acme/model", "main", &[("model.pt", b"weights", true)]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"not a folder").unwrap();
+    let mut fetch = Command::new(env!("CARGO_BIN_EXE_harness"));
+    fetch
+        .arg("fetch")
+        .env("HARNESS_MODEL_REPO", "acme/model")
+        .env("HARNESS_CACHE_DIR", file.join("cache"))
+        .env("HF_ENDPOINT", hub.url());
+    // The hub answers on this runtime while the process runs.
+    let out = tokio::task::spawn_blocking(move || fetch.output())
+        .await
+        .unwrap()
+        .expect("running harness fetch");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.matches("(os error 20)").count(), 1, "{stderr}");
+}
