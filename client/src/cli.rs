@@ -68,7 +68,8 @@ pub fn init_logging(format: LogFormat, default_filter: &str) {
 
 /// Drops ractor_cluster's warning for a session that ended normally (the peer
 /// closed it: a client leaving), which it logs as `Node session .. exited with
-/// 'Some("tcp_session_closed")'`; the node logs such ends itself, at INFO.
+/// 'Some("tcp_session_closed")'` (the node logs such ends itself, at INFO), and its
+/// debug lines of the cookie handshake's state (a challenge and its digest).
 struct QuietSessionEnds;
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for QuietSessionEnds {
@@ -78,7 +79,11 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for QuietSessionEnds {
         _: tracing_subscriber::layer::Context<'_, S>,
     ) -> bool {
         let meta = event.metadata();
-        if *meta.level() != tracing::Level::WARN || !meta.target().starts_with("ractor_cluster") {
+        if !meta.target().starts_with("ractor_cluster") {
+            return true;
+        }
+        let level = *meta.level();
+        if level != tracing::Level::WARN && level < tracing::Level::DEBUG {
             return true;
         }
         struct Message(String);
@@ -91,8 +96,14 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for QuietSessionEnds {
         }
         let mut message = Message(String::new());
         event.record(&mut message);
-        !is_normal_session_end(&message.0)
+        !is_normal_session_end(&message.0) && !tells_the_handshake(&message.0)
     }
+}
+
+/// Whether a ractor_cluster line shows the cookie handshake's state, which holds
+/// its challenge and the digest expected back: never logged, at any level.
+pub fn tells_the_handshake(message: &str) -> bool {
+    message.contains("auth state")
 }
 
 /// Whether a ractor_cluster warning only says that a peer closed its session.
