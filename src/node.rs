@@ -52,6 +52,9 @@ impl Node {
             }
         }
         let shared = ServingShared::new(&config.serving_name);
+        if config.cookie.is_some() {
+            shared.set_max_message_bytes(config.max_message_bytes);
+        }
         let exit_code = Arc::new(AtomicI32::new(0));
         // First, so that health checks are answered during a long download.
         let liveness = Arc::new(std::sync::OnceLock::<ActorRef<SupervisorMsg>>::new());

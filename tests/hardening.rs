@@ -309,3 +309,32 @@ async fn an_os_error_is_printed_once() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert_eq!(stderr.matches("(os error 20)").count(), 1, "{stderr}");
 }
+
+/// A node whose message limit is below a request's size: the client says
+/// `TooLarge` at once (the node tells its limit), not "the node went away" at
+/// the deadline after the node dropped the session over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_the_nodes_lower_limit_is_too_large_at_once() {
+    let serving = "lower_node_limit";
+    let node = ServeProcess::start(COOKIE, serving, &[("HARNESS_MAX_MESSAGE_BYTES", "100000")]);
+    // The client's own limit is the default, 64 MiB.
+    let mut config = ClientConfig::new(vec![node.cluster.clone()], COOKIE);
+    config.serving = serving.to_string();
+    let client = HarnessClient::connect(config).await.unwrap();
+    let big = WireTensor::from_f32(&[50_000, 4], &vec![0.5; 200_000]); // 800 kB
+    let started = Instant::now();
+    let err = client
+        .run(vec![big], Some(Duration::from_secs(20)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::TooLarge { limit: 100_000, .. }),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "at once");
+    // The session is whole: a small request still goes through.
+    client
+        .run(vec![WireTensor::from_f32(&[1, 4], &[0.5; 4])], None)
+        .await
+        .expect("a small request");
+}

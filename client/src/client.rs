@@ -127,7 +127,8 @@ pub enum ClientError {
     TooLarge {
         /// The request's size, with an allowance for ractor_cluster's envelope.
         bytes: usize,
-        /// [`ClientConfig::max_message_bytes`].
+        /// [`ClientConfig::max_message_bytes`], or the node's own limit where that
+        /// is lower (it tells it in `Status`).
         limit: usize,
     },
     /// The deadline passed before any serving answered with a result.
@@ -448,6 +449,8 @@ impl HarnessClient {
         let started = Instant::now();
         let mut last = None;
         let mut seen_serving = false;
+        // The limit of a node the request is over, if any.
+        let mut too_large: Option<usize> = None;
         let mut pause = Duration::from_millis(10);
         while started.elapsed() < deadline {
             let servings = self.pool.servings();
@@ -459,6 +462,7 @@ impl HarnessClient {
                 ));
             }
             // The least busy first; after a failure, the next one at once.
+            let mut attempted = false;
             for (serving, member) in servings {
                 seen_serving = true;
                 let Some(left) = deadline
@@ -467,6 +471,15 @@ impl HarnessClient {
                 else {
                     break;
                 };
+                // A node with a lower limit than ours would drop the session
+                // over it: the request can never reach it.
+                if let Some(limit) = member.message_limit(&serving).await {
+                    if bytes > limit as usize {
+                        too_large.get_or_insert(limit as usize);
+                        continue;
+                    }
+                }
+                attempted = true;
                 member.in_flight.fetch_add(1, Ordering::Relaxed);
                 let attempt = request.with_timeout(left.as_millis() as u64);
                 let call = serving.call(|port| R::message(Payload::new(attempt), port), Some(left));
@@ -486,6 +499,10 @@ impl HarnessClient {
                     Step::Fail(err) => return Err(err),
                     Step::Retry(reason) => last = Some(reason),
                 }
+            }
+            // Every serving there is took less than this request.
+            if let (false, Some(limit)) = (attempted, too_large) {
+                return Err(ClientError::TooLarge { bytes, limit });
             }
             let left = deadline.saturating_sub(started.elapsed());
             tokio::time::sleep(pause.min(left)).await;

@@ -5,7 +5,7 @@
 //! pings in a row is tried only when no other is there.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -23,11 +23,40 @@ const SUSPECT_AFTER: u32 = 2;
 pub(crate) struct Member {
     pub in_flight: AtomicUsize,
     missed_pings: AtomicU32,
+    /// The node's message limit from its `Status` (0: not known yet).
+    message_limit: AtomicU64,
 }
 
 impl Member {
     fn suspect(&self) -> bool {
         self.missed_pings.load(Ordering::Relaxed) >= SUSPECT_AFTER
+    }
+
+    /// The largest message the serving's node takes, asked once (its `Status`)
+    /// and then kept; `None` if it could not be asked or has no limit to tell.
+    pub async fn message_limit(&self, serving: &ActorRef<ServingMessage>) -> Option<u64> {
+        let known = self.message_limit.load(Ordering::Relaxed);
+        if known > 0 {
+            return Some(known);
+        }
+        let request = StatusRequest {
+            version: PROTOCOL_VERSION,
+        };
+        let answer = serving
+            .call(
+                |port| ServingMessage::Status(Payload::new(request), port),
+                Some(PING_TIMEOUT),
+            )
+            .await;
+        if let Ok(ractor::rpc::CallResult::Success(Payload(Ok(status)))) = answer {
+            self.note_status(&status);
+        }
+        Some(self.message_limit.load(Ordering::Relaxed)).filter(|l| *l > 0)
+    }
+
+    fn note_status(&self, status: &crate::protocol::ServingStatus) {
+        self.message_limit
+            .store(status.max_message_bytes, Ordering::Relaxed);
     }
 }
 
@@ -92,15 +121,16 @@ async fn ping(pool: Weak<Pool>) {
             let request = StatusRequest {
                 version: PROTOCOL_VERSION,
             };
-            let answered = matches!(
-                serving
-                    .call(
-                        |port| ServingMessage::Status(Payload::new(request), port),
-                        Some(PING_TIMEOUT)
-                    )
-                    .await,
-                Ok(ractor::rpc::CallResult::Success(_))
-            );
+            let answer = serving
+                .call(
+                    |port| ServingMessage::Status(Payload::new(request), port),
+                    Some(PING_TIMEOUT),
+                )
+                .await;
+            if let Ok(ractor::rpc::CallResult::Success(Payload(Ok(status)))) = &answer {
+                member.note_status(status);
+            }
+            let answered = matches!(answer, Ok(ractor::rpc::CallResult::Success(_)));
             if answered {
                 member.missed_pings.store(0, Ordering::Relaxed);
             } else if member.missed_pings.fetch_add(1, Ordering::Relaxed) + 1 == SUSPECT_AFTER {

@@ -241,6 +241,10 @@ pub struct ServingStatus {
     pub in_flight: u64,
     /// Seconds since the node started.
     pub uptime_s: u64,
+    /// The largest message the node accepts (its `HARNESS_MAX_MESSAGE_BYTES`; 0 if
+    /// it has no cluster port): a client checks its requests against it, so a
+    /// request the node would drop is `TooLarge` at once.
+    pub max_message_bytes: u64,
 }
 
 /// The model a serving serves, as [`ServingStatus`] and `/status` report it.
@@ -423,6 +427,7 @@ mod tests {
             protocol_version: PROTOCOL_VERSION,
             in_flight: 2,
             uptime_s: 42,
+            max_message_bytes: 1 << 20,
         };
         let bytes = Payload::new(status.clone()).into_bytes();
         assert_eq!(Payload::<ServingStatus>::from_bytes(bytes).0, Ok(status));

@@ -99,6 +99,8 @@ pub struct ServingShared {
     last_activity: Mutex<std::time::Instant>,
     draining: AtomicBool,
     running: Mutex<Option<Running>>,
+    /// The cluster port's message limit, told to clients in `Status`.
+    max_message_bytes: AtomicU64,
     /// Why the serving failed in a way no restart fixes, for the supervisor.
     for_good: Mutex<Option<String>>,
     /// The latest phase changes, oldest first (the watch channel keeps only the last).
@@ -127,6 +129,7 @@ impl ServingShared {
             last_activity: Mutex::new(std::time::Instant::now()),
             draining: AtomicBool::new(false),
             running: Mutex::new(None),
+            max_message_bytes: AtomicU64::new(0),
             for_good: Mutex::new(None),
             history: Mutex::new(std::collections::VecDeque::new()),
         })
@@ -255,6 +258,11 @@ impl ServingShared {
         })
     }
 
+    /// The cluster port's message limit (`HARNESS_MAX_MESSAGE_BYTES`).
+    pub fn set_max_message_bytes(&self, limit: u64) {
+        self.max_message_bytes.store(limit, Ordering::Relaxed);
+    }
+
     /// The serving failed and a restart will not help (wrong files or settings).
     pub fn fail_for_good(&self, reason: String) {
         if let Ok(mut slot) = self.for_good.lock() {
@@ -308,6 +316,7 @@ impl ServingShared {
             protocol_version: harness_client::PROTOCOL_VERSION,
             in_flight: self.in_flight(),
             uptime_s: self.started.elapsed().as_secs(),
+            max_message_bytes: self.max_message_bytes.load(Ordering::Relaxed),
         }
     }
 }
