@@ -26,6 +26,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::fetch::ProgressSnapshot;
+use crate::listener::AcceptFailures;
 use crate::serving::{DeviceInfo, ModelInfo, Phase, ServingShared};
 
 /// Connections open at once; past it, the oldest that has not sent its headers is
@@ -103,15 +104,14 @@ pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
 
 async fn accept_loop(listener: TcpListener, state: HttpState) {
     let connections = Arc::new(Connections::default());
-    let mut failures = AcceptFailures::default();
+    let mut failures = AcceptFailures::new("HTTP");
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(err) => {
                 // Out of file handles, say: back off instead of spinning, and say
                 // so at a bounded rate.
-                failures.note(&err);
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                failures.note(&err).await;
                 continue;
             }
         };
@@ -136,9 +136,6 @@ async fn accept_loop(listener: TcpListener, state: HttpState) {
         connections.started(task.abort_handle());
     }
 }
-
-/// Pause after a failed accept.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// The open connections, and which of them have not yet sent a request's
 /// headers. When all `MAX_CONNECTIONS` are taken, a new connection closes the
@@ -216,27 +213,6 @@ impl Drop for Slot {
             .unwrap_or_else(|e| e.into_inner());
         inner.open -= 1;
         inner.waiting.retain(|(i, _)| *i != self.id);
-    }
-}
-
-/// Failed accepts, logged at most once a second with how many there were.
-#[derive(Default)]
-struct AcceptFailures {
-    since_log: u64,
-    last_log: Option<std::time::Instant>,
-}
-
-impl AcceptFailures {
-    fn note(&mut self, err: &std::io::Error) {
-        self.since_log += 1;
-        if self
-            .last_log
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
-        {
-            tracing::warn!(%err, failures = self.since_log, "the HTTP listener cannot accept connections ({err}); retrying");
-            self.since_log = 0;
-            self.last_log = Some(std::time::Instant::now());
-        }
     }
 }
 

@@ -22,7 +22,8 @@
 //!   back, `engine/model.rs` one forward on the device, `engine/torchscript.rs` the
 //!   TorchScript calls (a leaf), `engine/thread.rs` the engine thread.
 //!
-//! Around it: [`node`] starts everything and drains on shutdown; [`supervisor`]
+//! Around it: [`node`] starts everything and drains on shutdown; [`listener`]
+//! holds what the accept loops share; [`supervisor`]
 //! restarts the serving with backoff; [`fetch`] downloads and verifies the model
 //! into the Hub cache; [`http`] answers health, status and metrics ([`metrics`]);
 //! [`device`] turns `HARNESS_DEVICE` into a device; [`config`] holds every
@@ -42,6 +43,7 @@ pub mod device;
 pub mod engine;
 pub mod fetch;
 pub mod http;
+pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod node;

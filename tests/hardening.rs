@@ -338,3 +338,65 @@ async fn a_request_over_the_nodes_lower_limit_is_too_large_at_once() {
         .await
         .expect("a small request");
 }
+
+/// Before a peer authenticates, the cluster port holds it to small frames and a
+/// deadline: 16 peers announcing 64 MiB frames and streaming them cost the node
+/// little memory, silent peers are closed at the handshake deadline, and a real
+/// client is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_peers_are_held_to_small_frames_and_a_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let serving = "before_authentication";
+    let node = ServeProcess::start(COOKIE, serving, &[]);
+    let before = node.rss_kib();
+    let addr = node.cluster.clone();
+    let flooders: Vec<_> = (0..16)
+        .map(|_| {
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+                let _ = socket.write_all(&(64u64 << 20).to_be_bytes()).await;
+                let chunk = vec![0x5a; 1 << 20];
+                let mut sent = 0usize;
+                while sent < 64 << 20 {
+                    if socket.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                    sent += chunk.len();
+                }
+                sent
+            })
+        })
+        .collect();
+    let silent: Vec<_> = futures_util::future::join_all(
+        (0..8).map(|_| tokio::net::TcpStream::connect(addr.clone())),
+    )
+    .await
+    .into_iter()
+    .map(Result::unwrap)
+    .collect();
+    let mut config = ClientConfig::new(vec![addr.clone()], COOKIE);
+    config.serving = serving.to_string();
+    let client = HarnessClient::connect(config).await.unwrap();
+    client
+        .run(vec![WireTensor::from_f32(&[1, 4], &[0.5; 4])], None)
+        .await
+        .expect("served while peers flood");
+    for flooder in flooders {
+        let sent = flooder.await.unwrap();
+        assert!(sent < 64 << 20, "a flooder got its whole 64 MiB frame in");
+    }
+    let grown_mib = node.rss_kib().saturating_sub(before) / 1024;
+    assert!(grown_mib < 100, "the node grew by {grown_mib} MiB");
+    // Silent peers: closed at the handshake deadline (10 s), not held forever.
+    let started = Instant::now();
+    for mut socket in silent {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(20), socket.read(&mut byte)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "a silent peer was not closed: {read:?}"
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(15));
+}

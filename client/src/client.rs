@@ -471,16 +471,18 @@ impl HarnessClient {
                 else {
                     break;
                 };
+                // Counted before anything is awaited, so concurrent calls spread.
+                member.in_flight.fetch_add(1, Ordering::Relaxed);
                 // A node with a lower limit than ours would drop the session
                 // over it: the request can never reach it.
                 if let Some(limit) = member.message_limit(&serving).await {
                     if bytes > limit as usize {
+                        member.in_flight.fetch_sub(1, Ordering::Relaxed);
                         too_large.get_or_insert(limit as usize);
                         continue;
                     }
                 }
                 attempted = true;
-                member.in_flight.fetch_add(1, Ordering::Relaxed);
                 let attempt = request.with_timeout(left.as_millis() as u64);
                 let call = serving.call(|port| R::message(Payload::new(attempt), port), Some(left));
                 // A node that goes away mid-call (its session closes and its

@@ -25,6 +25,8 @@ pub(crate) struct Member {
     missed_pings: AtomicU32,
     /// The node's message limit from its `Status` (0: not known yet).
     message_limit: AtomicU64,
+    /// Whether a call has asked for the limit already (later pings keep it).
+    limit_asked: std::sync::atomic::AtomicBool,
 }
 
 impl Member {
@@ -36,8 +38,8 @@ impl Member {
     /// and then kept; `None` if it could not be asked or has no limit to tell.
     pub async fn message_limit(&self, serving: &ActorRef<ServingMessage>) -> Option<u64> {
         let known = self.message_limit.load(Ordering::Relaxed);
-        if known > 0 {
-            return Some(known);
+        if known > 0 || self.limit_asked.swap(true, Ordering::Relaxed) {
+            return Some(known).filter(|l| *l > 0);
         }
         let request = StatusRequest {
             version: PROTOCOL_VERSION,

@@ -2,6 +2,15 @@
 //! authenticated by `HARNESS_COOKIE` (a challenge-response: the cookie never
 //! travels). The only server room that touches `ractor_cluster`. Remote nodes find
 //! the serving through its process group and message it directly.
+//!
+//! Our accept loop serves the port (the NodeServer's own listener sits unused on
+//! loopback): it backs off when accepts fail, runs TLS handshakes with a timeout,
+//! and hands each peer to the NodeServer through [`admission`], which holds
+//! peers that have not authenticated to small frames, a deadline and a number.
+
+mod admission;
+
+pub use admission::{HANDSHAKE_DEADLINE, MAX_PENDING, PRE_AUTH_FRAME_LIMIT};
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,6 +22,7 @@ use ractor_cluster::node::NodeServerSessionInformation;
 use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
 
 use crate::fetch::Secret;
+use crate::listener::AcceptFailures;
 
 /// A running cluster listener.
 pub struct ClusterNode {
@@ -31,7 +41,7 @@ pub struct ClusterConfig<'a> {
 }
 
 /// How long a peer has to finish its TLS handshake.
-pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = HANDSHAKE_DEADLINE;
 
 /// Starts the listener. `[::]` falls back to `0.0.0.0` where IPv6 is off.
 pub async fn start(config: ClusterConfig<'_>) -> anyhow::Result<ClusterNode> {
@@ -62,35 +72,32 @@ pub async fn start(config: ClusterConfig<'_>) -> anyhow::Result<ClusterNode> {
     // machine of an app shares HARNESS_NODE_NAME: make the name unique per
     // listener, so a client connected to several nodes sees them all.
     let name = format!("{}@{hostname}:{}", config.node_name, parsed.port());
-    // With TLS, our own accept loop serves the port (ractor_cluster's runs each
-    // handshake inline, with no timeout: one silent peer would stop all others),
-    // and the NodeServer's own listener sits unused on a loopback port.
+    // Our own accept loop serves the port (ractor_cluster's runs each TLS
+    // handshake inline, with no timeout, and bounds nothing before authentication);
+    // the NodeServer's own listener sits unused on a loopback port.
     let tls = match config.tls {
         Some((cert, key, ca)) => Some(harness_client::tls::server_config(cert, key, ca)?),
         None => None,
     };
-    // ractor_cluster reports a port in use as a panic of its listener actor: say
-    // which setting and address instead.
+    // Bound first, so that a port in use is said plainly (ractor_cluster reports it
+    // as a panic of its listener actor).
     let addr = SocketAddr::new(ip, parsed.port());
-    if let Err(err) = std::net::TcpListener::bind(addr) {
-        anyhow::bail!(
+    let listener = std::net::TcpListener::bind(addr).map_err(|err| {
+        anyhow::anyhow!(
             "HARNESS_CLUSTER_ADDR {addr}: cannot listen there ({err}){}",
             if err.kind() == std::io::ErrorKind::AddrInUse {
                 ": another process (another harness?) holds the port; stop it or choose another port"
             } else {
                 ""
             }
-        );
-    }
-    let (node_port, node_ip) = match tls {
-        Some(_) => (
-            std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port(),
-            std::net::Ipv4Addr::LOCALHOST.into(),
-        ),
-        None => (parsed.port(), ip),
-    };
+        )
+    })?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let addr = listener.local_addr()?;
+    let node_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let server = NodeServer::new(
         node_port,
         config.cookie.expose().to_string(),
@@ -100,25 +107,22 @@ pub async fn start(config: ClusterConfig<'_>) -> anyhow::Result<ClusterNode> {
         // Clients connect to the nodes they use; nodes need not mesh with each other.
         Some(ractor_cluster::node::NodeConnectionMode::Isolated),
     )
-    .with_listen_addr(node_ip)
+    .with_listen_addr(std::net::Ipv4Addr::LOCALHOST.into())
     .with_max_inbound_frame_size(config.max_message_bytes);
     let (server, _) = Actor::spawn(None, server, ())
         .await
         .map_err(|e| anyhow::anyhow!("starting the cluster listener: {e}"))?;
+    let admission = Arc::new(admission::Admission::default());
     // Peers coming and going, at INFO: a client leaving is normal (ractor_cluster's
     // own warning for it is dropped by the log filter, see harness_client::cli).
     let _ = server.cast(NodeServerMessage::SubscribeToEvents {
         id: "harness-session-log".to_string(),
-        subscription: Box::new(SessionLog),
+        subscription: Box::new(SessionLog {
+            admission: admission.clone(),
+        }),
     });
-    if let Some(tls) = tls {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        tokio::spawn(accept_tls(
-            listener,
-            tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
-            server.clone(),
-        ));
-    }
+    let tls = tls.map(|tls| tokio_rustls::TlsAcceptor::from(Arc::new(tls)));
+    tokio::spawn(accept(listener, tls, server.clone(), admission));
     let mode = if config.tls.is_some() {
         "TLS"
     } else {
@@ -128,37 +132,42 @@ pub async fn start(config: ClusterConfig<'_>) -> anyhow::Result<ClusterNode> {
     Ok(ClusterNode { server, addr })
 }
 
-/// Accepts TLS peers, each handshake in a task of its own with a timeout, and
-/// hands the encrypted streams to the NodeServer.
-async fn accept_tls(
+/// Accepts peers and hands them to the NodeServer through the admission; with
+/// TLS, each handshake first, in a task of its own with a timeout.
+async fn accept(
     listener: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     server: ActorRef<NodeServerMessage>,
+    admission: Arc<admission::Admission>,
 ) {
+    let mut failures = AcceptFailures::new("cluster");
+    let mut refused = AcceptFailures::new("cluster (too many peers authenticating)");
     loop {
         let (stream, peer_addr) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(err) => {
-                tracing::debug!(%err, "cluster accept failed");
+                failures.note(&err).await;
                 continue;
             }
         };
-        let (acceptor, server) = (acceptor.clone(), server.clone());
+        let _ = stream.set_nodelay(true);
+        let label = peer_addr.to_string();
+        let Some(tls) = tls.clone() else {
+            let (read, write) = stream.into_split();
+            match admission.admit(label, Box::new(read), Box::new(write)) {
+                Some(guarded) => hand_over(&server, guarded),
+                None => refused.note_refused(peer_addr, MAX_PENDING),
+            }
+            continue;
+        };
+        let (server, admission) = (server.clone(), admission.clone());
         tokio::spawn(async move {
-            let Ok(local_addr) = stream.local_addr() else {
-                return;
-            };
-            let _ = stream.set_nodelay(true);
-            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
                 Ok(Ok(stream)) => {
-                    let _ = server.cast(NodeServerMessage::ConnectionOpened {
-                        stream: Box::new(ractor_cluster::NetworkStream::TlsServer {
-                            peer_addr,
-                            local_addr,
-                            stream,
-                        }),
-                        is_server: true,
-                    });
+                    let (read, write) = tokio::io::split(stream);
+                    if let Some(guarded) = admission.admit(label, Box::new(read), Box::new(write)) {
+                        hand_over(&server, guarded);
+                    }
                 }
                 Ok(Err(err)) => tracing::info!(%peer_addr, %err, "a peer failed the TLS handshake"),
                 Err(_) => {
@@ -169,8 +178,18 @@ async fn accept_tls(
     }
 }
 
-/// Logs peers' sessions: ready (DEBUG) and ended (INFO).
-struct SessionLog;
+fn hand_over(server: &ActorRef<NodeServerMessage>, guarded: admission::GuardedStream) {
+    let _ = server.cast(NodeServerMessage::ConnectionOpenedExternal {
+        stream: Box::new(guarded),
+        is_server: true,
+    });
+}
+
+/// Logs peers' sessions, ready (DEBUG) and ended (INFO), and tells the admission
+/// which have authenticated.
+struct SessionLog {
+    admission: Arc<admission::Admission>,
+}
 
 fn peer_name(ses: &NodeServerSessionInformation) -> String {
     ses.peer_name
@@ -180,7 +199,9 @@ fn peer_name(ses: &NodeServerSessionInformation) -> String {
 
 impl NodeEventSubscription for SessionLog {
     fn node_session_opened(&self, _: NodeServerSessionInformation) {}
-    fn node_session_authenticated(&self, _: NodeServerSessionInformation) {}
+    fn node_session_authenticated(&self, ses: NodeServerSessionInformation) {
+        self.admission.authenticated(&ses.peer_addr);
+    }
     fn node_session_ready(&self, ses: NodeServerSessionInformation) {
         tracing::debug!(peer = %ses.peer_addr, name = %peer_name(&ses), "a peer's session is ready");
     }

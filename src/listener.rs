@@ -1,0 +1,55 @@
+//! What the accept loops of the HTTP and cluster ports share: a failed accept
+//! (out of file handles, say) is followed by a pause instead of a spin, and logged
+//! at most once a second with how many there were.
+
+use std::time::{Duration, Instant};
+
+/// Pause after a failed accept.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Failed accepts of one listener.
+pub struct AcceptFailures {
+    listener: &'static str,
+    since_log: u64,
+    last_log: Option<Instant>,
+}
+
+impl AcceptFailures {
+    /// For the listener named `listener` in the log.
+    pub fn new(listener: &'static str) -> Self {
+        AcceptFailures {
+            listener,
+            since_log: 0,
+            last_log: None,
+        }
+    }
+
+    /// Notes a failed accept, logs it if a second has passed since the last
+    /// line, and pauses.
+    pub async fn note(&mut self, err: &std::io::Error) {
+        self.since_log += 1;
+        if self
+            .last_log
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            tracing::warn!(%err, failures = self.since_log, "the {} listener cannot accept connections ({err}); retrying", self.listener);
+            self.since_log = 0;
+            self.last_log = Some(Instant::now());
+        }
+        tokio::time::sleep(ACCEPT_BACKOFF).await;
+    }
+
+    /// Notes a connection closed at once because `limit` peers are being
+    /// admitted already; logged at most once a second, with no pause.
+    pub fn note_refused(&mut self, peer: std::net::SocketAddr, limit: usize) {
+        self.since_log += 1;
+        if self
+            .last_log
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            tracing::warn!(%peer, refused = self.since_log, "{}: {limit} peers are authenticating already; closed {peer}'s connection", self.listener);
+            self.since_log = 0;
+            self.last_log = Some(Instant::now());
+        }
+    }
+}
