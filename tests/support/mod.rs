@@ -35,12 +35,3 @@ pub mod node;
 pub mod python;
 pub mod relay;
 pub mod serving;
-
-// The names the tests used before the kit had modules; they go once every test
-// uses the modules.
-#[allow(unused_imports)]
-pub use models::{
-    assert_close, input, load_affine, save_token_model, token_inputs, token_model_mean, Affine,
-};
-#[allow(unused_imports)]
-pub use python::{run_python, torch_python};

@@ -304,32 +304,3 @@ impl Drop for ServeProcess {
         self.kill();
     }
 }
-
-/// The settings of a node in this process that fetches `repo` from `hub` into
-/// `cache` (before [`super::model_repo::ModelRepo`]; goes once no test uses it).
-pub fn config(
-    name: &str,
-    repo: &str,
-    hub: &super::hub::TestHub,
-    cache: &Path,
-    extra: &[&str],
-) -> harness::config::Config {
-    let mut args = vec![
-        format!("--hf-endpoint={}", hub.url()),
-        format!("--model-repo={repo}"),
-        format!("--cache-dir={}", cache.display()),
-        "--warmup-inputs=f32[4]".to_string(),
-        format!("--serving-name={name}"),
-    ];
-    args.extend(extra.iter().map(|a| a.to_string()));
-    super::serving::node_config(&args)
-}
-
-/// Reads a `harness serve` child's stderr until its serving is ready (before
-/// [`ServeSettings::start`]; goes once no test uses it).
-pub fn until_ready(child: &mut Child) -> String {
-    wait_until_ready(child).0
-}
-
-#[allow(unused_imports)]
-pub use super::serving::inject_crash;
