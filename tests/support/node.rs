@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::io::BufRead;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -140,33 +140,39 @@ impl ServeSettings {
         let settings = self
             .env("HARNESS_CLUSTER_ADDR", &cluster)
             .env("HARNESS_HTTP_ADDR", format!("127.0.0.1:{http}"));
-        let (child, startup_log, log_tail) = settings.spawn();
+        let (child, startup_log, log) = settings.spawn();
         ServeProcess {
             child,
             cluster,
             http,
             startup_log,
-            log_tail: Some(log_tail),
+            log,
             settings,
         }
     }
 
-    fn spawn(&self) -> (Child, String, JoinHandle<VecDeque<String>>) {
+    fn spawn(&self) -> (Child, String, LogTail) {
         let mut child = self
             .command()
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting harness serve");
-        let (log, tail) = wait_until_ready(&mut child);
-        (child, log, tail)
+        let (startup_log, log) = wait_until_ready(&mut child);
+        (child, startup_log, log)
     }
 }
 
+/// What a process logs after ready: its last [`LOG_TAIL_LINES`] lines, kept by a
+/// thread that drains its stderr (so the child never blocks on a full pipe) until
+/// the pipe closes.
+struct LogTail {
+    lines: Arc<Mutex<VecDeque<String>>>,
+    reader: Option<JoinHandle<()>>,
+}
+
 /// Reads a `harness serve` child's stderr (piped) until its serving is ready and
-/// asserts it became ready; the log up to there, and a thread that keeps draining
-/// the rest (so the child never blocks on a full pipe) and ends with its last
-/// [`LOG_TAIL_LINES`] lines when the pipe closes.
-fn wait_until_ready(child: &mut Child) -> (String, JoinHandle<VecDeque<String>>) {
+/// asserts it became ready; the log up to there, and the rest as it comes.
+fn wait_until_ready(child: &mut Child) -> (String, LogTail) {
     let stderr = child.stderr.take().expect("stderr is piped");
     let mut lines = std::io::BufReader::new(stderr).lines();
     let mut log = String::new();
@@ -179,16 +185,21 @@ fn wait_until_ready(child: &mut Child) -> (String, JoinHandle<VecDeque<String>>)
         }
     }
     assert!(log.contains(" is ready"), "{log}");
-    let tail = std::thread::spawn(move || {
-        let mut tail = VecDeque::new();
+    let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let kept = tail.clone();
+    let reader = std::thread::spawn(move || {
         for line in lines.map_while(Result::ok) {
+            let mut tail = kept.lock().unwrap();
             if tail.len() == LOG_TAIL_LINES {
                 tail.pop_front();
             }
             tail.push_back(line);
         }
-        tail
     });
+    let tail = LogTail {
+        lines: tail,
+        reader: Some(reader),
+    };
     (log, tail)
 }
 
@@ -203,7 +214,7 @@ pub struct ServeProcess {
     pub http: u16,
     /// What the process logged up to ready.
     pub startup_log: String,
-    log_tail: Option<JoinHandle<VecDeque<String>>>,
+    log: LogTail,
     settings: ServeSettings,
 }
 
@@ -251,10 +262,10 @@ impl ServeProcess {
     /// Starts the node again on the same ports and waits until it is ready.
     pub fn restart(&mut self) {
         self.kill();
-        let (child, startup_log, log_tail) = self.settings.spawn();
+        let (child, startup_log, log) = self.settings.spawn();
         self.child = child;
         self.startup_log = startup_log;
-        self.log_tail = Some(log_tail);
+        self.log = log;
     }
 
     /// Waits for the process to exit by itself, at most `within`; its status and
@@ -270,21 +281,28 @@ impl ServeProcess {
         }
     }
 
-    /// The whole log of a process that has exited: what it logged up to ready,
-    /// then the rest (its last [`LOG_TAIL_LINES`] lines).
+    /// What the process has logged so far (since its last start): up to ready,
+    /// then its last [`LOG_TAIL_LINES`] lines.
+    pub fn log(&self) -> String {
+        let mut log = self.startup_log.clone();
+        for line in self.log.lines.lock().unwrap().iter() {
+            log += line;
+            log += "\n";
+        }
+        log
+    }
+
+    /// The whole log of a process that has exited, once all it wrote is read
+    /// ([`ServeProcess::log`]).
     pub fn exited_log(&mut self) -> String {
         assert!(
             self.child.try_wait().unwrap().is_some(),
             "the process is still running"
         );
-        let mut log = self.startup_log.clone();
-        if let Some(tail) = self.log_tail.take() {
-            for line in tail.join().expect("the log reader") {
-                log += &line;
-                log += "\n";
-            }
+        if let Some(reader) = self.log.reader.take() {
+            reader.join().expect("the log reader");
         }
-        log
+        self.log()
     }
 
     /// Resident memory of the process, in KiB.
