@@ -7,12 +7,14 @@
 
 use std::time::{Duration, Instant};
 
-use harness::node::Node;
-use harness_client::{EmbedRequest, Payload, ServingMessage, PROTOCOL_VERSION};
+use harness_client::ServingMessage;
 use ractor::ActorRef;
 
 #[path = "../tests/support/mod.rs"]
 mod support;
+
+use support::measure::{all_at_once, env_or, percentile, print_table_head};
+use support::serving::{node_config, start_ready};
 
 const CALLERS: usize = 64;
 const ROUNDS: usize = 3;
@@ -91,8 +93,9 @@ fn sentences(n: usize) -> Vec<String> {
 /// sentence-transformers' `encode` of the sentences in `file`, timed in Python
 /// after a warm-up: (seconds for all, median single-sentence latency).
 fn python_round(file: &std::path::Path, model: &std::path::Path) -> (f64, Duration) {
-    let out = std::process::Command::new(support::torch_python())
-        .arg("-c")
+    let text = support::python::stdout_of(
+        std::process::Command::new(support::python::torch_python())
+            .arg("-c")
         .arg(format!(
             r#"
 import json, sys, time
@@ -107,16 +110,10 @@ for text in texts[:{SINGLE_CALLS}]:
 single.sort()
 print(total, single[len(single) // 2])
 "#
-        ))
-        .env("PYTHONWARNINGS", "ignore")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+            ))
+            .env("PYTHONWARNINGS", "ignore"),
+        "sentence-transformers",
     );
-    let text = String::from_utf8(out.stdout).unwrap();
     let mut parts = text.split_whitespace().map(|v| v.parse::<f64>().unwrap());
     (
         parts.next().unwrap(),
@@ -125,47 +122,29 @@ print(total, single[len(single) // 2])
 }
 
 async fn embed(serving: &ActorRef<ServingMessage>, texts: Vec<String>) {
-    let request = EmbedRequest {
-        version: PROTOCOL_VERSION,
-        texts,
-        timeout_ms: 60_000,
-    };
-    let reply = serving
-        .call(
-            |port| ServingMessage::Embed(Payload::new(request), port),
-            None,
-        )
+    support::serving::embed(serving, texts, 60_000)
         .await
-        .unwrap()
-        .unwrap();
-    reply.0.unwrap().expect("embedded");
+        .expect("embedded");
 }
 
 /// Every sentence sent by CALLERS callers, one sentence per call.
 async fn served_round(serving: &ActorRef<ServingMessage>, texts: &[String]) -> Duration {
     let started = Instant::now();
-    let tasks: Vec<_> = (0..CALLERS)
-        .map(|c| {
-            let serving = serving.clone();
-            let mine: Vec<String> = texts.iter().skip(c).step_by(CALLERS).cloned().collect();
-            tokio::spawn(async move {
-                for text in mine {
-                    embed(&serving, vec![text]).await;
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
+    all_at_once(CALLERS, |c| {
+        let serving = serving.clone();
+        let mine: Vec<String> = texts.iter().skip(c).step_by(CALLERS).cloned().collect();
+        async move {
+            for text in mine {
+                embed(&serving, vec![text]).await;
+            }
+        }
+    })
+    .await;
     started.elapsed()
 }
 
 fn main() {
-    let count: usize = std::env::var("HARNESS_BENCH_SENTENCES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
+    let count = env_or("HARNESS_BENCH_SENTENCES", 1024) as usize;
     let texts = sentences(count);
     let dir = tempfile::tempdir().unwrap();
     let model_dir = dir.path().join("model");
@@ -184,20 +163,14 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let config = harness::cli::server_config([
-        "harness".to_string(),
-        "--device=cpu".to_string(),
+    let config = node_config(&[
         "--task=embedding".to_string(),
         format!("--model-dir={}", model_dir.display()),
         "--max-batch-size=32".to_string(),
-        "--http-addr=127.0.0.1:0".to_string(),
-    ])
-    .unwrap();
+    ]);
 
     runtime.block_on(async move {
-        let node = Node::start(config).await.unwrap();
-        node.wait_ready(Duration::from_secs(120)).await.unwrap();
-        let serving = node.serving().await.unwrap();
+        let (node, serving) = start_ready(config, Duration::from_secs(120)).await;
         let stats = node.shared().engine_stats().unwrap();
         served_round(&serving, &texts[..CALLERS * 2]).await; // warm
 
@@ -222,20 +195,20 @@ fn main() {
         python.sort_by(f64::total_cmp);
         served.sort_by(f64::total_cmp);
         python_single.sort();
-        let (p, s) = (python[ROUNDS / 2], served[ROUNDS / 2]);
+        let (p, s) = (percentile(&python, 0.5), percentile(&served, 0.5));
         let rate = |t: f64| count as f64 / t;
 
-        println!("{count} sentences of 4-40 words, all-MiniLM-L6-v2 on the CPU; median of {ROUNDS} alternating rounds");
-        println!();
-        println!("| measure | harness ({CALLERS} callers, one sentence per Embed) | sentence-transformers encode(batch_size=32) | ratio |");
-        println!("| --- | --- | --- | --- |");
+        print_table_head(
+            &format!("{count} sentences of 4-40 words, all-MiniLM-L6-v2 on the CPU; median of {ROUNDS} alternating rounds"),
+            &["measure", &format!("harness ({CALLERS} callers, one sentence per Embed)"), "sentence-transformers encode(batch_size=32)", "ratio"],
+        );
         println!("| throughput | {:.0} sentences/s ({s:.2}s) | {:.0} sentences/s ({p:.2}s) | {:.2} |", rate(s), rate(p), rate(s) / rate(p));
         println!(
             "| single request, one caller | p50 {:.2?}, p99 {:.2?} | p50 {:.2?} (encode of one sentence) | {:.2} |",
-            latencies[latencies.len() / 2],
-            latencies[latencies.len() * 99 / 100],
-            python_single[ROUNDS / 2],
-            python_single[ROUNDS / 2].as_secs_f64() / latencies[latencies.len() / 2].as_secs_f64(),
+            percentile(&latencies, 0.5),
+            percentile(&latencies, 0.99),
+            percentile(&python_single, 0.5),
+            percentile(&python_single, 0.5).as_secs_f64() / percentile(&latencies, 0.5).as_secs_f64(),
         );
         println!("| mean batch when served | {:.1} sentences per forward | 32 | |", (after.1 - before.1) as f64 / (after.0 - before.0).max(1) as f64);
         node.shutdown(Duration::from_secs(5)).await;

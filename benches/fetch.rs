@@ -5,22 +5,17 @@
 //!
 //! `HARNESS_BENCH_BYTES` and `HARNESS_BENCH_ROUNDS` change the size and the rounds.
 
-#[path = "../tests/support/hub.rs"]
-#[allow(dead_code)]
-mod hub;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const REPO: &str = "bench/one-gib";
+use support::hub::{content, TestHub};
+use support::measure::{env_or, percentile, print_table_head};
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+const REPO: &str = "bench/one-gib";
 
 /// Runs `cmd` to completion and returns its wall time and peak RSS in bytes.
 ///
@@ -60,7 +55,7 @@ fn vm_hwm(status: &str) -> Option<u64> {
 
 fn median(mut xs: Vec<Duration>) -> Duration {
     xs.sort();
-    xs[xs.len() / 2]
+    percentile(&xs, 0.5)
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -75,9 +70,9 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let test_hub = runtime.block_on(hub::TestHub::start());
+    let test_hub = runtime.block_on(TestHub::start());
     eprintln!("preparing {:.0} MiB of content...", mib(bytes as u64));
-    let model = hub::content(bytes, 42);
+    let model = content(bytes, 42);
     let commit = test_hub.commit(REPO, "main", &[("model.bin", &model, true)]);
     drop(model);
     let url = format!("{}/{REPO}/resolve/main/model.bin", test_hub.url());
@@ -85,13 +80,8 @@ fn main() {
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
     let harness = |revision: &str| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_harness"));
-        cmd.arg("fetch")
-            .env("HF_ENDPOINT", test_hub.url())
-            .env("HARNESS_MODEL_REPO", REPO)
-            .env("HARNESS_MODEL_REVISION", revision)
-            .env("HARNESS_MODEL_FILES", "model.bin")
-            .env("HARNESS_CACHE_DIR", &cache)
+        let mut cmd = test_hub.fetch_command(&cache, REPO, &["model.bin"]);
+        cmd.env("HARNESS_MODEL_REVISION", revision)
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null());
         cmd
@@ -157,10 +147,10 @@ impl Runs {
         let ratio = |base: Duration, ours: Duration| {
             format!("{:.2}", base.as_secs_f64() / ours.as_secs_f64())
         };
-        println!("{:.0} MiB from the local test hub, median of {rounds} rounds; ratio = baseline time / harness time (1.0 = as fast)", mib(bytes));
-        println!();
-        println!("| harness fetch | baseline | ratio |");
-        println!("| --- | --- | --- |");
+        print_table_head(
+            &format!("{:.0} MiB from the local test hub, median of {rounds} rounds; ratio = baseline time / harness time (1.0 = as fast)", mib(bytes)),
+            &["harness fetch", "baseline", "ratio"],
+        );
         println!(
             "| whole process: {} | curl + sync: {} | {} |",
             rate(h),

@@ -8,11 +8,14 @@
 
 use std::time::{Duration, Instant};
 
-use harness::node::Node;
-use harness_client::{
-    Fault, FaultRequest, Payload, RunRequest, ServingMessage, WireTensor, PROTOCOL_VERSION,
-};
+use harness_client::WireTensor;
 use tch::{Kind, Tensor};
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use support::measure::{all_at_once, env_or, percentile, print_table_head};
+use support::serving::{crash_regardless, node_config, run, start_ready};
 
 const FEATURES: i64 = 512;
 const HIDDEN: i64 = 1024;
@@ -54,15 +57,8 @@ fn save_mlp(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 fn main() {
-    let requests: usize = std::env::var("HARNESS_BENCH_REQUESTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(6400);
+    let requests = env_or("HARNESS_BENCH_REQUESTS", 6400) as usize;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -70,22 +66,16 @@ fn main() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let model = save_mlp(dir.path());
-    let config = harness::cli::server_config([
-        "harness".to_string(),
-        "--device=cpu".to_string(),
+    let config = node_config(&[
         format!("--model-dir={}", dir.path().display()),
         format!("--warmup-inputs=f32[{FEATURES}]"),
         format!("--max-batch-size={BATCH}"),
         "--max-batch-delay-ms=5".to_string(),
         "--fault-injection".to_string(),
-        "--http-addr=127.0.0.1:0".to_string(),
-    ])
-    .unwrap();
+    ]);
 
     runtime.block_on(async move {
-        let node = Node::start(config).await.unwrap();
-        node.wait_ready(Duration::from_secs(60)).await.unwrap();
-        let serving = node.serving().await.unwrap();
+        let (node, serving) = start_ready(config, Duration::from_secs(60)).await;
         let stats = node.shared().engine_stats().unwrap();
         let engine = harness::engine::Engine::load(&model, harness::engine::DeviceChoice::Cpu, harness::engine::BatchConfig::default()).await.unwrap();
         let item = WireTensor::from_f32(&[1, FEATURES], &vec![0.5; FEATURES as usize]);
@@ -108,32 +98,21 @@ fn main() {
             let item = item.clone();
             async move {
                 let started = Instant::now();
-                let tasks: Vec<_> = (0..CALLERS)
-                    .map(|_| {
-                        let serving = serving.clone();
-                        let item = item.clone();
-                        tokio::spawn(async move {
-                            let mut latencies = Vec::with_capacity(total / CALLERS);
-                            for _ in 0..total / CALLERS {
-                                let request = RunRequest { version: PROTOCOL_VERSION, inputs: vec![item.clone()], timeout_ms: 30_000 };
-                                let t = Instant::now();
-                                let reply = serving
-                                    .call(|port| ServingMessage::Run(Payload::new(request), port), None)
-                                    .await
-                                    .unwrap()
-                                    .unwrap();
-                                reply.0.unwrap().expect("served");
-                                latencies.push(t.elapsed());
-                            }
-                            latencies
-                        })
-                    })
-                    .collect();
-                let mut latencies = Vec::new();
-                for task in tasks {
-                    latencies.extend(task.await.unwrap());
-                }
-                (started.elapsed(), latencies)
+                let per_caller = all_at_once(CALLERS, |_| {
+                    let serving = serving.clone();
+                    let item = item.clone();
+                    async move {
+                        let mut latencies = Vec::with_capacity(total / CALLERS);
+                        for _ in 0..total / CALLERS {
+                            let t = Instant::now();
+                            run(&serving, vec![item.clone()], 30_000).await.expect("served");
+                            latencies.push(t.elapsed());
+                        }
+                        latencies
+                    }
+                })
+                .await;
+                (started.elapsed(), per_caller.concat())
             }
         };
 
@@ -168,9 +147,8 @@ fn main() {
         for _ in 0..3 {
             let serving = node.serving().await.unwrap();
             let restarts = node.shared().restarts();
-            let crash = FaultRequest { version: PROTOCOL_VERSION, fault: Fault::Crash };
             let t = Instant::now();
-            let _ = serving.call(|port| ServingMessage::Inject(Payload::new(crash), port), None).await;
+            crash_regardless(&serving, Duration::from_secs(30)).await;
             while node.shared().restarts() == restarts {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
@@ -179,10 +157,10 @@ fn main() {
         }
         recoveries.sort();
 
-        println!("{requests} single-item requests from {CALLERS} callers, 512-1024-1024-512 MLP on the CPU, max batch {BATCH}, delay 5 ms; median of 3 rounds");
-        println!();
-        println!("| measure | served (batched by the actor) | direct loop of batch-{BATCH} forwards | ratio |");
-        println!("| --- | --- | --- | --- |");
+        print_table_head(
+            &format!("{requests} single-item requests from {CALLERS} callers, 512-1024-1024-512 MLP on the CPU, max batch {BATCH}, delay 5 ms; median of 3 rounds"),
+            &["measure", "served (batched by the actor)", &format!("direct loop of batch-{BATCH} forwards"), "ratio"],
+        );
         println!("| throughput | {:.0} items/s ({s:.2?}) | {:.0} items/s ({d:.2?}) | {:.2} |", rate(s), rate(d), rate(s) / rate(d));
         println!(
             "| latency per call | p50 {:.2?}, p99 {:.2?} | | |",

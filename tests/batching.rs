@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use harness::device::DeviceChoice;
 use harness::engine::{BatchConfig, Collate, Engine, ForwardError, Kind, RunError, Tensor};
-use harness::tasks::{Pooler, Pooling};
-use support::{assert_close, input, Affine};
+use support::models::{
+    assert_close, input, load_affine, save_token_model, token_inputs, token_model_mean,
+};
 
 fn config(max_batch_size: usize, delay_ms: u64, max_queue: usize) -> BatchConfig {
     BatchConfig {
@@ -37,22 +38,16 @@ fn elementwise_model(dir: &std::path::Path) -> PathBuf {
     path
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_callers_share_forwards_and_each_gets_its_own_rows() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = Affine::new();
-    let engine = Engine::load(
-        model.save(dir.path()),
-        DeviceChoice::Cpu,
-        config(16, 50, 1024),
-    )
-    .await
-    .unwrap();
-    let callers: Vec<_> = (0..64)
-        .map(|i| {
+/// Each of `inputs` run by a caller of its own, all at once; each caller answers
+/// with its input and its output.
+fn run_each(
+    engine: &Engine,
+    inputs: impl Iterator<Item = Tensor>,
+) -> Vec<tokio::task::JoinHandle<(Tensor, Vec<Tensor>)>> {
+    inputs
+        .map(|x| {
             let engine = engine.clone();
             tokio::spawn(async move {
-                let x = input(1, i as f64);
                 let out = engine
                     .run(vec![x.shallow_clone()], far())
                     .await
@@ -60,7 +55,14 @@ async fn concurrent_callers_share_forwards_and_each_gets_its_own_rows() {
                 (x, out)
             })
         })
-        .collect();
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_callers_share_forwards_and_each_gets_its_own_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, engine) = load_affine(dir.path(), config(16, 50, 1024)).await;
+    let callers = run_each(&engine, (0..64).map(|i| input(1, i as f64)));
     for caller in callers {
         let (x, out) = caller.await.unwrap();
         assert_close(&out[0], &model.apply(&x)[0]);
@@ -81,14 +83,7 @@ async fn concurrent_callers_share_forwards_and_each_gets_its_own_rows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_that_queue_during_a_long_forward_are_batched_together() {
     let dir = tempfile::tempdir().unwrap();
-    let model = Affine::new();
-    let engine = Engine::load(
-        model.save(dir.path()),
-        DeviceChoice::Cpu,
-        config(32, 1, 1024),
-    )
-    .await
-    .unwrap();
+    let (_, engine) = load_affine(dir.path(), config(32, 1, 1024)).await;
     // Hold the engine thread with one large forward, and queue 32 items meanwhile.
     let large = input(8_000_000, 0.0);
     let busy = {
@@ -131,24 +126,15 @@ async fn shapes_are_never_mixed_in_a_batch() {
     )
     .await
     .unwrap();
-    let callers: Vec<_> = (0..24)
-        .map(|i| {
-            let engine = engine.clone();
-            tokio::spawn(async move {
-                // Three trailing shapes, and a dtype of their own for some.
-                let x = match i % 3 {
-                    0 => Tensor::full([1, 4], i as f64, (Kind::Float, tch::Device::Cpu)),
-                    1 => Tensor::full([2, 3], i as f64, (Kind::Float, tch::Device::Cpu)),
-                    _ => Tensor::full([1, 4], i as f64, (Kind::Double, tch::Device::Cpu)),
-                };
-                let out = engine
-                    .run(vec![x.shallow_clone()], far())
-                    .await
-                    .expect("run");
-                (x, out)
-            })
-        })
-        .collect();
+    // Three trailing shapes, and a dtype of their own for some.
+    let callers = run_each(
+        &engine,
+        (0..24).map(|i| match i % 3 {
+            0 => Tensor::full([1, 4], i as f64, (Kind::Float, tch::Device::Cpu)),
+            1 => Tensor::full([2, 3], i as f64, (Kind::Float, tch::Device::Cpu)),
+            _ => Tensor::full([1, 4], i as f64, (Kind::Double, tch::Device::Cpu)),
+        }),
+    );
     for caller in callers {
         let (x, out) = caller.await.unwrap();
         assert_eq!(out[0].kind(), x.kind());
@@ -164,15 +150,8 @@ async fn shapes_are_never_mixed_in_a_batch() {
 #[tokio::test]
 async fn a_full_queue_refuses_at_once_and_the_queued_are_still_answered() {
     let dir = tempfile::tempdir().unwrap();
-    let model = Affine::new();
     // A long gathering delay keeps the first requests queued.
-    let engine = Engine::load(
-        model.save(dir.path()),
-        DeviceChoice::Cpu,
-        config(100, 300, 4),
-    )
-    .await
-    .unwrap();
+    let (_, engine) = load_affine(dir.path(), config(100, 300, 4)).await;
     let queued: Vec<_> = (0..2)
         .map(|i| {
             let engine = engine.clone();
@@ -206,14 +185,7 @@ async fn a_full_queue_refuses_at_once_and_the_queued_are_still_answered() {
 #[tokio::test]
 async fn a_request_whose_deadline_passes_in_the_queue_is_never_run() {
     let dir = tempfile::tempdir().unwrap();
-    let model = Affine::new();
-    let engine = Engine::load(
-        model.save(dir.path()),
-        DeviceChoice::Cpu,
-        config(100, 200, 1024),
-    )
-    .await
-    .unwrap();
+    let (_, engine) = load_affine(dir.path(), config(100, 200, 1024)).await;
     let err = engine
         .run(
             vec![input(3, 0.0)],
@@ -236,14 +208,7 @@ async fn a_request_whose_deadline_passes_in_the_queue_is_never_run() {
 #[tokio::test]
 async fn a_request_larger_than_a_batch_is_split_and_put_back_together() {
     let dir = tempfile::tempdir().unwrap();
-    let model = Affine::new();
-    let engine = Engine::load(
-        model.save(dir.path()),
-        DeviceChoice::Cpu,
-        config(4, 1, 1024),
-    )
-    .await
-    .unwrap();
+    let (model, engine) = load_affine(dir.path(), config(4, 1, 1024)).await;
     let x = input(10, -1.0);
     let out = engine.run(vec![x.shallow_clone()], far()).await.unwrap();
     assert_close(&out[0], &model.apply(&x)[0]);
@@ -257,14 +222,7 @@ async fn a_request_larger_than_a_batch_is_split_and_put_back_together() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_model_error_answers_its_batch_and_the_engine_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let model = Affine::new();
-    let engine = Engine::load(
-        model.save(dir.path()),
-        DeviceChoice::Cpu,
-        config(8, 20, 1024),
-    )
-    .await
-    .unwrap();
+    let (model, engine) = load_affine(dir.path(), config(8, 20, 1024)).await;
     // Five features where the model takes four: torch refuses the batch.
     let bad: Vec<_> = (0..3)
         .map(|_| {
@@ -301,13 +259,7 @@ async fn a_model_error_answers_its_batch_and_the_engine_keeps_serving() {
 #[tokio::test]
 async fn inputs_must_share_a_non_zero_leading_dimension() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::load(
-        Affine::new().save(dir.path()),
-        DeviceChoice::Cpu,
-        BatchConfig::default(),
-    )
-    .await
-    .unwrap();
+    let (_, engine) = load_affine(dir.path(), BatchConfig::default()).await;
     for inputs in [
         vec![],
         vec![Tensor::zeros([0, 4], (Kind::Float, tch::Device::Cpu))],
@@ -329,13 +281,13 @@ async fn token_requests_of_different_lengths_are_padded_per_batch_and_pooled_as_
     let collate = Collate::Tokens {
         pad_values: vec![0, 0],
     };
-    let pooler = Pooler {
+    let pooler = harness::tasks::Pooler {
         mask_input: 1,
-        pooling: Pooling::Mean,
+        pooling: harness::tasks::Pooling::Mean,
         normalize: false,
     };
     let engine = Engine::load_with(
-        support::save_token_model(dir.path()),
+        save_token_model(dir.path()),
         DeviceChoice::Cpu,
         config(32, 20, 1024),
         collate,
@@ -351,21 +303,16 @@ async fn token_requests_of_different_lengths_are_padded_per_batch_and_pooled_as_
         .map(|ids| {
             let engine = engine.clone();
             let ids = ids.clone();
-            tokio::spawn(async move {
-                let n = ids.len() as i64;
-                let inputs = vec![
-                    Tensor::from_slice(&ids).view([1, n]),
-                    Tensor::ones([1, n], (Kind::Int64, tch::Device::Cpu)),
-                ];
-                engine.run(inputs, far()).await.expect("pooled")
-            })
+            tokio::spawn(
+                async move { engine.run(token_inputs(&ids), far()).await.expect("pooled") },
+            )
         })
         .collect();
     for (ids, caller) in texts.iter().zip(callers) {
         let out = caller.await.unwrap();
         assert_eq!(out[0].size(), vec![1, 8]);
         let got = Vec::<f32>::try_from(out[0].view([-1])).unwrap();
-        for (g, w) in got.iter().zip(support::token_model_mean(ids)) {
+        for (g, w) in got.iter().zip(token_model_mean(ids)) {
             assert!((g - w).abs() < 1e-5, "{ids:?}: {got:?}");
         }
     }

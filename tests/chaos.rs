@@ -15,15 +15,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use harness_client::{
-    serving_group, ClientConfig, ClientError, DType, Fault, FaultRequest, HarnessClient, Payload,
-    RunRequest, ServingError, ServingMessage, WireTensor, PROTOCOL_VERSION,
+    serving_group, ClientError, DType, HarnessClient, Payload, RunRequest, ServingError,
+    ServingMessage, WireTensor, PROTOCOL_VERSION,
 };
 use proptest::prelude::*;
 use ractor::ActorRef;
 use sha2::{Digest, Sha256};
+use support::client::{connect, demo_item as item};
 use support::hub::{content, hex, On, TestHub};
+use support::measure::{all_at_once, percentile};
 use support::node::ServeProcess;
 use support::relay::{Link, Relay};
+use support::serving::crash_regardless;
 
 const COOKIE: &str = "a-chaos-test-cookie";
 /// A call's answer may arrive this long after its deadline and still count as
@@ -97,17 +100,6 @@ impl Row<'_> {
     }
 }
 
-fn item() -> Vec<WireTensor> {
-    vec![WireTensor::from_f32(&[1, 4], &[0.1, 0.2, 0.3, 0.4])]
-}
-
-async fn connect(serving: &str, node: &str, deadline: Duration) -> Arc<HarnessClient> {
-    let mut config = ClientConfig::new(vec![node.to_string()], COOKIE);
-    config.serving = serving.to_string();
-    config.default_deadline = deadline;
-    Arc::new(HarnessClient::connect(config).await.expect("connects"))
-}
-
 /// Counts of a load's calls.
 #[derive(Default)]
 struct Tally {
@@ -130,9 +122,7 @@ impl Tally {
     fn percentile(&self, p: f64) -> Duration {
         let mut all = self.latencies.lock().unwrap().clone();
         all.sort();
-        all.get(((all.len().max(1) - 1) as f64 * p).round() as usize)
-            .copied()
-            .unwrap_or_default()
+        percentile(&all, p)
     }
 
     fn kinds(&self) -> String {
@@ -240,7 +230,7 @@ async fn soak_every_call_is_answered_and_memory_stays_flat() {
     let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
     let serving = "chaos_soak";
     let node = ServeProcess::start(COOKIE, serving, &[]);
-    let client = connect(serving, &node.cluster, Duration::from_secs(5)).await;
+    let client = Arc::new(node.connect(Duration::from_secs(5)).await);
     let duration = pick(Duration::from_secs(30), Duration::from_secs(300));
     let callers = 64;
     let stop = Arc::new(AtomicBool::new(false));
@@ -454,7 +444,7 @@ async fn a_node_killed_under_load_fails_calls_before_their_deadlines_and_is_foun
     let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
     let serving = "chaos_killed";
     let mut node = ServeProcess::start(COOKIE, serving, &[]);
-    let client = connect(serving, &node.cluster, Duration::from_secs(2)).await;
+    let client = Arc::new(node.connect(Duration::from_secs(2)).await);
     let rounds = pick(2, 5);
     let stop = Arc::new(AtomicBool::new(false));
     let (tally, tasks) = start_load(client.clone(), 16, Duration::from_secs(2), stop.clone());
@@ -505,7 +495,7 @@ async fn injected_crashes_under_load_each_recover_and_the_restarts_add_up() {
             ("HARNESS_RESTART_WINDOW_S", "1"),
         ],
     );
-    let client = connect(serving, &node.cluster, Duration::from_secs(10)).await;
+    let client = Arc::new(node.connect(Duration::from_secs(10)).await);
     let crashes = pick(5, 20);
     let stop = Arc::new(AtomicBool::new(false));
     let (tally, tasks) = start_load(client.clone(), 16, Duration::from_secs(10), stop.clone());
@@ -513,18 +503,9 @@ async fn injected_crashes_under_load_each_recover_and_the_restarts_add_up() {
     for n in 1..=crashes {
         tokio::time::sleep(Duration::from_millis(1200)).await;
         let serving_ref = remote(serving).await;
-        let crash = FaultRequest {
-            version: PROTOCOL_VERSION,
-            fault: Fault::Crash,
-        };
         let crashed = Instant::now();
         // The serving panics right after answering: the answer may not get out.
-        let _ = serving_ref
-            .call(
-                |port| ServingMessage::Inject(Payload::new(crash), port),
-                Some(Duration::from_secs(2)),
-            )
-            .await;
+        crash_regardless(&serving_ref, Duration::from_secs(2)).await;
         // Ready again, with the restart counted.
         loop {
             let status = client.status(Some(Duration::from_secs(2))).await;
@@ -706,7 +687,7 @@ async fn bad_input_gets_typed_answers_and_bad_frames_break_nothing() {
     let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
     let serving = "chaos_bad_input";
     let node = ServeProcess::start(COOKIE, serving, &[]);
-    let client = connect(serving, &node.cluster, Duration::from_secs(5)).await;
+    let client = Arc::new(node.connect(Duration::from_secs(5)).await);
     let handle = tokio::runtime::Handle::current();
     let cases = pick(128, 2000);
     let sent = Arc::new(AtomicU64::new(0));
@@ -799,7 +780,7 @@ async fn a_partition_fails_calls_cleanly_and_the_client_recovers_when_it_heals()
     let serving = "chaos_partition";
     let node = ServeProcess::start(COOKIE, serving, &[]);
     let relay = Relay::start(&node.cluster).await;
-    let client = connect(serving, &relay.addr, Duration::from_secs(2)).await;
+    let client = Arc::new(connect(COOKIE, serving, &[&relay.addr], Duration::from_secs(2)).await);
     let stop = Arc::new(AtomicBool::new(false));
     let (tally, tasks) = start_load(client.clone(), 8, Duration::from_millis(1500), stop.clone());
     let rounds = pick(1, 5);
@@ -875,7 +856,7 @@ async fn overload_is_refused_at_once_and_the_accepted_keep_their_latency() {
             ("HARNESS_MAX_BATCH_DELAY_MS", "100"),
         ],
     );
-    let _client = connect(serving, &node.cluster, Duration::from_secs(5)).await;
+    let _client = node.connect(Duration::from_secs(5)).await;
     let serving_ref = remote(serving).await;
     // Raw calls (a client would retry Overloaded until its deadline).
     let call = |serving_ref: ActorRef<ServingMessage>| async move {
@@ -897,19 +878,7 @@ async fn overload_is_refused_at_once_and_the_accepted_keep_their_latency() {
         };
         (answer, started.elapsed())
     };
-    let burst = |n: usize| {
-        let serving_ref = serving_ref.clone();
-        async move {
-            let calls: Vec<_> = (0..n)
-                .map(|_| tokio::spawn(call(serving_ref.clone())))
-                .collect();
-            let mut out = Vec::new();
-            for c in calls {
-                out.push(c.await.unwrap());
-            }
-            out
-        }
-    };
+    let burst = |n: usize| all_at_once(n, |_| call(serving_ref.clone()));
     let rounds = pick(3, 20);
     let callers = 40;
     let (mut baseline, mut accepted, mut refused) = (Vec::new(), Vec::new(), Vec::new());
@@ -947,8 +916,8 @@ async fn overload_is_refused_at_once_and_the_accepted_keep_their_latency() {
     for v in [&mut baseline, &mut accepted, &mut refused] {
         v.sort();
     }
-    let p50 = |v: &Vec<Duration>| v[v.len() / 2];
-    let p99 = |v: &Vec<Duration>| v[(v.len() - 1) * 99 / 100];
+    let p50 = |v: &Vec<Duration>| percentile(v, 0.5);
+    let p99 = |v: &Vec<Duration>| percentile(v, 0.99);
     assert!(!refused.is_empty(), "nothing was refused");
     assert!(
         accepted.len() as u64 >= 8 * rounds as u64,

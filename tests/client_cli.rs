@@ -147,7 +147,7 @@ impl Drop for LoggedNode {
 /// tokenizer, and its `harness.json` (8 dimensions, mean pooling).
 fn token_embedding_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let traced = support::save_token_model(dir.path());
+    let traced = support::models::save_token_model(dir.path());
     std::fs::rename(traced, dir.path().join("model.pt")).unwrap();
     let tokenizer = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
         "normalizer": {"type": "Lowercase"}, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,

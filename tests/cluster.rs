@@ -1,17 +1,18 @@
 //! A client application and a harness node as separate processes, over TCP.
 
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use harness_client::{
-    serving_group, ClientConfig, ClientError, Fault, FaultRequest, HarnessClient, Payload,
-    ServingError, ServingMessage, WireTensor, PROTOCOL_VERSION,
+    serving_group, ClientError, HarnessClient, ServingError, ServingMessage, WireTensor,
 };
 
 mod support;
 
-use support::node::free_port;
+use support::client::{client_config, connect, demo_item as item};
+use support::node::{free_port, ServeProcess};
+use support::serving::crash_regardless;
 
 const COOKIE: &str = "a-test-cookie-not-a-real-one";
 
@@ -21,62 +22,21 @@ const COOKIE: &str = "a-test-cookie-not-a-real-one";
 /// that hold a client in this process take turns.
 static ONE_CLIENT_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A `harness serve` of the demo model, started and waited for until ready.
-struct Server {
-    child: Child,
-    addr: String,
-    _dir: tempfile::TempDir,
+/// A `harness serve` of the demo model as `serving`, with `extra` settings, ready;
+/// the cookie never shows in its log.
+fn start_server(serving: &str, extra: &[(&str, &str)]) -> ServeProcess {
+    let server = ServeProcess::start(COOKIE, serving, extra);
+    assert!(
+        !server.startup_log.contains(COOKIE),
+        "the cookie is logged:\n{}",
+        server.startup_log
+    );
+    server
 }
 
-impl Server {
-    /// Each test names its serving: process groups are process-wide, and the
-    /// tests' clients share this process.
-    fn start(serving: &str, extra: &[(&str, &str)]) -> Server {
-        let dir = support::node::demo_model_dir();
-        let addr = extra
-            .iter()
-            .find(|(k, _)| *k == "HARNESS_CLUSTER_ADDR")
-            .map_or_else(
-                || format!("127.0.0.1:{}", free_port()),
-                |(_, v)| v.to_string(),
-            );
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_harness"));
-        cmd.arg("serve")
-            .env("HARNESS_MODEL_DIR", dir.path())
-            .env("HARNESS_DEVICE", "cpu")
-            .env("HARNESS_WARMUP_INPUTS", "f32[4]")
-            .env("HARNESS_COOKIE", COOKIE)
-            .env("HARNESS_SERVING_NAME", serving)
-            .env("HARNESS_CLUSTER_ADDR", &addr)
-            .env("HARNESS_HTTP_ADDR", "127.0.0.1:0")
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped());
-        for (k, v) in extra {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let log = support::node::until_ready(&mut child);
-        assert!(!log.contains(COOKIE), "the cookie is logged:\n{log}");
-        Server {
-            child,
-            addr,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn client_config(serving: &str, nodes: &[&str], cookie: &str) -> ClientConfig {
-    let mut config = ClientConfig::new(nodes.iter().map(|n| n.to_string()).collect(), cookie);
-    config.serving = serving.to_string();
-    config.default_deadline = Duration::from_secs(10);
-    config
+/// A client of `serving` on `nodes`, with calls' default deadline of 10 s.
+async fn connect_client(serving: &str, nodes: &[&str]) -> HarnessClient {
+    connect(COOKIE, serving, nodes, Duration::from_secs(10)).await
 }
 
 /// The demo model's answer, computed here without libtorch.
@@ -94,17 +54,11 @@ fn demo(x: &[f32; 4]) -> [f32; 3] {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_process_calls_the_model_and_a_wrong_cookie_is_refused() {
     let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
-    let server = Server::start(
+    let server = start_server(
         "a_client_process_calls_the_model_and_a_wrong_cookie_is_refused",
         &[],
     );
-    let client = HarnessClient::connect(client_config(
-        "a_client_process_calls_the_model_and_a_wrong_cookie_is_refused",
-        &[&server.addr],
-        COOKIE,
-    ))
-    .await
-    .expect("connects");
+    let client = server.connect(Duration::from_secs(10)).await;
     let x = [0.1f32, 0.2, 0.3, 0.4];
     let out = client
         .run(vec![WireTensor::from_f32(&[1, 4], &x)], None)
@@ -120,7 +74,7 @@ async fn a_client_process_calls_the_model_and_a_wrong_cookie_is_refused() {
     // A wrong cookie (another process) is refused clearly, and the node keeps
     // serving the others.
     let refused = Command::new(env!("CARGO_BIN_EXE_harness"))
-        .args(["status", "--node", &server.addr])
+        .args(["status", "--node", &server.cluster])
         .env("HARNESS_COOKIE", "wrong")
         .output()
         .unwrap();
@@ -131,7 +85,7 @@ async fn a_client_process_calls_the_model_and_a_wrong_cookie_is_refused() {
         "{stderr}"
     );
     // So do garbage bytes on the cluster port.
-    let mut junk = std::net::TcpStream::connect(&server.addr).unwrap();
+    let mut junk = std::net::TcpStream::connect(&server.cluster).unwrap();
     let _ = junk.write_all(&[0xff; 4096]);
     client
         .run(vec![WireTensor::from_f32(&[1, 4], &x)], None)
@@ -152,14 +106,15 @@ async fn a_client_process_calls_the_model_and_a_wrong_cookie_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_request_is_a_clear_error_and_the_session_lives_on() {
     let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
-    let server = Server::start(
+    let server = start_server(
         "an_oversized_request_is_a_clear_error_and_the_session_lives_on",
         &[("HARNESS_MAX_MESSAGE_BYTES", "100000")],
     );
     let mut config = client_config(
-        "an_oversized_request_is_a_clear_error_and_the_session_lives_on",
-        &[&server.addr],
         COOKIE,
+        "an_oversized_request_is_a_clear_error_and_the_session_lives_on",
+        &[&server.cluster],
+        Duration::from_secs(10),
     );
     config.max_message_bytes = 100_000;
     let client = HarnessClient::connect(config).await.unwrap();
@@ -182,17 +137,11 @@ async fn an_oversized_request_is_a_clear_error_and_the_session_lives_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_server_gives_the_caller_an_error_before_its_deadline() {
     let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
-    let mut server = Server::start(
+    let mut server = start_server(
         "a_killed_server_gives_the_caller_an_error_before_its_deadline",
         &[],
     );
-    let client = HarnessClient::connect(client_config(
-        "a_killed_server_gives_the_caller_an_error_before_its_deadline",
-        &[&server.addr],
-        COOKIE,
-    ))
-    .await
-    .unwrap();
+    let client = server.connect(Duration::from_secs(10)).await;
     client
         .run(vec![WireTensor::from_f32(&[1, 4], &[0.0; 4])], None)
         .await
@@ -229,7 +178,7 @@ fn serve_refuses_to_start_without_a_cookie() {
 
 #[test]
 fn harness_call_and_status_reach_a_node_from_the_command_line() {
-    let server = Server::start("cli", &[]);
+    let server = start_server("cli", &[]);
     let run = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_harness"))
             .args(args)
@@ -241,7 +190,7 @@ fn harness_call_and_status_reach_a_node_from_the_command_line() {
     let out = run(&[
         "call",
         "--node",
-        &server.addr,
+        &server.cluster,
         "--tensor",
         "1,4:0.1,0.2,0.3,0.4",
     ]);
@@ -257,24 +206,20 @@ fn harness_call_and_status_reach_a_node_from_the_command_line() {
         stdout.contains(&format!("{:.4}", want[0])[..5]),
         "{stdout} vs {want:?}"
     );
-    let out = run(&["status", "--node", &server.addr]);
+    let out = run(&["status", "--node", &server.cluster]);
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["phase"], "ready");
     assert_eq!(status["serving"], "cli");
-    let out = run(&["call", "--node", &server.addr, "--embed", "hello"]);
+    let out = run(&["call", "--node", &server.cluster, "--embed", "hello"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("serves the tensor task"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = run(&["call", "--node", &server.addr, "--tensor", "1,4:0.1"]);
+    let out = run(&["call", "--node", &server.cluster, "--tensor", "1,4:0.1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("holds 4 values, 1 given"));
-}
-
-fn item() -> Vec<WireTensor> {
-    vec![WireTensor::from_f32(&[1, 4], &[0.1, 0.2, 0.3, 0.4])]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,13 +227,11 @@ async fn a_server_started_again_is_found_and_used() {
     let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
     let addr = format!("127.0.0.1:{}", free_port());
     let serving = "restarted_server";
-    let server = Server::start(serving, &[("HARNESS_CLUSTER_ADDR", &addr)]);
-    let client = HarnessClient::connect(client_config(serving, &[&addr], COOKIE))
-        .await
-        .unwrap();
+    let server = start_server(serving, &[("HARNESS_CLUSTER_ADDR", &addr)]);
+    let client = server.connect(Duration::from_secs(10)).await;
     client.run(item(), None).await.unwrap();
     drop(server); // killed
-    let _again = Server::start(serving, &[("HARNESS_CLUSTER_ADDR", &addr)]);
+    let _again = start_server(serving, &[("HARNESS_CLUSTER_ADDR", &addr)]);
     let out = client
         .run(item(), Some(Duration::from_secs(20)))
         .await
@@ -318,29 +261,9 @@ async fn served_ok(http: &str) -> f64 {
 async fn two_harness_nodes_share_the_calls() {
     let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
     let serving = "two_nodes";
-    let (http_a, http_b) = (
-        format!("127.0.0.1:{}", free_port()),
-        format!("127.0.0.1:{}", free_port()),
-    );
-    let a = Server::start(
-        serving,
-        &[
-            ("HARNESS_HTTP_ADDR", &http_a),
-            ("HARNESS_MAX_BATCH_DELAY_MS", "20"),
-        ],
-    );
-    let b = Server::start(
-        serving,
-        &[
-            ("HARNESS_HTTP_ADDR", &http_b),
-            ("HARNESS_MAX_BATCH_DELAY_MS", "20"),
-        ],
-    );
-    let client = std::sync::Arc::new(
-        HarnessClient::connect(client_config(serving, &[&a.addr, &b.addr], COOKIE))
-            .await
-            .unwrap(),
-    );
+    let a = start_server(serving, &[("HARNESS_MAX_BATCH_DELAY_MS", "20")]);
+    let b = start_server(serving, &[("HARNESS_MAX_BATCH_DELAY_MS", "20")]);
+    let client = std::sync::Arc::new(connect_client(serving, &[&a.cluster, &b.cluster]).await);
     // Two nodes with the same HARNESS_NODE_NAME (as every machine of a Fly app
     // has) are still two members.
     assert_eq!(ractor::pg::get_members(&serving_group(serving)).len(), 2);
@@ -353,7 +276,10 @@ async fn two_harness_nodes_share_the_calls() {
     for call in calls {
         call.await.unwrap().expect("served");
     }
-    let (on_a, on_b) = (served_ok(&http_a).await, served_ok(&http_b).await);
+    let (on_a, on_b) = (
+        served_ok(&a.http_addr()).await,
+        served_ok(&b.http_addr()).await,
+    );
     assert_eq!(on_a + on_b, 40.0);
     assert!(
         on_a >= 5.0 && on_b >= 5.0,
@@ -365,10 +291,8 @@ async fn two_harness_nodes_share_the_calls() {
 async fn a_serving_restart_is_ridden_out_by_the_clients_retries() {
     let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
     let serving = "ridden_out";
-    let server = Server::start(serving, &[("HARNESS_FAULT_INJECTION", "1")]);
-    let client = HarnessClient::connect(client_config(serving, &[&server.addr], COOKIE))
-        .await
-        .unwrap();
+    let server = start_server(serving, &[("HARNESS_FAULT_INJECTION", "1")]);
+    let client = server.connect(Duration::from_secs(10)).await;
     client.run(item(), None).await.unwrap();
     // Crash the remote serving through its process group, as any peer could.
     let member = ractor::pg::get_members(&serving_group(serving))
@@ -377,16 +301,7 @@ async fn a_serving_restart_is_ridden_out_by_the_clients_retries() {
     let remote = ractor::ActorRef::<ServingMessage>::from(member);
     // The serving panics right after answering; over the network the answer may
     // not get out first, so it is not awaited here.
-    let crash = FaultRequest {
-        version: PROTOCOL_VERSION,
-        fault: Fault::Crash,
-    };
-    let _ = remote
-        .call(
-            |port| ServingMessage::Inject(Payload::new(crash), port),
-            Some(Duration::from_secs(2)),
-        )
-        .await;
+    crash_regardless(&remote, Duration::from_secs(2)).await;
     for _ in 0..5 {
         client
             .run(item(), Some(Duration::from_secs(20)))
@@ -399,11 +314,9 @@ async fn a_serving_restart_is_ridden_out_by_the_clients_retries() {
 async fn a_hung_node_is_noticed_by_pings_and_avoided() {
     let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
     let serving = "hung_node";
-    let a = Server::start(serving, &[]);
-    let b = Server::start(serving, &[]);
-    let client = HarnessClient::connect(client_config(serving, &[&a.addr, &b.addr], COOKIE))
-        .await
-        .unwrap();
+    let a = start_server(serving, &[]);
+    let b = start_server(serving, &[]);
+    let client = connect_client(serving, &[&a.cluster, &b.cluster]).await;
     client.run(item(), None).await.unwrap();
     // SIGSTOP: the process hangs with its TCP session up, as a wedged node does.
     assert_eq!(unsafe { libc::kill(a.child.id() as i32, libc::SIGSTOP) }, 0);
@@ -451,7 +364,7 @@ async fn tls_on_the_cluster_port_and_a_silent_peer_blocks_no_one() {
     let certs = tempfile::tempdir().unwrap();
     make_certs(certs.path());
     let path = |name: &str| certs.path().join(name).display().to_string();
-    let server = Server::start(
+    let server = start_server(
         serving,
         &[
             ("HARNESS_TLS_CERT", &path("node.pem")),
@@ -460,9 +373,9 @@ async fn tls_on_the_cluster_port_and_a_silent_peer_blocks_no_one() {
     );
 
     // A peer that connects and says nothing, held open meanwhile.
-    let _silent = std::net::TcpStream::connect(&server.addr).unwrap();
+    let _silent = std::net::TcpStream::connect(&server.cluster).unwrap();
 
-    let mut config = client_config(serving, &[&server.addr], COOKIE);
+    let mut config = client_config(COOKIE, serving, &[&server.cluster], Duration::from_secs(10));
     config.tls = Some(harness_client::ClientTls {
         ca: certs.path().join("ca.pem"),
         identity: None,
@@ -480,7 +393,7 @@ async fn tls_on_the_cluster_port_and_a_silent_peer_blocks_no_one() {
 
     // A plain-TCP peer gets no session.
     let out = Command::new(env!("CARGO_BIN_EXE_harness"))
-        .args(["status", "--node", &server.addr])
+        .args(["status", "--node", &server.cluster])
         .env("HARNESS_COOKIE", COOKIE)
         .env("HARNESS_SERVING_NAME", serving)
         .output()
@@ -493,7 +406,7 @@ async fn tls_on_the_cluster_port_and_a_silent_peer_blocks_no_one() {
     );
     // The CLI with the CA does.
     let out = Command::new(env!("CARGO_BIN_EXE_harness"))
-        .args(["status", "--node", &server.addr])
+        .args(["status", "--node", &server.cluster])
         .env("HARNESS_COOKIE", COOKIE)
         .env("HARNESS_SERVING_NAME", serving)
         .env("HARNESS_TLS_CA", path("ca.pem"))
@@ -506,7 +419,7 @@ async fn tls_on_the_cluster_port_and_a_silent_peer_blocks_no_one() {
     );
 
     // A node that also sets HARNESS_TLS_CA wants a client certificate signed by it.
-    let strict = Server::start(
+    let strict = start_server(
         "tls_strict",
         &[
             ("HARNESS_TLS_CERT", &path("node.pem")),
@@ -516,7 +429,7 @@ async fn tls_on_the_cluster_port_and_a_silent_peer_blocks_no_one() {
     );
     let status = |identity: bool| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_harness"));
-        cmd.args(["status", "--node", &strict.addr, "--deadline-ms", "3000"])
+        cmd.args(["status", "--node", &strict.cluster, "--deadline-ms", "3000"])
             .env("HARNESS_COOKIE", COOKIE)
             .env("HARNESS_SERVING_NAME", "tls_strict")
             .env("HARNESS_TLS_CA", path("ca.pem"));
@@ -544,18 +457,14 @@ async fn a_server_killed_mid_call_fails_the_call_before_its_deadline() {
     let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
     let serving = "killed_mid_call";
     // A long gathering delay keeps the call in flight on the server.
-    let mut server = Server::start(
+    let mut server = start_server(
         serving,
         &[
             ("HARNESS_MAX_BATCH_DELAY_MS", "5000"),
             ("HARNESS_MAX_BATCH_SIZE", "64"),
         ],
     );
-    let client = std::sync::Arc::new(
-        HarnessClient::connect(client_config(serving, &[&server.addr], COOKIE))
-            .await
-            .unwrap(),
-    );
+    let client = std::sync::Arc::new(server.connect(Duration::from_secs(10)).await);
     let call = {
         let client = client.clone();
         tokio::spawn(async move {

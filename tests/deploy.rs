@@ -9,10 +9,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use clap::CommandFactory;
-use harness_client::{ClientConfig, HarnessClient, WireTensor};
 
 mod support;
 
+use support::client::demo_item;
 use support::node::ServeProcess;
 
 const COOKIE: &str = "a-deploy-test-cookie";
@@ -287,15 +287,14 @@ fn idle_shutdown_exits_zero_after_the_set_time_without_traffic() {
 async fn idle_shutdown_waits_while_calls_arrive_and_status_pings_do_not_count() {
     let serving = "deploy_idle_busy";
     let mut node = ServeProcess::start(COOKIE, serving, &[("HARNESS_IDLE_SHUTDOWN_S", "2")]);
-    let mut config = ClientConfig::new(vec![node.cluster.clone()], COOKIE);
-    config.serving = serving.to_string();
-    config.default_deadline = Duration::from_secs(5);
-    let client = HarnessClient::connect(config).await.expect("connects");
+    let client = node.connect(Duration::from_secs(5)).await;
     // A call every 500 ms for 5 s: more than twice the idle limit in all.
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(5) {
-        let x = WireTensor::from_f32(&[1, 4], &[0.1, 0.2, 0.3, 0.4]);
-        client.run(vec![x], None).await.expect("served while busy");
+        client
+            .run(demo_item(), None)
+            .await
+            .expect("served while busy");
         assert!(
             node.child.try_wait().unwrap().is_none(),
             "stopped while calls arrived"

@@ -3,57 +3,35 @@
 //! `harness serve` process, called by a client over the cluster, and compared
 //! with sentence-transformers on the same texts.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use harness_client::{ClientConfig, ClientError, HarnessClient, ServingError, WireTensor};
+use harness_client::{ClientError, ServingError, WireTensor};
 
 mod support;
 
-use support::hub::TestHub;
 use support::minilm;
-use support::node::free_port;
+use support::model_repo::ModelRepo;
+use support::node::ServeProcess;
 
 const COOKIE: &str = "an-embedding-test-cookie";
 const REPO: &str = "sentence-transformers/all-MiniLM-L6-v2";
 const MAX_QUEUE: usize = 64;
 
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `harness serve` of the embedding model from `hub`, waited for until ready.
-fn serve(hub: &TestHub, cache: &std::path::Path) -> Server {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_harness"))
-        .arg("serve")
+/// `harness serve` of the embedding model `published`, ready.
+fn serve(published: &ModelRepo) -> ServeProcess {
+    let server = published
+        .serve_settings(COOKIE)
         .env("HARNESS_TASK", "embedding")
-        .env("HARNESS_MODEL_REPO", REPO)
-        .env("HF_ENDPOINT", hub.url())
-        .env("HARNESS_CACHE_DIR", cache)
-        .env("HARNESS_DEVICE", "cpu")
-        .env("HARNESS_COOKIE", COOKIE)
-        .env("HARNESS_MAX_QUEUE", MAX_QUEUE.to_string())
-        .env("HARNESS_CLUSTER_ADDR", &addr)
-        .env("HARNESS_HTTP_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = support::node::until_ready(&mut child);
+        .env("HARNESS_MAX_QUEUE", MAX_QUEUE)
+        .start();
     assert!(
-        log.contains("embedding model described by harness.json"),
-        "{log}"
+        server
+            .startup_log
+            .contains("embedding model described by harness.json"),
+        "{}",
+        server.startup_log
     );
-    Server { child, addr }
+    server
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -76,23 +54,19 @@ async fn embeddings_match_sentence_transformers_through_hub_node_and_client() {
         .iter()
         .map(|f| (f.to_string(), std::fs::read(out.join(f)).unwrap()))
         .collect();
-    let hub = TestHub::start().await;
     let entries: Vec<(&str, &[u8], bool)> = files
         .iter()
         .map(|(name, bytes)| (name.as_str(), bytes.as_slice(), name == "model.pt"))
         .collect();
-    hub.commit(REPO, "main", &entries);
+    let published = ModelRepo::publish(REPO, &entries).await;
 
     let texts = minilm::varied_texts();
     assert!(texts.len() >= 50, "{} texts", texts.len());
     let (reference, max_seq_length) = minilm::reference(&texts);
     assert_eq!(max_seq_length, 256);
 
-    let cache = tempfile::tempdir().unwrap();
-    let server = serve(&hub, cache.path());
-    let mut config = ClientConfig::new(vec![server.addr.clone()], COOKIE);
-    config.default_deadline = Duration::from_secs(60);
-    let client = HarnessClient::connect(config).await.expect("connects");
+    let server = serve(&published);
+    let client = server.connect(Duration::from_secs(60)).await;
 
     // All the texts in one call, and each text in a call of its own, at once (so
     // the batcher mixes lengths): both must give sentence-transformers' vectors.

@@ -6,15 +6,11 @@ use std::path::Path;
 
 use harness::device::DeviceChoice;
 use harness::engine::{BatchConfig, Engine, ForwardError, Kind, LoadError, Tensor};
-use support::{assert_close, input, Affine};
+use support::models::{assert_close, input, Affine};
 
+/// The affine model and an engine serving it, unbatched.
 async fn load_affine(dir: &Path) -> (Affine, Engine) {
-    let model = Affine::new();
-    let path = model.save(dir);
-    let engine = Engine::load(&path, DeviceChoice::Cpu, BatchConfig::default())
-        .await
-        .expect("loading a good model");
-    (model, engine)
+    support::models::load_affine(dir, BatchConfig::default()).await
 }
 
 #[test]
@@ -55,7 +51,7 @@ async fn a_traced_model_gives_the_closures_answer() {
 async fn tuple_outputs_are_flattened_and_other_outputs_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (tuple_path, dict_path) = (dir.path().join("tuple.pt"), dir.path().join("dict.pt"));
-    support::run_python(
+    support::python::run_python(
         r#"
 import sys, torch
 from typing import Dict, Tuple
@@ -249,11 +245,7 @@ async fn loading_onto_an_absent_gpu_is_a_device_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_callers_each_get_their_own_answer() {
     let dir = tempfile::tempdir().unwrap();
-    let model = Affine::new();
-    let path = model.save(dir.path());
-    let engine = Engine::load(&path, DeviceChoice::Cpu, BatchConfig::default())
-        .await
-        .unwrap();
+    let (model, engine) = load_affine(dir.path()).await;
 
     let callers: Vec<_> = (0..64)
         .map(|i| {

@@ -5,8 +5,9 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use harness::fetch::{self, FetchError, FetchOptions, FetchProgress, FetchSpec, Secret};
+use harness::fetch::{self, FetchError, FetchOptions, FetchProgress, FetchSpec, Secret, Snapshot};
 use support::hub::{content, hex, Fault, On, TestHub};
+use support::model_repo::ModelRepo;
 
 const REPO: &str = "acme/tiny-model";
 
@@ -38,36 +39,29 @@ fn spec_at(endpoint: String, cache: &Path, revision: &str, files: &[&str]) -> Fe
     }
 }
 
+/// `model.pt` of `main` fetched from `hub` into `cache`, its progress unwatched.
+async fn fetch_model(hub: &TestHub, cache: &Path) -> Result<Snapshot, FetchError> {
+    fetch::fetch(
+        &spec(hub, cache, "main", &["model.pt"]),
+        &FetchProgress::default(),
+    )
+    .await
+}
+
 fn sha256(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex(&sha2::Sha256::digest(bytes))
 }
 
 /// A repo with one LFS model (served from the "CDN") and one small config file.
-struct Fixture {
-    hub: TestHub,
-    cache: tempfile::TempDir,
-    model: Vec<u8>,
-    config: Vec<u8>,
-    commit: String,
-}
-
-async fn fixture(model_len: usize) -> Fixture {
-    let hub = TestHub::start().await;
+async fn fixture(model_len: usize) -> ModelRepo {
     let model = content(model_len, 1);
-    let config = br#"{"hidden_size": 4}"#.to_vec();
-    let commit = hub.commit(
+    let config = br#"{"hidden_size": 4}"#;
+    ModelRepo::publish(
         REPO,
-        "main",
-        &[("model.pt", &model, true), ("config.json", &config, false)],
-    );
-    Fixture {
-        hub,
-        cache: tempfile::tempdir().unwrap(),
-        model,
-        config,
-        commit,
-    }
+        &[("model.pt", &model, true), ("config.json", config, false)],
+    )
+    .await
 }
 
 fn repo_dir(cache: &Path) -> PathBuf {
@@ -98,8 +92,11 @@ async fn downloads_verify_and_land_in_pythons_layout() {
     .expect("fetch");
 
     assert_eq!(snap.commit.as_deref(), Some(f.commit.as_str()));
-    assert_eq!(std::fs::read(&snap.files[0]).unwrap(), f.model);
-    assert_eq!(std::fs::read(&snap.files[1]).unwrap(), f.config);
+    assert_eq!(std::fs::read(&snap.files[0]).unwrap(), f.bytes("model.pt"));
+    assert_eq!(
+        std::fs::read(&snap.files[1]).unwrap(),
+        f.bytes("config.json")
+    );
     let root = repo_dir(f.cache.path());
     assert_eq!(
         snap.files[0],
@@ -107,7 +104,7 @@ async fn downloads_verify_and_land_in_pythons_layout() {
     );
     assert_eq!(
         std::fs::read_link(&snap.files[0]).unwrap(),
-        Path::new("../../blobs").join(sha256(&f.model))
+        Path::new("../../blobs").join(sha256(f.bytes("model.pt")))
     );
     assert_eq!(
         std::fs::read_to_string(root.join("refs/main")).unwrap(),
@@ -118,13 +115,13 @@ async fn downloads_verify_and_land_in_pythons_layout() {
     assert_eq!(
         (p.bytes_done, p.bytes_total),
         (
-            (f.model.len() + f.config.len()) as u64,
-            (f.model.len() + f.config.len()) as u64
+            (f.bytes("model.pt").len() + f.bytes("config.json").len()) as u64,
+            (f.bytes("model.pt").len() + f.bytes("config.json").len()) as u64
         )
     );
 
     // Python's huggingface_hub reads the same cache, with no network.
-    support::run_python(
+    support::python::run_python(
         r#"
 import sys
 from huggingface_hub import try_to_load_from_cache
@@ -159,7 +156,7 @@ async fn a_cached_pinned_commit_costs_no_request() {
     f.hub.clear_served();
     let progress = FetchProgress::default();
     let again = fetch::fetch(&pinned, &progress).await.unwrap();
-    let total = (f.model.len() + f.config.len()) as u64;
+    let total = (f.bytes("model.pt").len() + f.bytes("config.json").len()) as u64;
     let p = progress.snapshot();
     assert_eq!(
         (p.bytes_done, p.bytes_total),
@@ -180,7 +177,7 @@ async fn a_cached_branch_asks_with_if_none_match_and_downloads_nothing() {
     let served = f.hub.served();
     assert_eq!(served.len(), 1, "one HEAD: {served:?}");
     assert_eq!((served[0].method.as_str(), served[0].status), ("HEAD", 304));
-    assert_eq!(std::fs::read(&again.files[0]).unwrap(), f.model);
+    assert_eq!(std::fs::read(&again.files[0]).unwrap(), f.bytes("model.pt"));
 }
 
 #[tokio::test]
@@ -198,13 +195,8 @@ async fn a_moved_branch_fetches_the_new_commit() {
 #[tokio::test]
 async fn offline_uses_the_cache_and_names_what_is_missing() {
     let f = fixture(10_000).await;
-    fetch::fetch(
-        &spec(&f.hub, f.cache.path(), "main", &["model.pt"]),
-        &FetchProgress::default(),
-    )
-    .await
-    .unwrap();
-    let endpoint = f.hub.url();
+    fetch_model(&f.hub, f.cache.path()).await.unwrap();
+    let (endpoint, model) = (f.hub.url(), f.bytes("model.pt").to_vec());
     drop(f.hub);
 
     let mut offline = FetchSpec {
@@ -215,7 +207,7 @@ async fn offline_uses_the_cache_and_names_what_is_missing() {
     let snap = fetch::fetch(&offline, &FetchProgress::default())
         .await
         .expect("cached");
-    assert_eq!(std::fs::read(&snap.files[0]).unwrap(), f.model);
+    assert_eq!(std::fs::read(&snap.files[0]).unwrap(), model);
 
     offline.files.push("tokenizer.json".to_string());
     let err = fetch::fetch(&offline, &FetchProgress::default())
@@ -239,12 +231,7 @@ fn spec_without_hub(cache: &Path, revision: &str, files: &[&str]) -> FetchSpec {
 #[tokio::test]
 async fn a_branch_falls_back_to_its_cached_snapshot_when_the_hub_is_unreachable() {
     let f = fixture(10_000).await;
-    let first = fetch::fetch(
-        &spec(&f.hub, f.cache.path(), "main", &["model.pt"]),
-        &FetchProgress::default(),
-    )
-    .await
-    .unwrap();
+    let first = fetch_model(&f.hub, f.cache.path()).await.unwrap();
     drop(f.hub); // nothing listens there now
     let snap = fetch::fetch(
         &spec_without_hub(f.cache.path(), "main", &["model.pt"]),
@@ -294,17 +281,14 @@ async fn server_errors_and_429_are_retried_honouring_retry_after() {
         },
     );
     let started = Instant::now();
-    let snap = fetch::fetch(
-        &spec(&f.hub, f.cache.path(), "main", &["model.pt"]),
-        &FetchProgress::default(),
-    )
-    .await
-    .expect("retried to success");
+    let snap = fetch_model(&f.hub, f.cache.path())
+        .await
+        .expect("retried to success");
     assert!(
         started.elapsed() >= Duration::from_secs(1),
         "Retry-After: 1 was honoured"
     );
-    assert_eq!(std::fs::read(&snap.files[0]).unwrap(), f.model);
+    assert_eq!(std::fs::read(&snap.files[0]).unwrap(), f.bytes("model.pt"));
     let statuses: Vec<u16> = f.hub.served().iter().map(|s| s.status).collect();
     assert!(statuses.starts_with(&[500, 429]), "{statuses:?}");
     assert!(statuses.contains(&503));
@@ -320,12 +304,7 @@ async fn server_errors_and_429_are_retried_honouring_retry_after() {
         );
     }
     let other = tempfile::tempdir().unwrap();
-    let err = fetch::fetch(
-        &spec(&f.hub, other.path(), "main", &["model.pt"]),
-        &FetchProgress::default(),
-    )
-    .await
-    .unwrap_err();
+    let err = fetch_model(&f.hub, other.path()).await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -352,13 +331,8 @@ fn download_ranges(hub: &TestHub) -> Vec<Option<String>> {
 async fn a_stalled_transfer_times_out_and_resumes_where_it_stopped() {
     let f = fixture(1_000_000).await;
     f.hub.fault(On::Download, Fault::Stall { after: 400_000 });
-    let snap = fetch::fetch(
-        &spec(&f.hub, f.cache.path(), "main", &["model.pt"]),
-        &FetchProgress::default(),
-    )
-    .await
-    .expect("resumed");
-    assert_eq!(std::fs::read(&snap.files[0]).unwrap(), f.model);
+    let snap = fetch_model(&f.hub, f.cache.path()).await.expect("resumed");
+    assert_eq!(std::fs::read(&snap.files[0]).unwrap(), f.bytes("model.pt"));
     assert_eq!(
         download_ranges(&f.hub),
         vec![None, Some("bytes=400000-".to_string())]
@@ -374,13 +348,10 @@ async fn a_truncated_body_is_resumed_and_a_server_ignoring_range_restarts_cleanl
     f.hub
         .fault(On::Download, Fault::Truncate { after: 100_000 });
     f.hub.fault(On::Download, Fault::IgnoreRange);
-    let snap = fetch::fetch(
-        &spec(&f.hub, f.cache.path(), "main", &["model.pt"]),
-        &FetchProgress::default(),
-    )
-    .await
-    .expect("completed");
-    assert_eq!(std::fs::read(&snap.files[0]).unwrap(), f.model);
+    let snap = fetch_model(&f.hub, f.cache.path())
+        .await
+        .expect("completed");
+    assert_eq!(std::fs::read(&snap.files[0]).unwrap(), f.bytes("model.pt"));
     let ranges = download_ranges(&f.hub);
     assert_eq!(
         ranges[..3],
@@ -397,32 +368,27 @@ async fn a_truncated_body_is_resumed_and_a_server_ignoring_range_restarts_cleanl
 async fn wrong_bytes_are_deleted_and_fetched_again_then_fail_clearly() {
     let f = fixture(200_000).await;
     f.hub.fault(On::Download, Fault::WrongBytes);
-    let snap = fetch::fetch(
-        &spec(&f.hub, f.cache.path(), "main", &["model.pt"]),
-        &FetchProgress::default(),
-    )
-    .await
-    .expect("second try is right");
-    assert_eq!(std::fs::read(&snap.files[0]).unwrap(), f.model);
+    let snap = fetch_model(&f.hub, f.cache.path())
+        .await
+        .expect("second try is right");
+    assert_eq!(std::fs::read(&snap.files[0]).unwrap(), f.bytes("model.pt"));
     assert_eq!(download_ranges(&f.hub).len(), 2);
 
     let other = tempfile::tempdir().unwrap();
     for _ in 0..3 {
         f.hub.fault(On::Download, Fault::WrongBytes);
     }
-    let err = fetch::fetch(
-        &spec(&f.hub, other.path(), "main", &["model.pt"]),
-        &FetchProgress::default(),
-    )
-    .await
-    .unwrap_err();
+    let err = fetch_model(&f.hub, other.path()).await.unwrap_err();
     assert!(
-        matches!(&err, FetchError::Integrity { attempts: 3, expected, .. } if *expected == sha256(&f.model)),
+        matches!(&err, FetchError::Integrity { attempts: 3, expected, .. } if *expected == sha256(f.bytes("model.pt"))),
         "{err:?}"
     );
     // Nothing wrong was kept: no blob, no partial file, no snapshot entry.
     let root = repo_dir(other.path());
-    assert!(!root.join("blobs").join(sha256(&f.model)).exists());
+    assert!(!root
+        .join("blobs")
+        .join(sha256(f.bytes("model.pt")))
+        .exists());
     assert!(!root.join("snapshots").exists());
     assert_no_partial_files(other.path());
 }
@@ -431,12 +397,7 @@ async fn wrong_bytes_are_deleted_and_fetched_again_then_fail_clearly() {
 async fn private_repos_need_hf_token_which_never_leaks() {
     let f = fixture(50_000).await;
     f.hub.require_token(REPO, "hf_sekrit_value");
-    let err = fetch::fetch(
-        &spec(&f.hub, f.cache.path(), "main", &["model.pt"]),
-        &FetchProgress::default(),
-    )
-    .await
-    .unwrap_err();
+    let err = fetch_model(&f.hub, f.cache.path()).await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -473,7 +434,7 @@ async fn private_repos_need_hf_token_which_never_leaks() {
     let snap = fetch::fetch(&right, &FetchProgress::default())
         .await
         .expect("with the token");
-    assert_eq!(std::fs::read(&snap.files[0]).unwrap(), f.model);
+    assert_eq!(std::fs::read(&snap.files[0]).unwrap(), f.bytes("model.pt"));
     // The token goes to the Hub, never to the CDN.
     for s in f.hub.served() {
         let expected = if s.path.starts_with("/cdn/") {
@@ -521,7 +482,7 @@ async fn a_renamed_repo_is_followed() {
     let snap = fetch::fetch(&s, &FetchProgress::default())
         .await
         .expect("followed the redirect");
-    assert_eq!(std::fs::read(&snap.files[0]).unwrap(), f.model);
+    assert_eq!(std::fs::read(&snap.files[0]).unwrap(), f.bytes("model.pt"));
     assert!(f.hub.served().iter().any(|s| s.status == 307));
 }
 

@@ -8,6 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use support::hub::{content, hex, TestHub};
+use support::model_repo::ModelRepo;
 
 const REPO: &str = "acme/big-model";
 
@@ -36,23 +37,23 @@ fn repo_dir(cache: &Path) -> PathBuf {
     cache.join("huggingface/hub/models--acme--big-model")
 }
 
-async fn hub_with_model(len: usize) -> (TestHub, Vec<u8>) {
-    let hub = TestHub::start().await;
+/// A `len`-byte model (LFS) and a small config published as [`REPO`].
+async fn publish_model(len: usize) -> ModelRepo {
     let model = content(len, 7);
-    hub.commit(
+    ModelRepo::publish(
         REPO,
-        "main",
         &[("model.pt", &model, true), ("config.json", b"{}", false)],
-    );
-    (hub, model)
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_prints_the_local_paths_and_keeps_the_token_out_of_its_logs() {
-    let (hub, model) = hub_with_model(100_000).await;
+    let published = publish_model(100_000).await;
+    let (hub, model) = (&published.hub, published.bytes("model.pt"));
     hub.require_token(REPO, "hf_never_print_me");
     let cache = tempfile::tempdir().unwrap();
-    let mut cmd = fetch_command(&hub, cache.path());
+    let mut cmd = fetch_command(hub, cache.path());
     cmd.env("HF_TOKEN", "hf_never_print_me")
         .env("RUST_LOG", "trace");
     let out = run(cmd).await;
@@ -75,7 +76,7 @@ async fn fetch_prints_the_local_paths_and_keeps_the_token_out_of_its_logs() {
     );
 
     // An error: non-zero, and the message says what to do.
-    let mut cmd = fetch_command(&hub, cache.path());
+    let mut cmd = fetch_command(hub, cache.path());
     cmd.env("HARNESS_MODEL_FILES", "weights.bin")
         .env("HF_TOKEN", "hf_never_print_me");
     let out = run(cmd).await;
@@ -90,15 +91,16 @@ async fn fetch_prints_the_local_paths_and_keeps_the_token_out_of_its_logs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_killed_mid_download_resumes_on_the_next_run() {
-    let (hub, model) = hub_with_model(4_000_000).await;
+    let published = publish_model(4_000_000).await;
+    let (hub, model) = (&published.hub, published.bytes("model.pt"));
     hub.set_rate(Some(1_000_000));
-    let cache = tempfile::tempdir().unwrap();
-    let blob_name = sha256(&model);
+    let cache = &published.cache;
+    let blob_name = sha256(model);
     let part = repo_dir(cache.path())
         .join("blobs")
         .join(format!("{blob_name}.incomplete"));
 
-    let mut child = fetch_command(&hub, cache.path())
+    let mut child = fetch_command(hub, cache.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -126,7 +128,7 @@ async fn a_fetch_killed_mid_download_resumes_on_the_next_run() {
 
     hub.set_rate(None);
     hub.clear_served();
-    let out = run(fetch_command(&hub, cache.path())).await;
+    let out = run(fetch_command(hub, cache.path())).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let path = text(&out.stdout).lines().next().unwrap().to_string();
     assert_eq!(sha256(&std::fs::read(path).unwrap()), blob_name);
@@ -150,12 +152,13 @@ async fn a_fetch_killed_mid_download_resumes_on_the_next_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_fetching_one_cache_both_succeed_and_download_once() {
-    let (hub, model) = hub_with_model(2_000_000).await;
+    let published = publish_model(2_000_000).await;
+    let (hub, model) = (&published.hub, published.bytes("model.pt"));
     hub.set_rate(Some(4_000_000));
-    let cache = tempfile::tempdir().unwrap();
+    let cache = &published.cache;
     let (a, b) = tokio::join!(
-        run(fetch_command(&hub, cache.path())),
-        run(fetch_command(&hub, cache.path()))
+        run(fetch_command(hub, cache.path())),
+        run(fetch_command(hub, cache.path()))
     );
     for out in [&a, &b] {
         assert!(out.status.success(), "{}", text(&out.stderr));
@@ -176,7 +179,8 @@ async fn two_processes_fetching_one_cache_both_succeed_and_download_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_is_a_clear_error() {
-    let (hub, _model) = hub_with_model(3_000_000).await;
+    let published = publish_model(3_000_000).await;
+    let hub = &published.hub;
     let dir = tempfile::tempdir().unwrap();
     // A 1 MiB filesystem of our own; mounting needs root, which CI has.
     let mounted = Command::new("mount")
@@ -188,7 +192,7 @@ async fn a_full_disk_is_a_clear_error() {
         eprintln!("SKIPPED: cannot mount a small tmpfs here (needs root)");
         return;
     }
-    let out = run(fetch_command(&hub, dir.path())).await;
+    let out = run(fetch_command(hub, dir.path())).await;
     let _ = Command::new("umount").arg(dir.path()).status();
     assert_eq!(out.status.code(), Some(2));
     let stderr = text(&out.stderr);

@@ -4,9 +4,9 @@
 mod support;
 
 use harness::device::{choose_serving_device, DeviceChoice, DevicePolicy};
-use harness::engine::{gpu::GpuFacts, BatchConfig, Collate, Engine, Kind, Tensor};
+use harness::engine::{gpu::GpuFacts, BatchConfig, Collate, Engine};
 use harness::tasks::{Pooler, Pooling};
-use support::{input, Affine};
+use support::models::{input, save_token_model, token_inputs, Affine};
 
 /// CUDA kernels sum in another order than the CPU's: allow float32 rounding.
 fn assert_near(got: &tch::Tensor, want: &tch::Tensor) {
@@ -67,7 +67,7 @@ async fn a_cuda_forward_matches_the_cpu() {
 #[ignore = "needs a CUDA GPU: run by scripts/gpu-check"]
 async fn cuda_token_batches_pool_like_the_cpu() {
     let dir = tempfile::tempdir().unwrap();
-    let path = support::save_token_model(dir.path());
+    let path = save_token_model(dir.path());
     let collate = Collate::Tokens {
         pad_values: vec![0, 0],
     };
@@ -97,12 +97,10 @@ async fn cuda_token_batches_pool_like_the_cpu() {
         .map(|n| (0..n).map(|i| (i * 5 + n) % 49 + 1).collect())
         .collect();
     let run = |engine: Engine, ids: Vec<i64>| async move {
-        let n = ids.len() as i64;
-        let inputs = vec![
-            Tensor::from_slice(&ids).view([1, n]),
-            Tensor::ones([1, n], (Kind::Int64, tch::Device::Cpu)),
-        ];
-        engine.run(inputs, deadline).await.expect("pooled")
+        engine
+            .run(token_inputs(&ids), deadline)
+            .await
+            .expect("pooled")
     };
     let on_gpu: Vec<_> = texts
         .iter()

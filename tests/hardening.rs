@@ -45,7 +45,7 @@ async fn pytorch_files_that_are_not_torchscript_are_named_for_what_they_are() {
     let dir = tempfile::tempdir().unwrap();
     let checkpoint = dir.path().join("checkpoint.pt");
     let pickle = dir.path().join("legacy.pt");
-    support::run_python(
+    support::python::run_python(
         "import sys, torch\n\
          m = torch.nn.Linear(4, 2)\n\
          torch.save(m.state_dict(), sys.argv[1])\n\

@@ -7,32 +7,29 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use harness::node::Node;
-use harness_client::{Payload, RunRequest, ServingMessage, WireTensor, PROTOCOL_VERSION};
-use support::hub::TestHub;
-use support::Affine;
+use harness_client::{WireTensor, PROTOCOL_VERSION};
+use support::model_repo::ModelRepo;
+use support::serving::run;
 
 const REPO: &str = "acme/affine";
 const TOKEN: &str = "hf_do_not_show_me_anywhere";
 
-async fn hub_with_model() -> (TestHub, Vec<u8>, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let bytes = std::fs::read(Affine::new().save(dir.path())).unwrap();
-    let hub = TestHub::start().await;
-    let commit = hub.commit(REPO, "main", &[("model.pt", &bytes, true)]);
-    hub.require_token(REPO, TOKEN);
-    (hub, bytes, commit)
+/// The affine model on a test hub, in a private repo that takes [`TOKEN`].
+async fn private_model() -> ModelRepo {
+    let (published, _model) = ModelRepo::affine(REPO).await;
+    published.hub.require_token(REPO, TOKEN);
+    published
 }
 
-fn config(
-    name: &str,
-    hub: &TestHub,
-    cache: &std::path::Path,
-    extra: &[&str],
-) -> harness::config::Config {
+/// A node in this process that fetches `published` with [`TOKEN`], as `name`,
+/// with `extra` arguments; started, not yet ready.
+async fn start_node(published: &ModelRepo, name: &str, extra: &[&str]) -> Node {
     let token = format!("--hf-token={TOKEN}");
     let mut args = vec![token.as_str()];
     args.extend(extra);
-    support::node::config(name, REPO, hub, cache, &args)
+    Node::start(published.node_config(name, &args))
+        .await
+        .unwrap()
 }
 
 struct Http {
@@ -72,12 +69,10 @@ impl Http {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_download_shows_its_progress_then_ready_flips_to_200() {
-    let (hub, bytes, commit) = hub_with_model().await;
-    hub.set_rate(Some(bytes.len() as u64 * 2)); // about half a second
-    let cache = tempfile::tempdir().unwrap();
-    let node = Node::start(config("http_progress", &hub, cache.path(), &[]))
-        .await
-        .unwrap();
+    let published = private_model().await;
+    let (bytes, commit) = (published.bytes("model.pt"), &published.commit);
+    published.hub.set_rate(Some(bytes.len() as u64 * 2)); // about half a second
+    let node = start_node(&published, "http_progress", &[]).await;
     let http = Http::new(&node);
 
     let mut progress = Vec::new();
@@ -125,22 +120,14 @@ async fn a_slow_download_shows_its_progress_then_ready_flips_to_200() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crash_keeps_live_at_200_while_ready_drops_and_comes_back() {
-    let (hub, _bytes, _) = hub_with_model().await;
-    let cache = tempfile::tempdir().unwrap();
-    let node = Node::start(config(
-        "http_crash",
-        &hub,
-        cache.path(),
-        &["--fault-injection"],
-    ))
-    .await
-    .unwrap();
+    let published = private_model().await;
+    let node = start_node(&published, "http_crash", &["--fault-injection"]).await;
     node.wait_ready(Duration::from_secs(30)).await.unwrap();
     let http = Http::new(&node);
     assert_eq!(http.get("/health/ready").await.0, 200);
 
     let serving = node.serving().await.unwrap();
-    assert_eq!(support::node::inject_crash(&serving).await, Ok(()));
+    assert_eq!(support::serving::inject_crash(&serving).await, Ok(()));
     let (mut saw_down, until) = (false, Instant::now() + Duration::from_secs(30));
     loop {
         assert!(Instant::now() < until, "never ready again");
@@ -184,11 +171,9 @@ fn parse_metrics(text: &str) -> HashMap<String, f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_parse_and_move_with_the_traffic() {
-    let (hub, bytes, _) = hub_with_model().await;
-    let cache = tempfile::tempdir().unwrap();
-    let node = Node::start(config("http_metrics", &hub, cache.path(), &[]))
-        .await
-        .unwrap();
+    let published = private_model().await;
+    let bytes = published.bytes("model.pt");
+    let node = start_node(&published, "http_metrics", &[]).await;
     node.wait_ready(Duration::from_secs(30)).await.unwrap();
     let http = Http::new(&node);
     let (code, text) = http.get("/metrics").await;
@@ -214,32 +199,16 @@ async fn metrics_parse_and_move_with_the_traffic() {
     assert!(before["harness_model_load_seconds"] > 0.0);
 
     let serving = node.serving().await.unwrap();
-    let send = |inputs: Vec<WireTensor>| {
-        let serving = serving.clone();
-        async move {
-            let request = RunRequest {
-                version: PROTOCOL_VERSION,
-                inputs,
-                timeout_ms: 5_000,
-            };
-            serving
-                .call(
-                    |port| ServingMessage::Run(Payload::new(request), port),
-                    None,
-                )
-                .await
-                .unwrap()
-                .unwrap()
-                .0
-                .unwrap()
-        }
-    };
     for _ in 0..5 {
-        send(vec![WireTensor::from_f32(&[2, 4], &[0.5; 8])])
-            .await
-            .expect("ok");
+        run(
+            &serving,
+            vec![WireTensor::from_f32(&[2, 4], &[0.5; 8])],
+            5_000,
+        )
+        .await
+        .expect("ok");
     }
-    send(vec![]).await.expect_err("bad input");
+    run(&serving, vec![], 5_000).await.expect_err("bad input");
 
     let after = parse_metrics(&http.get("/metrics").await.1);
     let delta = |name: &str| {
@@ -256,11 +225,8 @@ async fn metrics_parse_and_move_with_the_traffic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unknown_paths_wrong_methods_and_idle_clients() {
-    let (hub, _bytes, _) = hub_with_model().await;
-    let cache = tempfile::tempdir().unwrap();
-    let node = Node::start(config("http_edges", &hub, cache.path(), &[]))
-        .await
-        .unwrap();
+    let published = private_model().await;
+    let node = start_node(&published, "http_edges", &[]).await;
     let http = Http::new(&node);
     assert_eq!(http.get("/nope").await.0, 404);
     let post = http

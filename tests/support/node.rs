@@ -1,33 +1,15 @@
-//! Helpers for tests that run a node: its configuration, parsed from the same
-//! command line an operator would write, and loopback ports.
+//! `harness serve` as a process, the one way the tests and benches start a node
+//! of their own: [`ServeSettings`] says what it serves and how (the environment an
+//! operator would set), [`ServeProcess`] is the running process, on loopback
+//! ports, waited for until ready, killed when dropped.
 
-use super::hub::TestHub;
-
-/// The node's settings: the Hub at `hub`, repo `repo`, cache `cache`, on the CPU
-/// unless `extra` names a device, warming up with `f32[4]`, HTTP on a free
-/// loopback port. Each test names its serving: process groups are process-wide.
-pub fn config(
-    name: &str,
-    repo: &str,
-    hub: &TestHub,
-    cache: &std::path::Path,
-    extra: &[&str],
-) -> harness::config::Config {
-    let mut args = vec![
-        "harness".to_string(),
-        format!("--hf-endpoint={}", hub.url()),
-        format!("--model-repo={repo}"),
-        format!("--cache-dir={}", cache.display()),
-        "--warmup-inputs=f32[4]".to_string(),
-        format!("--serving-name={name}"),
-        "--http-addr=127.0.0.1:0".to_string(),
-    ];
-    if !extra.iter().any(|a| a.starts_with("--device")) {
-        args.push("--device=cpu".to_string());
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    harness::cli::server_config(args).expect("arguments")
-}
+use std::collections::VecDeque;
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// A port nothing listens on now.
 pub fn free_port() -> u16 {
@@ -45,31 +27,152 @@ pub fn demo_model_dir() -> tempfile::TempDir {
     dir
 }
 
-/// Asks a serving (local or remote) to crash; the answer says whether it agreed.
-pub async fn inject_crash(
-    serving: &ractor::ActorRef<harness_client::ServingMessage>,
-) -> Result<(), harness_client::ServingError> {
-    use harness_client::{Fault, FaultRequest, Payload, ServingMessage, PROTOCOL_VERSION};
-    let crash = FaultRequest {
-        version: PROTOCOL_VERSION,
-        fault: Fault::Crash,
-    };
-    let reply = serving
-        .call(
-            |port| ServingMessage::Inject(Payload::new(crash), port),
-            Some(std::time::Duration::from_secs(10)),
-        )
-        .await
-        .expect("the serving takes the request")
-        .expect("an answer in time");
-    reply.0.expect("the answer decodes")
+/// How many lines of what a process logs after ready [`ServeProcess`] keeps (the
+/// last ones).
+const LOG_TAIL_LINES: usize = 10_000;
+
+/// The settings of a `harness serve` process: its environment. Every node runs on
+/// the CPU with a cookie and `RUST_LOG=info`; the constructors say where its model
+/// comes from, and [`ServeSettings::env`] adds or replaces any other setting.
+/// Settings inherited from the test's environment that would change the model
+/// (`HARNESS_MODEL_DIR`, `HARNESS_MODEL_REPO`, `HF_TOKEN`, `HARNESS_OFFLINE`) are
+/// removed.
+#[derive(Clone)]
+pub struct ServeSettings {
+    envs: Vec<(String, String)>,
+    /// The demo model's folder, kept while a process may use it.
+    demo: Option<Arc<tempfile::TempDir>>,
 }
 
-/// Reads a `harness serve` child's stderr (piped) until its serving is ready,
-/// asserts it became ready, and keeps draining the rest on a thread so the child
-/// never blocks on a full pipe. Returns the log up to ready.
-pub fn until_ready(child: &mut std::process::Child) -> String {
-    use std::io::BufRead;
+impl ServeSettings {
+    fn base(cookie: &str) -> Self {
+        ServeSettings {
+            envs: Vec::new(),
+            demo: None,
+        }
+        .env("HARNESS_DEVICE", "cpu")
+        .env("HARNESS_COOKIE", cookie)
+        .env("RUST_LOG", "info")
+    }
+
+    /// The demo model (inputs `f32[4]`) in a folder of its own, warming up with
+    /// `f32[4]`, as the serving `default`.
+    pub fn demo(cookie: &str) -> Self {
+        let dir = demo_model_dir();
+        let mut settings = Self::model_dir(cookie, dir.path());
+        settings.demo = Some(Arc::new(dir));
+        settings
+    }
+
+    /// The model in `dir` (the caller keeps the folder), warming up with `f32[4]`,
+    /// as the serving `default`.
+    pub fn model_dir(cookie: &str, dir: &Path) -> Self {
+        Self::base(cookie)
+            .env("HARNESS_MODEL_DIR", dir.display())
+            .env("HARNESS_WARMUP_INPUTS", "f32[4]")
+    }
+
+    /// The model `repo` fetched from `hub_url` (a test hub) into the cache `cache`,
+    /// as the serving `default`.
+    pub fn from_hub(cookie: &str, hub_url: &str, repo: &str, cache: &Path) -> Self {
+        Self::base(cookie)
+            .env("HF_ENDPOINT", hub_url)
+            .env("HARNESS_MODEL_REPO", repo)
+            .env("HARNESS_CACHE_DIR", cache.display())
+    }
+
+    /// Names the serving (`HARNESS_SERVING_NAME`). Each test names its own:
+    /// process groups are process-wide, and the tests' clients share a process.
+    pub fn serving(self, name: &str) -> Self {
+        self.env("HARNESS_SERVING_NAME", name)
+    }
+
+    /// Sets `key` to `value`, in place of any value it had.
+    pub fn env(mut self, key: &str, value: impl std::fmt::Display) -> Self {
+        self.envs.retain(|(k, _)| k != key);
+        self.envs.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Sets each of `extra`, as [`ServeSettings::env`].
+    pub fn envs(self, extra: &[(&str, &str)]) -> Self {
+        extra.iter().fold(self, |s, (k, v)| s.env(k, v))
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.envs
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The `harness serve` command with these settings, the cluster on a free
+    /// loopback port and HTTP on any, unless the settings name them; for a test
+    /// that runs it its own way. Most start it with [`ServeSettings::start`].
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_harness"));
+        cmd.arg("serve");
+        for inherited in [
+            "HARNESS_MODEL_DIR",
+            "HARNESS_MODEL_REPO",
+            "HF_TOKEN",
+            "HARNESS_OFFLINE",
+        ] {
+            cmd.env_remove(inherited);
+        }
+        cmd.env("HARNESS_CLUSTER_ADDR", format!("127.0.0.1:{}", free_port()))
+            .env("HARNESS_HTTP_ADDR", "127.0.0.1:0")
+            .envs(self.envs.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
+    /// Starts the node on loopback (the cluster and HTTP on free ports unless the
+    /// settings name them) and waits until its serving is ready.
+    pub fn start(self) -> ServeProcess {
+        let cluster = self
+            .get("HARNESS_CLUSTER_ADDR")
+            .map_or_else(|| format!("127.0.0.1:{}", free_port()), str::to_string);
+        let http = self
+            .get("HARNESS_HTTP_ADDR")
+            .map_or_else(free_port, |addr| {
+                addr.rsplit(':').next().unwrap().parse().unwrap()
+            });
+        let settings = self
+            .env("HARNESS_CLUSTER_ADDR", &cluster)
+            .env("HARNESS_HTTP_ADDR", format!("127.0.0.1:{http}"));
+        let (child, startup_log, log) = settings.spawn();
+        ServeProcess {
+            child,
+            cluster,
+            http,
+            startup_log,
+            log,
+            settings,
+        }
+    }
+
+    fn spawn(&self) -> (Child, String, LogTail) {
+        let mut child = self
+            .command()
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting harness serve");
+        let (startup_log, log) = wait_until_ready(&mut child);
+        (child, startup_log, log)
+    }
+}
+
+/// What a process logs after ready: its last [`LOG_TAIL_LINES`] lines, kept by a
+/// thread that drains its stderr (so the child never blocks on a full pipe) until
+/// the pipe closes.
+struct LogTail {
+    lines: Arc<Mutex<VecDeque<String>>>,
+    reader: Option<JoinHandle<()>>,
+}
+
+/// Reads a `harness serve` child's stderr (piped) until its serving is ready and
+/// asserts it became ready; the log up to there, and the rest as it comes.
+fn wait_until_ready(child: &mut Child) -> (String, LogTail) {
     let stderr = child.stderr.take().expect("stderr is piped");
     let mut lines = std::io::BufReader::new(stderr).lines();
     let mut log = String::new();
@@ -82,66 +185,63 @@ pub fn until_ready(child: &mut std::process::Child) -> String {
         }
     }
     assert!(log.contains(" is ready"), "{log}");
-    std::thread::spawn(move || lines.for_each(drop));
-    log
+    let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let kept = tail.clone();
+    let reader = std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let mut tail = kept.lock().unwrap();
+            if tail.len() == LOG_TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+    });
+    let tail = LogTail {
+        lines: tail,
+        reader: Some(reader),
+    };
+    (log, tail)
 }
 
-/// A `harness serve` process of the demo model on loopback, which a test can kill
-/// (SIGKILL) and start again on the same ports, as a platform would.
+/// A running `harness serve` process, ready, on loopback; a test can kill it
+/// (SIGKILL) and start it again on the same ports, as a platform would. Dropping it
+/// kills it.
 pub struct ServeProcess {
-    pub child: std::process::Child,
+    pub child: Child,
     /// `127.0.0.1:<port>` of the cluster listener.
     pub cluster: String,
+    /// The HTTP port (health, status, metrics).
     pub http: u16,
-    envs: Vec<(String, String)>,
-    model: std::sync::Arc<tempfile::TempDir>,
+    /// What the process logged up to ready.
+    pub startup_log: String,
+    log: LogTail,
+    settings: ServeSettings,
 }
 
 impl ServeProcess {
-    /// Starts a node with `cookie`, the serving `serving`, and `extra` settings,
-    /// and waits until it is ready.
+    /// The demo model with `cookie`, as the serving `serving`, with `extra`
+    /// settings: [`ServeSettings::demo`] started.
     pub fn start(cookie: &str, serving: &str, extra: &[(&str, &str)]) -> ServeProcess {
-        let mut envs: Vec<(String, String)> = [
-            ("HARNESS_DEVICE", "cpu"),
-            ("HARNESS_WARMUP_INPUTS", "f32[4]"),
-            ("HARNESS_COOKIE", cookie),
-            ("HARNESS_SERVING_NAME", serving),
-            ("RUST_LOG", "info"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        envs.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let model = std::sync::Arc::new(demo_model_dir());
-        let cluster = format!("127.0.0.1:{}", free_port());
-        let http = free_port();
-        let child = Self::spawn(&envs, &model, &cluster, http);
-        ServeProcess {
-            child,
-            cluster,
-            http,
-            envs,
-            model,
-        }
+        ServeSettings::demo(cookie)
+            .serving(serving)
+            .envs(extra)
+            .start()
     }
 
-    fn spawn(
-        envs: &[(String, String)],
-        model: &tempfile::TempDir,
-        cluster: &str,
-        http: u16,
-    ) -> std::process::Child {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_harness"))
-            .arg("serve")
-            .env("HARNESS_MODEL_DIR", model.path())
-            .env("HARNESS_CLUSTER_ADDR", cluster)
-            .env("HARNESS_HTTP_ADDR", format!("127.0.0.1:{http}"))
-            .envs(envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("starting harness serve");
-        until_ready(&mut child);
-        child
+    /// A client of this node's serving, with its cookie, and `deadline` for calls
+    /// that give none ([`super::client::connect`]).
+    pub async fn connect(&self, deadline: Duration) -> harness_client::HarnessClient {
+        let cookie = self.settings.get("HARNESS_COOKIE").unwrap_or_default();
+        let serving = self
+            .settings
+            .get("HARNESS_SERVING_NAME")
+            .unwrap_or("default");
+        super::client::connect(cookie, serving, &[&self.cluster], deadline).await
+    }
+
+    /// `127.0.0.1:<port>` of the HTTP listener.
+    pub fn http_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.http)
     }
 
     /// SIGKILL: no drain, no goodbye.
@@ -150,26 +250,59 @@ impl ServeProcess {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM: the node drains and exits by itself.
+    pub fn terminate(&self) {
+        // SAFETY: signalling our own child.
+        assert_eq!(
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) },
+            0
+        );
+    }
+
     /// Starts the node again on the same ports and waits until it is ready.
     pub fn restart(&mut self) {
         self.kill();
-        self.child = Self::spawn(&self.envs, &self.model, &self.cluster, self.http);
+        let (child, startup_log, log) = self.settings.spawn();
+        self.child = child;
+        self.startup_log = startup_log;
+        self.log = log;
     }
 
     /// Waits for the process to exit by itself, at most `within`; its status and
     /// how long that took.
-    pub fn wait_exit(
-        &mut self,
-        within: std::time::Duration,
-    ) -> (std::process::ExitStatus, std::time::Duration) {
-        let started = std::time::Instant::now();
+    pub fn wait_exit(&mut self, within: Duration) -> (ExitStatus, Duration) {
+        let started = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return (status, started.elapsed());
             }
             assert!(started.elapsed() < within, "still running after {within:?}");
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// What the process has logged so far (since its last start): up to ready,
+    /// then its last [`LOG_TAIL_LINES`] lines.
+    pub fn log(&self) -> String {
+        let mut log = self.startup_log.clone();
+        for line in self.log.lines.lock().unwrap().iter() {
+            log += line;
+            log += "\n";
+        }
+        log
+    }
+
+    /// The whole log of a process that has exited, once all it wrote is read
+    /// ([`ServeProcess::log`]).
+    pub fn exited_log(&mut self) -> String {
+        assert!(
+            self.child.try_wait().unwrap().is_some(),
+            "the process is still running"
+        );
+        if let Some(reader) = self.log.reader.take() {
+            reader.join().expect("the log reader");
+        }
+        self.log()
     }
 
     /// Resident memory of the process, in KiB.

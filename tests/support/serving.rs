@@ -1,0 +1,130 @@
+//! A node in this process ([`node_config`], [`start_ready`]) and calls to a
+//! serving through its actor, as a peer in the mesh sends them ([`run`],
+//! [`embed`], [`status`], [`inject_crash`]); the calls work as well on a remote
+//! serving found through its process group.
+
+use std::time::Duration;
+
+use harness::node::Node;
+use harness_client::{
+    EmbedReply, EmbedRequest, Fault, FaultRequest, Payload, RunReply, RunRequest, ServingError,
+    ServingMessage, ServingStatus, StatusRequest, WireTensor, PROTOCOL_VERSION,
+};
+use ractor::ActorRef;
+
+/// A node's settings, parsed from the command line an operator would write:
+/// `harness <args> serve`, on the CPU unless `args` name a device, and HTTP on a
+/// free loopback port unless they name an address.
+pub fn node_config(args: &[impl AsRef<str>]) -> harness::config::Config {
+    let args: Vec<String> = args.iter().map(|a| a.as_ref().to_string()).collect();
+    let names = |flag: &str| args.iter().any(|a| a.starts_with(flag));
+    let mut line = vec!["harness".to_string()];
+    if !names("--http-addr") {
+        line.push("--http-addr=127.0.0.1:0".to_string());
+    }
+    if !names("--device") {
+        line.push("--device=cpu".to_string());
+    }
+    line.extend(args.iter().cloned());
+    harness::cli::server_config(line).expect("arguments")
+}
+
+/// Starts a node in this process with `config` and waits, at most `within`, until
+/// its serving is ready; the node and its serving.
+pub async fn start_ready(
+    config: harness::config::Config,
+    within: Duration,
+) -> (Node, ActorRef<ServingMessage>) {
+    let node = Node::start(config).await.expect("the node starts");
+    node.wait_ready(within).await.expect("ready");
+    let serving = node.serving().await.expect("a serving");
+    (node, serving)
+}
+
+/// How long a call waits for the serving's answer before the test fails: 30 s,
+/// or the request's own deadline and 5 s more where that is longer.
+fn answer_within(timeout_ms: u64) -> Duration {
+    Duration::from_secs(30).max(Duration::from_millis(timeout_ms) + Duration::from_secs(5))
+}
+
+/// Sends the request `message` makes with the reply port and waits at most
+/// `within` for the answer. Panics when no answer comes.
+async fn ask<R: Send + 'static>(
+    serving: &ActorRef<ServingMessage>,
+    message: impl FnOnce(ractor::RpcReplyPort<Payload<R>>) -> ServingMessage,
+    within: Duration,
+) -> R {
+    let reply = serving
+        .call(message, Some(within))
+        .await
+        .expect("the serving answers")
+        .expect("within the call's timeout");
+    reply.0.expect("the reply decodes")
+}
+
+/// One `Run` of `inputs`, with `timeout_ms` for the serving's deadline; the
+/// serving's answer (a result or its typed error). Panics when no answer comes.
+pub async fn run(
+    serving: &ActorRef<ServingMessage>,
+    inputs: Vec<WireTensor>,
+    timeout_ms: u64,
+) -> RunReply {
+    let request = Payload::new(RunRequest {
+        version: PROTOCOL_VERSION,
+        inputs,
+        timeout_ms,
+    });
+    let message = |port| ServingMessage::Run(request, port);
+    ask(serving, message, answer_within(timeout_ms)).await
+}
+
+/// One `Embed` of `texts`, with `timeout_ms` for the serving's deadline; the
+/// serving's answer. Panics when no answer comes.
+pub async fn embed(
+    serving: &ActorRef<ServingMessage>,
+    texts: Vec<String>,
+    timeout_ms: u64,
+) -> EmbedReply {
+    let request = Payload::new(EmbedRequest {
+        version: PROTOCOL_VERSION,
+        texts,
+        timeout_ms,
+    });
+    let message = |port| ServingMessage::Embed(request, port);
+    ask(serving, message, answer_within(timeout_ms)).await
+}
+
+/// The serving's status. Panics when no answer comes.
+pub async fn status(serving: &ActorRef<ServingMessage>) -> ServingStatus {
+    let request = Payload::new(StatusRequest {
+        version: PROTOCOL_VERSION,
+    });
+    let message = |port| ServingMessage::Status(request, port);
+    ask(serving, message, answer_within(0)).await
+}
+
+fn crash_request() -> Payload<FaultRequest> {
+    Payload::new(FaultRequest {
+        version: PROTOCOL_VERSION,
+        fault: Fault::Crash,
+    })
+}
+
+/// Asks the serving to crash; the answer says whether it agreed (it is refused
+/// unless the node runs with `HARNESS_FAULT_INJECTION`).
+pub async fn inject_crash(serving: &ActorRef<ServingMessage>) -> Result<(), ServingError> {
+    let message = |port| ServingMessage::Inject(crash_request(), port);
+    ask(serving, message, Duration::from_secs(10)).await
+}
+
+/// Asks the serving to crash and waits at most `within` for the answer, whatever
+/// it is: the serving panics right after answering, and over the network the
+/// answer may not get out first.
+pub async fn crash_regardless(serving: &ActorRef<ServingMessage>, within: Duration) {
+    let _ = serving
+        .call(
+            |port| ServingMessage::Inject(crash_request(), port),
+            Some(within),
+        )
+        .await;
+}
