@@ -418,3 +418,67 @@ async fn without_a_gpu_the_cuda_policy_stays_alive_and_never_ready() {
     assert_eq!(published.hub.served().len(), 0, "nothing downloaded");
     node.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A cached model that the disk changed is not served: a flipped byte in the
+/// pinned commit's cached blob is found at load (its sha256 is its name), the blob
+/// is fetched again and the answers are right; offline, a truncated blob is
+/// refused naming the file, with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupted_cached_model_is_fetched_again_or_refused_offline() {
+    let (published, model) = ModelRepo::affine(REPO).await;
+    let pinned = format!("--model-revision={}", published.commit);
+    let (node, _) = ready_node(&published, "corrupted_cache", &[pinned.as_str()]).await;
+    node.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(published.hub.count("GET", "/cdn/"), 1);
+    let sha = support::hub::hex(&<sha2::Sha256 as sha2::Digest>::digest(
+        published.bytes("model.pt"),
+    ));
+    let blob = published
+        .cache
+        .path()
+        .join("huggingface/hub/models--acme--affine/blobs")
+        .join(&sha);
+
+    // One byte flipped in the middle of the weights, the size unchanged.
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&blob, &bytes).unwrap();
+    let (node, serving) = ready_node(&published, "corrupted_cache", &[pinned.as_str()]).await;
+    assert_eq!(
+        published.hub.count("GET", "/cdn/"),
+        2,
+        "the corrupt blob was fetched again"
+    );
+    assert_eq!(std::fs::read(&blob).unwrap(), published.bytes("model.pt"));
+    let x = input(3, 1.0);
+    assert_rows(
+        &run(&serving, vec![wire(&x)], 5_000).await.unwrap(),
+        &model.apply(&x)[0],
+    );
+    node.shutdown(Duration::from_secs(1)).await;
+
+    // Offline, a truncated blob cannot be fetched again: refused, naming it.
+    let whole = std::fs::read(&blob).unwrap();
+    std::fs::write(&blob, &whole[..whole.len() - 100]).unwrap();
+    let node =
+        Node::start(published.node_config("corrupted_cache", &[pinned.as_str(), "--offline"]))
+            .await
+            .unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while node.shared().phase().phase != Phase::Failed {
+        assert!(
+            std::time::Instant::now() < until,
+            "{:?}",
+            node.shared().phase()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let message = node.shared().phase().message.unwrap_or_default();
+    assert!(
+        message.contains("model.pt") && message.contains("failed its check"),
+        "{message}"
+    );
+    assert_eq!(node.shared().restarts(), 0, "no restart can fix it");
+    node.shutdown(Duration::from_secs(1)).await;
+}
