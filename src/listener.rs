@@ -27,14 +27,8 @@ impl AcceptFailures {
     /// Notes a failed accept, logs it if a second has passed since the last
     /// line, and pauses.
     pub async fn note(&mut self, err: &std::io::Error) {
-        self.since_log += 1;
-        if self
-            .last_log
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
-        {
-            tracing::warn!(%err, failures = self.since_log, "the {} listener cannot accept connections ({err}); retrying", self.listener);
-            self.since_log = 0;
-            self.last_log = Some(Instant::now());
+        if let Some(failures) = self.due() {
+            tracing::warn!(%err, failures, "the {} listener cannot accept connections ({err}); retrying", self.listener);
         }
         tokio::time::sleep(ACCEPT_BACKOFF).await;
     }
@@ -42,14 +36,21 @@ impl AcceptFailures {
     /// Notes a connection closed at once because `limit` peers are being
     /// admitted already; logged at most once a second, with no pause.
     pub fn note_refused(&mut self, peer: std::net::SocketAddr, limit: usize) {
+        if let Some(refused) = self.due() {
+            tracing::warn!(%peer, refused, "{}: {limit} peers are authenticating already; closed {peer}'s connection", self.listener);
+        }
+    }
+
+    /// Counts one more; the count since the last line when a line is due.
+    fn due(&mut self) -> Option<u64> {
         self.since_log += 1;
         if self
             .last_log
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
         {
-            tracing::warn!(%peer, refused = self.since_log, "{}: {limit} peers are authenticating already; closed {peer}'s connection", self.listener);
-            self.since_log = 0;
-            self.last_log = Some(Instant::now());
+            return None;
         }
+        self.last_log = Some(Instant::now());
+        Some(std::mem::take(&mut self.since_log))
     }
 }

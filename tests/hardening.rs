@@ -400,3 +400,64 @@ async fn unauthenticated_peers_are_held_to_small_frames_and_a_deadline() {
     }
     assert!(started.elapsed() < Duration::from_secs(15));
 }
+
+/// While another process downloads the same file into the same cache, `/status`
+/// says the node is waiting for it (it said nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_says_when_another_process_downloads_the_same_file() {
+    use support::model_repo::ModelRepo;
+    let weights = support::hub::content(3_000_000, 7);
+    let published = ModelRepo::publish("acme/shared", &[("model.pt", &weights, true)]).await;
+    published.hub.set_rate(Some(300_000)); // about 10 s for the file
+    let mut first = published
+        .hub
+        .fetch_command(published.cache.path(), &published.repo, &["model.pt"])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("harness fetch");
+    let blobs = published
+        .cache
+        .path()
+        .join("huggingface/hub/models--acme--shared/blobs");
+    let until = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_dir(&blobs)
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".incomplete"))
+        })
+        .unwrap_or(false)
+    {
+        assert!(Instant::now() < until, "the first download never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let http = support::node::free_port();
+    let mut node = published
+        .serve_settings(COOKIE)
+        .env("HARNESS_HTTP_ADDR", format!("127.0.0.1:{http}"))
+        .command()
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("harness serve");
+    let mut seen = String::new();
+    let until = Instant::now() + Duration::from_secs(20);
+    while !seen.contains("another process is downloading model.pt") {
+        assert!(Instant::now() < until, "/status never said so: {seen}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        seen = status_text(http).await.unwrap_or_default();
+    }
+    let _ = node.kill();
+    let _ = first.kill();
+    let _ = (node.wait(), first.wait());
+}
+
+/// The body of `GET /status` on `127.0.0.1:port`.
+async fn status_text(port: u16) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    socket
+        .write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut reply = Vec::new();
+    socket.read_to_end(&mut reply).await?;
+    Ok(String::from_utf8_lossy(&reply).to_string())
+}

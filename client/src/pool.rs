@@ -41,6 +41,13 @@ impl Member {
         if known > 0 || self.limit_asked.swap(true, Ordering::Relaxed) {
             return Some(known).filter(|l| *l > 0);
         }
+        self.ping(serving).await;
+        Some(self.message_limit.load(Ordering::Relaxed)).filter(|l| *l > 0)
+    }
+
+    /// Asks the serving for its status (with the ping's timeout) and keeps what
+    /// it tells of its node; whether it answered.
+    async fn ping(&self, serving: &ActorRef<ServingMessage>) -> bool {
         let request = StatusRequest {
             version: PROTOCOL_VERSION,
         };
@@ -50,15 +57,11 @@ impl Member {
                 Some(PING_TIMEOUT),
             )
             .await;
-        if let Ok(ractor::rpc::CallResult::Success(Payload(Ok(status)))) = answer {
-            self.note_status(&status);
+        if let Ok(ractor::rpc::CallResult::Success(Payload(Ok(status)))) = &answer {
+            self.message_limit
+                .store(status.max_message_bytes, Ordering::Relaxed);
         }
-        Some(self.message_limit.load(Ordering::Relaxed)).filter(|l| *l > 0)
-    }
-
-    fn note_status(&self, status: &crate::protocol::ServingStatus) {
-        self.message_limit
-            .store(status.max_message_bytes, Ordering::Relaxed);
+        matches!(answer, Ok(ractor::rpc::CallResult::Success(_)))
     }
 }
 
@@ -120,19 +123,7 @@ async fn ping(pool: Weak<Pool>) {
         let servings = live.servings();
         drop(live);
         for (serving, member) in servings {
-            let request = StatusRequest {
-                version: PROTOCOL_VERSION,
-            };
-            let answer = serving
-                .call(
-                    |port| ServingMessage::Status(Payload::new(request), port),
-                    Some(PING_TIMEOUT),
-                )
-                .await;
-            if let Ok(ractor::rpc::CallResult::Success(Payload(Ok(status)))) = &answer {
-                member.note_status(status);
-            }
-            let answered = matches!(answer, Ok(ractor::rpc::CallResult::Success(_)));
+            let answered = member.ping(&serving).await;
             if answered {
                 member.missed_pings.store(0, Ordering::Relaxed);
             } else if member.missed_pings.fetch_add(1, Ordering::Relaxed) + 1 == SUSPECT_AFTER {

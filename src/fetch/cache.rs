@@ -147,7 +147,11 @@ pub struct BlobLock {
 impl BlobLock {
     /// Waits for the lock as long as it takes: the holder is downloading the same
     /// file, and the kernel frees the lock if it dies.
-    pub async fn acquire(path: &Path, file: &str) -> Result<Self, FetchError> {
+    pub async fn acquire(
+        path: &Path,
+        file: &str,
+        progress: &super::FetchProgress,
+    ) -> Result<Self, FetchError> {
         create_dir_all(path.parent().expect("a lock has a parent"))?;
         let handle = std::fs::OpenOptions::new()
             .create(true)
@@ -159,24 +163,32 @@ impl BlobLock {
                 source,
             })?;
         let mut told = false;
-        loop {
+        let locked = loop {
             match handle.try_lock() {
-                Ok(()) => return Ok(BlobLock { _file: handle }),
+                Ok(()) => break Ok(BlobLock { _file: handle }),
                 Err(std::fs::TryLockError::WouldBlock) => {
                     if !told {
-                        tracing::info!(file, lock = %path.display(), "another process is downloading {file}; waiting for it");
+                        let why = format!(
+                            "another process is downloading {file} into this cache; waiting for it"
+                        );
+                        tracing::info!(file, lock = %path.display(), "{why}");
+                        progress.set_waiting(Some(why));
                         told = true;
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Err(std::fs::TryLockError::Error(source)) => {
-                    return Err(FetchError::Io {
+                    break Err(FetchError::Io {
                         path: path.to_path_buf(),
                         source,
                     })
                 }
             }
+        };
+        if told {
+            progress.set_waiting(None);
         }
+        locked
     }
 }
 

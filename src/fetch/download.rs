@@ -34,7 +34,7 @@ pub(super) async fn ensure_blob(
         progress.add_done(meta.size);
         return Ok(());
     }
-    let _lock = BlobLock::acquire(&cache.lock_path(&meta.etag), &meta.file).await?;
+    let _lock = BlobLock::acquire(&cache.lock_path(&meta.etag), &meta.file, progress).await?;
     if blob_is_whole(&blob, meta.size) {
         tracing::info!(file = %meta.file, "{} was downloaded by another process", meta.file);
         progress.add_done(meta.size);

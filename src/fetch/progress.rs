@@ -15,6 +15,7 @@ pub struct FetchProgress {
     bytes_done: AtomicU64,
     bytes_total: AtomicU64,
     file: Mutex<Option<String>>,
+    waiting: Mutex<Option<String>>,
 }
 
 /// A reading of [`FetchProgress`].
@@ -24,6 +25,10 @@ pub struct ProgressSnapshot {
     pub bytes_total: u64,
     /// The file being downloaded now, if any.
     pub file: Option<String>,
+    /// What the fetch waits for, if anything (another process downloading the
+    /// same file into the same cache).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 impl FetchProgress {
@@ -32,6 +37,14 @@ impl FetchProgress {
             bytes_done: self.bytes_done.load(Ordering::Relaxed),
             bytes_total: self.bytes_total.load(Ordering::Relaxed),
             file: self.file.lock().map(|f| f.clone()).unwrap_or_default(),
+            waiting: self.waiting.lock().map(|w| w.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// Says what the fetch is waiting for (`None`: nothing).
+    pub(crate) fn set_waiting(&self, why: Option<String>) {
+        if let Ok(mut current) = self.waiting.lock() {
+            *current = why;
         }
     }
 
@@ -222,7 +235,8 @@ mod tests {
             ProgressSnapshot {
                 bytes_done: 100,
                 bytes_total: 100,
-                file: None
+                file: None,
+                waiting: None,
             }
         );
     }
