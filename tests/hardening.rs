@@ -461,3 +461,53 @@ async fn status_text(port: u16) -> std::io::Result<String> {
     socket.read_to_end(&mut reply).await?;
     Ok(String::from_utf8_lossy(&reply).to_string())
 }
+
+/// A full disk during a download: the error says how much more space the file
+/// needs and that the partial download is kept for resuming, and the partial is
+/// there. Needs a small filesystem of its own: a tmpfs, mounted here (as root).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_says_how_much_is_needed_and_keeps_the_partial() {
+    use support::model_repo::ModelRepo;
+    /// Unmounts the tmpfs when the test ends, however it ends.
+    struct Mounted(std::path::PathBuf);
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(dir.path())
+        .status();
+    assert!(
+        mounted.is_ok_and(|s| s.success()),
+        "this test mounts a 2 MiB tmpfs and needs root (CI runs as root)"
+    );
+    let _mounted = Mounted(dir.path().to_path_buf());
+    let weights = support::hub::content(5_000_000, 3);
+    let published = ModelRepo::publish("acme/big", &[("model.pt", &weights, true)]).await;
+    let mut fetch = published
+        .hub
+        .fetch_command(dir.path(), &published.repo, &["model.pt"]);
+    let out = tokio::task::spawn_blocking(move || fetch.output())
+        .await
+        .unwrap()
+        .expect("harness fetch");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the disk is full")
+            && stderr.contains("more are needed for this file")
+            && stderr.contains("kept"),
+        "{stderr}"
+    );
+    let blobs = dir.path().join("huggingface/hub/models--acme--big/blobs");
+    let partial: u64 = std::fs::read_dir(&blobs)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".incomplete"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    assert!(partial > 0, "the partial download is kept");
+}

@@ -254,10 +254,11 @@ impl Body<'_> {
             have += len;
             meter.advance(len);
         }
-        let hasher = writer
-            .finish()
-            .await
-            .map_err(|e| Attempt::Fatal(write_error(part, e, size)))?;
+        let hasher = writer.finish().await.map_err(|e| {
+            // Progress shows what is on disk, not what arrived and was not written.
+            meter.resume_at(file_len(part));
+            Attempt::Fatal(write_error(part, e, size))
+        })?;
         if overflow {
             truncate(part, 0, size)?;
             return Err(retry_now(
@@ -348,9 +349,12 @@ fn truncate(path: &Path, len: u64, size: u64) -> Result<(), Attempt> {
 
 fn write_error(path: &Path, err: std::io::Error, size: u64) -> FetchError {
     if err.kind() == ErrorKind::StorageFull || err.kind() == ErrorKind::QuotaExceeded {
+        let kept = file_len(path);
         FetchError::DiskFull {
             path: path.to_path_buf(),
-            needed_bytes: size,
+            needed_bytes: size.saturating_sub(kept),
+            size,
+            kept_bytes: kept,
         }
     } else {
         FetchError::Io {

@@ -27,8 +27,17 @@ pub enum FetchError {
         got: String,
         attempts: u32,
     },
-    #[error("the disk is full writing {path}: free space on that volume, or point HARNESS_CACHE_DIR at a larger one (the model needs {needed_bytes} bytes)")]
-    DiskFull { path: PathBuf, needed_bytes: u64 },
+    #[error("the disk is full writing {}: {} more are needed for this file ({} in all); free that much on the volume (on Fly: fly volumes extend), or point HARNESS_CACHE_DIR at a larger disk. The {} downloaded so far are kept in that .incomplete file and the download resumes from there", .path.display(), crate::fetch::progress::human_bytes(*.needed_bytes), crate::fetch::progress::human_bytes(*.size), crate::fetch::progress::human_bytes(*.kept_bytes))]
+    DiskFull {
+        /// The `.incomplete` file.
+        path: PathBuf,
+        /// Bytes still to write for this file.
+        needed_bytes: u64,
+        /// The file's size.
+        size: u64,
+        /// Bytes of it on disk, kept for resuming.
+        kept_bytes: u64,
+    },
     #[error("cannot write the cache at {path}: {source}")]
     Io {
         path: PathBuf,
