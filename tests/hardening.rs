@@ -511,3 +511,51 @@ async fn a_full_disk_says_how_much_is_needed_and_keeps_the_partial() {
         .sum();
     assert!(partial > 0, "the partial download is kept");
 }
+
+/// A panic during warm-up (outside any request) ends in `failed` with its
+/// message and a supervised restart, not in `warming` forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_during_warm_up_ends_in_failed_and_a_restart() {
+    use harness_client::{serving_group, Fault, FaultRequest, Payload, ServingMessage};
+    let serving = "warm_up_panic";
+    let node = ServeProcess::start(COOKIE, serving, &[("HARNESS_FAULT_INJECTION", "1")]);
+    let mut config = ClientConfig::new(vec![node.cluster.clone()], COOKIE);
+    config.serving = serving.to_string();
+    let client = HarnessClient::connect(config).await.unwrap();
+    let item = || vec![WireTensor::from_f32(&[1, 4], &[0.1, 0.2, 0.3, 0.4])];
+    client.run(item(), None).await.unwrap();
+    let remote = ractor::ActorRef::<ServingMessage>::from(
+        ractor::pg::get_members(&serving_group(serving))
+            .pop()
+            .expect("a member"),
+    );
+    let inject = |fault| {
+        let remote = remote.clone();
+        async move {
+            let request = FaultRequest {
+                version: harness_client::PROTOCOL_VERSION,
+                fault,
+            };
+            remote
+                .call(
+                    |port| ServingMessage::Inject(Payload::new(request), port),
+                    Some(Duration::from_secs(2)),
+                )
+                .await
+        }
+    };
+    inject(Fault::PanicNextWarmUp).await.expect("taken");
+    let _ = inject(Fault::Crash).await; // the crash may beat its own answer out
+                                        // Restarted: its warm-up panics (failed, restart), then it serves again.
+    client
+        .run(item(), Some(Duration::from_secs(30)))
+        .await
+        .expect("served after the failed warm-up");
+    let log = node.log();
+    assert!(
+        log.contains("panicked while warming") && log.contains("injected warm-up panic"),
+        "{log}"
+    );
+    assert!(log.contains("is failed"), "{log}");
+    assert_eq!(log.matches("restarting it in").count(), 2, "{log}");
+}

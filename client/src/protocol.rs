@@ -317,6 +317,9 @@ pub struct FaultRequest {
 pub enum Fault {
     /// The serving actor panics in its handler: the supervisor restarts it.
     Crash,
+    /// The next warm-up panics (after the next restart): a panic outside any
+    /// request, which must end in `failed` and a restart like any failure.
+    PanicNextWarmUp,
 }
 
 /// What remote nodes send to a `DelayedServing` actor.

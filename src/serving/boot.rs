@@ -97,6 +97,9 @@ async fn start(
     shared.set_phase(Phase::Loading, None);
     let task = load_checked(config, shared, files, device, warmup_inputs).await?;
     shared.set_phase(Phase::Warming, None);
+    if shared.take_warm_up_panic() {
+        panic!("injected warm-up panic (HARNESS_FAULT_INJECTION)");
+    }
     task.clone().warm_up().await?;
     let failure = task.failure();
     go_ready(myself, shared, loaded, task, device);

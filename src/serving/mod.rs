@@ -132,6 +132,11 @@ impl Actor for DelayedServing {
                     Err(err) => {
                         let _ = port.send(Payload::new(Err(err)));
                     }
+                    Ok(Fault::PanicNextWarmUp) => {
+                        tracing::warn!("the next warm-up will panic (HARNESS_FAULT_INJECTION)");
+                        state.shared.panic_next_warm_up();
+                        let _ = port.send(Payload::new(Ok(())));
+                    }
                     Ok(Fault::Crash) => {
                         let _ = port.send(Payload::new(Ok(())));
                         tracing::warn!("crashing the serving on request (HARNESS_FAULT_INJECTION)");

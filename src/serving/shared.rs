@@ -103,6 +103,8 @@ pub struct ServingShared {
     max_message_bytes: AtomicU64,
     /// Why the serving failed in a way no restart fixes, for the supervisor.
     for_good: Mutex<Option<String>>,
+    /// Fault injection: the next warm-up panics.
+    panic_next_warm_up: AtomicBool,
     /// The latest phase changes, oldest first (the watch channel keeps only the last).
     history: Mutex<std::collections::VecDeque<Phase>>,
 }
@@ -131,6 +133,7 @@ impl ServingShared {
             running: Mutex::new(None),
             max_message_bytes: AtomicU64::new(0),
             for_good: Mutex::new(None),
+            panic_next_warm_up: AtomicBool::new(false),
             history: Mutex::new(std::collections::VecDeque::new()),
         })
     }
@@ -261,6 +264,16 @@ impl ServingShared {
     /// The cluster port's message limit (`HARNESS_MAX_MESSAGE_BYTES`).
     pub fn set_max_message_bytes(&self, limit: u64) {
         self.max_message_bytes.store(limit, Ordering::Relaxed);
+    }
+
+    /// Fault injection: makes the next warm-up panic.
+    pub fn panic_next_warm_up(&self) {
+        self.panic_next_warm_up.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether this warm-up is to panic (once).
+    pub fn take_warm_up_panic(&self) -> bool {
+        self.panic_next_warm_up.swap(false, Ordering::SeqCst)
     }
 
     /// The serving failed and a restart will not help (wrong files or settings).
