@@ -559,3 +559,33 @@ async fn a_panic_during_warm_up_ends_in_failed_and_a_restart() {
     assert!(log.contains("is failed"), "{log}");
     assert_eq!(log.matches("restarting it in").count(), 2, "{log}");
 }
+
+/// A short cookie is warned about (never printed), the cluster address may be a
+/// host name, and at debug level the cookie handshake's state (its challenge and
+/// expected digest, which ractor_cluster logs) is not in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_cookie_is_warned_about_and_the_handshake_is_never_logged() {
+    let cookie = "zq9";
+    let serving = "short_cookie";
+    let port = support::node::free_port();
+    let node = ServeProcess::start(
+        cookie,
+        serving,
+        &[
+            ("RUST_LOG", "debug"),
+            ("HARNESS_CLUSTER_ADDR", &format!("localhost:{port}")),
+        ],
+    );
+    let mut config = ClientConfig::new(vec![node.cluster.clone()], cookie);
+    config.serving = serving.to_string();
+    let client = HarnessClient::connect(config).await.unwrap();
+    client
+        .run(vec![WireTensor::from_f32(&[1, 4], &[0.5; 4])], None)
+        .await
+        .expect("served");
+    let log = node.log();
+    assert!(log.contains("HARNESS_COOKIE is 3 characters"), "{log}");
+    assert!(log.contains("ractor_cluster"), "debug logging is on: {log}");
+    assert!(!log.contains("auth state"), "{log}");
+    assert!(!log.contains(cookie), "the cookie itself: {log}");
+}

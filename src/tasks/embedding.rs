@@ -469,6 +469,24 @@ mod tests {
     }
 
     #[test]
+    fn tokenizing_stops_once_the_callers_deadline_has_passed() {
+        let (_dir, files) = folder(GOOD);
+        let embedder = Embedder::load(&files).unwrap();
+        let texts = vec!["hello world".to_string(); 3];
+        let later = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        assert_eq!(
+            embedder
+                .tokenize_until(&texts, later)
+                .unwrap()
+                .unwrap()
+                .len(),
+            3
+        );
+        let passed = std::time::Instant::now();
+        assert_eq!(embedder.tokenize_until(&texts, passed).unwrap(), None);
+    }
+
+    #[test]
     fn each_manifest_mistake_names_its_fix() {
         assert!(error(&GOOD.replace("\"format\": 1", "\"format\": 9"))
             .contains("export the model again"));
