@@ -118,7 +118,7 @@ async fn accept_loop(listener: TcpListener, state: HttpState) {
         let Some(slot) = connections.admit() else {
             continue; // full of requests being answered: the new one is dropped
         };
-        let state = state.clone();
+        let (id, state) = (slot.id, state.clone());
         let first_request = slot.clone();
         let task = tokio::spawn(async move {
             let _slot = slot;
@@ -133,7 +133,7 @@ async fn accept_loop(listener: TcpListener, state: HttpState) {
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
         });
-        connections.started(task.abort_handle());
+        connections.started(id, task.abort_handle());
     }
 }
 
@@ -176,10 +176,9 @@ impl Connections {
         }))
     }
 
-    /// The task serving the connection admitted last, so it can be closed.
-    fn started(&self, task: tokio::task::AbortHandle) {
+    /// The task serving connection `id`, so it can be closed.
+    fn started(&self, id: u64, task: tokio::task::AbortHandle) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let id = inner.next_id;
         if let Some(entry) = inner.waiting.iter_mut().find(|(i, _)| *i == id) {
             entry.1 = Some(task);
         }

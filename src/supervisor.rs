@@ -145,17 +145,20 @@ impl Actor for RootSupervisor {
             tracing::error!(
                 "the serving failed and a restart will not help: {why}. Fix the model's files or the settings, then start the node again; exiting with code {EXIT_NO_RESTART_HELPS}"
             );
-            state.args.shared.set_phase(Phase::Failed, Some(why));
-            state
-                .args
-                .exit_code
-                .store(EXIT_NO_RESTART_HELPS, Ordering::SeqCst);
-            myself.stop(Some("a failure no restart fixes".to_string()));
+            give_up(&myself, state, why, EXIT_NO_RESTART_HELPS);
             return Ok(());
         }
         restart(&myself, state, reason);
         Ok(())
     }
+}
+
+/// Stops restarting: the serving stays `failed` with `reason`, and `harness serve`
+/// exits with `code` once the supervisor has stopped.
+fn give_up(myself: &ActorRef<SupervisorMsg>, state: &SupervisorState, reason: String, code: i32) {
+    state.args.shared.set_phase(Phase::Failed, Some(reason));
+    state.args.exit_code.store(code, Ordering::SeqCst);
+    myself.stop(Some(format!("gave up (exit code {code})")));
 }
 
 /// Schedules the next start, or gives up when the restarts are too many.
@@ -178,12 +181,7 @@ fn restart(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState, reason
             state.restarts.len(),
             config.restart_window_s
         );
-        state.args.shared.set_phase(Phase::Failed, Some(reason));
-        state
-            .args
-            .exit_code
-            .store(EXIT_TOO_MANY_RESTARTS, Ordering::SeqCst);
-        myself.stop(Some("too many restarts".to_string()));
+        give_up(myself, state, reason, EXIT_TOO_MANY_RESTARTS);
         return;
     }
     let delay = backoff(state.restarts.len());

@@ -28,7 +28,8 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0   success
   1   gpu-check: no usable GPU (demo: would not start without one)
-  2   an error that needs a change first (the message says what)
+  2   an error that needs a change first (the message says what; for serve,
+      also a failure no restart fixes, such as a missing repo or file)
   3   serve gave up after too many restarts
   75  call/status: a temporary error, retry later (EX_TEMPFAIL)";
 
@@ -45,7 +46,8 @@ pub enum Command {
         config: Box<Config>,
     },
     /// Run the node: download, load and serve the model, restart it when it fails,
-    /// drain on SIGTERM or SIGINT. Exits 3 after too many restarts.
+    /// drain on SIGTERM or SIGINT. Exits 3 after too many restarts, 2 at once on a
+    /// failure no restart fixes.
     Serve(Box<Config>),
     /// Send a request to a remote node and print the answer: `--tensor` (Run) or
     /// `--embed` (Embed).

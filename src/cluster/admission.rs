@@ -196,8 +196,7 @@ impl AsyncRead for GuardedRead {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                let filled = buf.filled()[before..].to_vec();
-                let tracked = this.track(&filled);
+                let tracked = this.track(&buf.filled()[before..]);
                 if tracked.is_err() {
                     // An error hands back nothing read.
                     buf.set_filled(before);
