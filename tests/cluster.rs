@@ -4,15 +4,13 @@ use std::io::Write;
 use std::process::Command;
 use std::time::Duration;
 
-use harness_client::{
-    serving_group, ClientError, HarnessClient, ServingError, ServingMessage, WireTensor,
-};
+use harness_client::{serving_group, ClientError, HarnessClient, ServingError, WireTensor};
 
 mod support;
 
 use support::client::{client_config, connect, demo_item as item};
 use support::node::{free_port, ServeProcess};
-use support::serving::crash_regardless;
+use support::serving::{crash_regardless, member};
 
 const COOKIE: &str = "a-test-cookie-not-a-real-one";
 
@@ -295,10 +293,7 @@ async fn a_serving_restart_is_ridden_out_by_the_clients_retries() {
     let client = server.connect(Duration::from_secs(10)).await;
     client.run(item(), None).await.unwrap();
     // Crash the remote serving through its process group, as any peer could.
-    let member = ractor::pg::get_members(&serving_group(serving))
-        .pop()
-        .expect("a member");
-    let remote = ractor::ActorRef::<ServingMessage>::from(member);
+    let remote = member(serving);
     // The serving panics right after answering; over the network the answer may
     // not get out first, so it is not awaited here.
     crash_regardless(&remote, Duration::from_secs(2)).await;

@@ -10,23 +10,20 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use harness::engine::{BatchConfig, DeviceChoice, Engine, LoadError};
-use harness_client::{ClientConfig, ClientError, HarnessClient, ServingError, WireTensor};
-use support::node::ServeProcess;
+use harness_client::{ClientError, Fault, ServingError, WireTensor};
+use support::client::demo_item;
+use support::node::{ServeProcess, ServeSettings};
+use support::serving::{crash_regardless, inject, member};
 
 const COOKIE: &str = "hardening-cookie-0123456789";
 
 #[test]
 fn a_warm_up_batch_too_large_to_allocate_stops_the_start_with_exit_2() {
     let model = support::node::demo_model_dir();
-    let out = Command::new(env!("CARGO_BIN_EXE_harness"))
-        .arg("serve")
-        .env("HARNESS_MODEL_DIR", model.path())
-        .env("HARNESS_DEVICE", "cpu")
-        .env("HARNESS_COOKIE", COOKIE)
+    let out = ServeSettings::model_dir(COOKIE, model.path())
         .env("HARNESS_WARMUP_INPUTS", "f32[1000,1000]")
         .env("HARNESS_MAX_BATCH_SIZE", "65536")
-        .env("HARNESS_CLUSTER_ADDR", "127.0.0.1:0")
-        .env("HARNESS_HTTP_ADDR", "127.0.0.1:0")
+        .command()
         .stderr(Stdio::piped())
         .output()
         .expect("running harness serve");
@@ -72,9 +69,7 @@ async fn pytorch_files_that_are_not_torchscript_are_named_for_what_they_are() {
 async fn a_run_of_more_items_than_the_queue_holds_is_bad_input_at_once() {
     let serving = "more_than_the_queue";
     let node = ServeProcess::start(COOKIE, serving, &[("HARNESS_MAX_QUEUE", "16")]);
-    let mut config = ClientConfig::new(vec![node.cluster.clone()], COOKIE);
-    config.serving = serving.to_string();
-    let client = HarnessClient::connect(config).await.unwrap();
+    let client = node.connect(Duration::from_secs(30)).await;
     let fits = WireTensor::from_f32(&[16, 4], &[0.5; 64]);
     client.run(vec![fits], None).await.expect("16 items fit");
     let started = Instant::now();
@@ -111,36 +106,15 @@ fn threads_named(pid: u32, name: &str) -> usize {
 /// it holds) is gone once the new serving is ready, not kept by a stale handle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_servings_engine_is_gone_once_the_next_one_serves() {
-    use harness_client::{serving_group, Fault, FaultRequest, Payload, ServingMessage};
     let serving = "one_engine_after_a_crash";
     let node = ServeProcess::start(COOKIE, serving, &[("HARNESS_FAULT_INJECTION", "1")]);
     let pid = node.child.id();
-    let mut config = ClientConfig::new(vec![node.cluster.clone()], COOKIE);
-    config.serving = serving.to_string();
-    let client = HarnessClient::connect(config).await.unwrap();
-    let item = || vec![WireTensor::from_f32(&[1, 4], &[0.1, 0.2, 0.3, 0.4])];
+    let client = node.connect(Duration::from_secs(30)).await;
+    let item = demo_item;
     client.run(item(), None).await.unwrap();
     assert_eq!(threads_named(pid, "harness-engine"), 1);
 
-    let member = ractor::pg::get_members(&serving_group(serving))
-        .pop()
-        .expect("a member");
-    let remote = ractor::ActorRef::<ServingMessage>::from(member);
-    let crash = harness_client::PROTOCOL_VERSION;
-    let _ = remote
-        .call(
-            |port| {
-                ServingMessage::Inject(
-                    Payload::new(FaultRequest {
-                        version: crash,
-                        fault: Fault::Crash,
-                    }),
-                    port,
-                )
-            },
-            Some(Duration::from_secs(2)),
-        )
-        .await;
+    crash_regardless(&member(serving), Duration::from_secs(2)).await;
     // Served again by the restarted serving.
     for _ in 0..3 {
         client
@@ -166,23 +140,12 @@ async fn sigterm_mid_request_still_delivers_the_answer() {
     let serving = "answer_through_the_drain";
     // A batch that waits 3 s for company: a request in flight for that long.
     let mut node = ServeProcess::start(COOKIE, serving, &[("HARNESS_MAX_BATCH_DELAY_MS", "3000")]);
-    let mut config = ClientConfig::new(vec![node.cluster.clone()], COOKIE);
-    config.serving = serving.to_string();
-    let client = std::sync::Arc::new(HarnessClient::connect(config).await.unwrap());
+    let client = std::sync::Arc::new(node.connect(Duration::from_secs(30)).await);
     let caller = client.clone();
-    let call = tokio::spawn(async move {
-        caller
-            .run(
-                vec![WireTensor::from_f32(&[1, 4], &[0.1, 0.2, 0.3, 0.4])],
-                Some(Duration::from_secs(15)),
-            )
-            .await
-    });
+    let call =
+        tokio::spawn(async move { caller.run(demo_item(), Some(Duration::from_secs(15))).await });
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(
-        unsafe { libc::kill(node.child.id() as i32, libc::SIGTERM) },
-        0
-    );
+    node.terminate();
     let answer = call.await.unwrap();
     let outputs = answer.expect("the in-flight request is answered through the drain");
     assert_eq!(outputs[0].shape[0], 1);
@@ -197,7 +160,7 @@ async fn sigterm_mid_request_still_delivers_the_answer() {
 async fn health_answers_under_a_slowloris() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let node = ServeProcess::start(COOKIE, "slowloris", &[]);
-    let http = format!("127.0.0.1:{}", node.http);
+    let http = node.http_addr();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let attackers: Vec<_> = (0..800)
         .map(|_| {
@@ -256,13 +219,9 @@ fn cluster_settings_that_cannot_work_are_named_at_start() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_addr = taken.local_addr().unwrap().to_string();
     let serve = |extra: &[(&str, &str)]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_harness"))
-            .arg("serve")
-            .env("HARNESS_MODEL_DIR", model.path())
-            .env("HARNESS_DEVICE", "cpu")
-            .env("HARNESS_COOKIE", COOKIE)
-            .env("HARNESS_HTTP_ADDR", "127.0.0.1:0")
-            .envs(extra.iter().copied())
+        let out = ServeSettings::model_dir(COOKIE, model.path())
+            .envs(extra)
+            .command()
             .stderr(Stdio::piped())
             .output()
             .expect("running harness serve");
@@ -294,12 +253,7 @@ async fn an_os_error_is_printed_once() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"not a folder").unwrap();
-    let mut fetch = Command::new(env!("CARGO_BIN_EXE_harness"));
-    fetch
-        .arg("fetch")
-        .env("HARNESS_MODEL_REPO", "acme/model")
-        .env("HARNESS_CACHE_DIR", file.join("cache"))
-        .env("HF_ENDPOINT", hub.url());
+    let mut fetch = hub.fetch_command(&file.join("cache"), "acme/model", &["model.pt"]);
     // The hub answers on this runtime while the process runs.
     let out = tokio::task::spawn_blocking(move || fetch.output())
         .await
@@ -318,9 +272,7 @@ async fn a_request_over_the_nodes_lower_limit_is_too_large_at_once() {
     let serving = "lower_node_limit";
     let node = ServeProcess::start(COOKIE, serving, &[("HARNESS_MAX_MESSAGE_BYTES", "100000")]);
     // The client's own limit is the default, 64 MiB.
-    let mut config = ClientConfig::new(vec![node.cluster.clone()], COOKIE);
-    config.serving = serving.to_string();
-    let client = HarnessClient::connect(config).await.unwrap();
+    let client = node.connect(Duration::from_secs(30)).await;
     let big = WireTensor::from_f32(&[50_000, 4], &vec![0.5; 200_000]); // 800 kB
     let started = Instant::now();
     let err = client
@@ -334,7 +286,7 @@ async fn a_request_over_the_nodes_lower_limit_is_too_large_at_once() {
     assert!(started.elapsed() < Duration::from_secs(5), "at once");
     // The session is whole: a small request still goes through.
     client
-        .run(vec![WireTensor::from_f32(&[1, 4], &[0.5; 4])], None)
+        .run(demo_item(), None)
         .await
         .expect("a small request");
 }
@@ -375,11 +327,9 @@ async fn unauthenticated_peers_are_held_to_small_frames_and_a_deadline() {
     .into_iter()
     .map(Result::unwrap)
     .collect();
-    let mut config = ClientConfig::new(vec![addr.clone()], COOKIE);
-    config.serving = serving.to_string();
-    let client = HarnessClient::connect(config).await.unwrap();
+    let client = node.connect(Duration::from_secs(30)).await;
     client
-        .run(vec![WireTensor::from_f32(&[1, 4], &[0.5; 4])], None)
+        .run(demo_item(), None)
         .await
         .expect("served while peers flood");
     for flooder in flooders {
@@ -516,37 +466,17 @@ async fn a_full_disk_says_how_much_is_needed_and_keeps_the_partial() {
 /// message and a supervised restart, not in `warming` forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_during_warm_up_ends_in_failed_and_a_restart() {
-    use harness_client::{serving_group, Fault, FaultRequest, Payload, ServingMessage};
     let serving = "warm_up_panic";
     let node = ServeProcess::start(COOKIE, serving, &[("HARNESS_FAULT_INJECTION", "1")]);
-    let mut config = ClientConfig::new(vec![node.cluster.clone()], COOKIE);
-    config.serving = serving.to_string();
-    let client = HarnessClient::connect(config).await.unwrap();
-    let item = || vec![WireTensor::from_f32(&[1, 4], &[0.1, 0.2, 0.3, 0.4])];
+    let client = node.connect(Duration::from_secs(30)).await;
+    let item = demo_item;
     client.run(item(), None).await.unwrap();
-    let remote = ractor::ActorRef::<ServingMessage>::from(
-        ractor::pg::get_members(&serving_group(serving))
-            .pop()
-            .expect("a member"),
-    );
-    let inject = |fault| {
-        let remote = remote.clone();
-        async move {
-            let request = FaultRequest {
-                version: harness_client::PROTOCOL_VERSION,
-                fault,
-            };
-            remote
-                .call(
-                    |port| ServingMessage::Inject(Payload::new(request), port),
-                    Some(Duration::from_secs(2)),
-                )
-                .await
-        }
-    };
-    inject(Fault::PanicNextWarmUp).await.expect("taken");
-    let _ = inject(Fault::Crash).await; // the crash may beat its own answer out
-                                        // Restarted: its warm-up panics (failed, restart), then it serves again.
+    let remote = member(serving);
+    inject(&remote, Fault::PanicNextWarmUp)
+        .await
+        .expect("taken");
+    crash_regardless(&remote, Duration::from_secs(2)).await;
+    // Restarted: its warm-up panics (failed, restart), then it serves again.
     client
         .run(item(), Some(Duration::from_secs(30)))
         .await
@@ -576,13 +506,8 @@ async fn a_short_cookie_is_warned_about_and_the_handshake_is_never_logged() {
             ("HARNESS_CLUSTER_ADDR", &format!("localhost:{port}")),
         ],
     );
-    let mut config = ClientConfig::new(vec![node.cluster.clone()], cookie);
-    config.serving = serving.to_string();
-    let client = HarnessClient::connect(config).await.unwrap();
-    client
-        .run(vec![WireTensor::from_f32(&[1, 4], &[0.5; 4])], None)
-        .await
-        .expect("served");
+    let client = node.connect(Duration::from_secs(30)).await;
+    client.run(demo_item(), None).await.expect("served");
     let log = node.log();
     assert!(log.contains("HARNESS_COOKIE is 3 characters"), "{log}");
     assert!(log.contains("ractor_cluster"), "debug logging is on: {log}");

@@ -103,18 +103,33 @@ pub async fn status(serving: &ActorRef<ServingMessage>) -> ServingStatus {
     ask(serving, message, answer_within(0)).await
 }
 
-fn crash_request() -> Payload<FaultRequest> {
+fn fault_request(fault: Fault) -> Payload<FaultRequest> {
     Payload::new(FaultRequest {
         version: PROTOCOL_VERSION,
-        fault: Fault::Crash,
+        fault,
     })
 }
 
-/// Asks the serving to crash; the answer says whether it agreed (it is refused
-/// unless the node runs with `HARNESS_FAULT_INJECTION`).
-pub async fn inject_crash(serving: &ActorRef<ServingMessage>) -> Result<(), ServingError> {
-    let message = |port| ServingMessage::Inject(crash_request(), port);
+/// Asks the serving to suffer `fault`; the answer says whether it agreed (it is
+/// refused unless the node runs with `HARNESS_FAULT_INJECTION`).
+pub async fn inject(serving: &ActorRef<ServingMessage>, fault: Fault) -> Result<(), ServingError> {
+    let message = |port| ServingMessage::Inject(fault_request(fault), port);
     ask(serving, message, Duration::from_secs(10)).await
+}
+
+/// Asks the serving to crash ([`inject`] of `Fault::Crash`).
+pub async fn inject_crash(serving: &ActorRef<ServingMessage>) -> Result<(), ServingError> {
+    inject(serving, Fault::Crash).await
+}
+
+/// The serving `name` as this process's view of the group shows it (its first
+/// member): a node in this process, or a remote one a client is connected to.
+pub fn member(name: &str) -> ActorRef<ServingMessage> {
+    ActorRef::from(
+        ractor::pg::get_members(&harness_client::serving_group(name))
+            .pop()
+            .expect("a member of the serving's group"),
+    )
 }
 
 /// Asks the serving to crash and waits at most `within` for the answer, whatever
@@ -123,7 +138,7 @@ pub async fn inject_crash(serving: &ActorRef<ServingMessage>) -> Result<(), Serv
 pub async fn crash_regardless(serving: &ActorRef<ServingMessage>, within: Duration) {
     let _ = serving
         .call(
-            |port| ServingMessage::Inject(crash_request(), port),
+            |port| ServingMessage::Inject(fault_request(Fault::Crash), port),
             Some(within),
         )
         .await;
