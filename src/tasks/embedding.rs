@@ -202,13 +202,8 @@ impl Embedder {
         }
     }
 
-    /// Tokenizes `texts`: one entry per text.
-    pub fn tokenize(&self, texts: &[String]) -> Result<Vec<Tokens>, String> {
-        self.tokenizer.encode(texts)
-    }
-
-    /// Tokenizes `texts` until `deadline`: `Ok(None)` once it has passed (the
-    /// caller stopped waiting, so the rest is not worth the CPU).
+    /// Tokenizes `texts`, one entry per text, until `deadline`: `Ok(None)` once
+    /// it has passed (the caller stopped waiting, so the rest is not worth the CPU).
     pub fn tokenize_until(
         &self,
         texts: &[String],
@@ -453,11 +448,16 @@ mod tests {
     fn a_good_manifest_loads_and_tokenizes_with_truncation() {
         let (_dir, files) = folder(&GOOD.replace("128", "3"));
         let embedder = Embedder::load(&files).unwrap();
+        let later = std::time::Instant::now() + std::time::Duration::from_secs(60);
         let tokens = embedder
-            .tokenize(&[
-                "hello world".to_string(),
-                "hello hello world world".to_string(),
-            ])
+            .tokenize_until(
+                &[
+                    "hello world".to_string(),
+                    "hello hello world world".to_string(),
+                ],
+                later,
+            )
+            .unwrap()
             .unwrap();
         assert_eq!(tokens[0].ids, vec![1, 2]);
         assert!(!tokens[0].truncated);

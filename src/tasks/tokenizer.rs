@@ -89,17 +89,12 @@ impl TextTokenizer {
         self.pad_id
     }
 
-    /// Tokenizes each text, special tokens added.
-    pub fn encode(&self, texts: &[String]) -> Result<Vec<Tokens>, String> {
-        // One text at a time on the caller's (blocking) thread: `encode_batch` hands
-        // the texts to rayon's pool, more threads on the cores libtorch's threads
-        // compute on, for no gain the embedding benchmark could see.
-        texts.iter().map(|text| self.encode_one(text)).collect()
-    }
-
-    /// Tokenizes one text. A long text is cut before tokenizing, at a word
-    /// boundary far enough in to hold more tokens than the limit: its first
-    /// tokens are the same, and megabytes of text cost no more than a page.
+    /// Tokenizes one text, special tokens added. A long text is cut before
+    /// tokenizing, at a word boundary far enough in to hold more tokens than the
+    /// limit: its first tokens are the same, and megabytes of text cost no more
+    /// than a page. Texts go one at a time on the caller's (blocking) thread:
+    /// `encode_batch` hands them to rayon's pool, more threads on the cores
+    /// libtorch's threads compute on, for no gain the embedding benchmark saw.
     pub fn encode_one(&self, text: &str) -> Result<Tokens, String> {
         let mut cut = self.max_tokens.saturating_mul(BYTES_PER_TOKEN).max(MIN_CUT);
         while cut < text.len() {
