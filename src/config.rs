@@ -173,6 +173,7 @@ impl ModelConfig {
             let defaults = match task {
                 Task::Tensor => DEFAULT_TENSOR_FILES,
                 Task::Embedding => crate::tasks::embedding::DEFAULT_FILES,
+                Task::Generation => crate::tasks::generation::DEFAULT_FILES,
             };
             defaults.iter().map(|f| f.to_string()).collect()
         } else {
@@ -245,13 +246,62 @@ pub enum Task {
     /// `Embed`: texts in, one vector per text out (a model exported by
     /// `tools/export_torchscript.py`).
     Embedding,
+    /// `Generate`: a prompt in, its continuation out (a causal language model's
+    /// Hub repo as published: config, tokenizer, safetensors).
+    Generation,
+}
+
+impl Task {
+    /// The name `HARNESS_TASK` gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::Tensor => "tensor",
+            Task::Embedding => "embedding",
+            Task::Generation => "generation",
+        }
+    }
+}
+
+/// The dtype generation weights and KV caches are kept in (`HARNESS_DTYPE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DTypeChoice {
+    /// The checkpoint's `torch_dtype` on a GPU (bf16 where it names none), f32 on the CPU.
+    Auto,
+    Bf16,
+    F16,
+    F32,
+}
+
+/// The generation task's settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GenerationConfig {
+    /// Generation weights' dtype: `auto` (the checkpoint's on a GPU, f32 on the
+    /// CPU), `bf16`, `f16` or `f32`.
+    #[arg(
+        long,
+        env = "HARNESS_DTYPE",
+        default_value = "auto",
+        value_enum,
+        global = true
+    )]
+    pub dtype: DTypeChoice,
+
+    /// Sequences generated at once, each with its KV cache (allocated at load).
+    #[arg(long, env = "HARNESS_MAX_SEQUENCES", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096), global = true)]
+    pub max_sequences: u32,
+
+    /// Tokens per sequence, prompt and output together. Default: the model's
+    /// `max_position_embeddings`, at most 4096.
+    #[arg(long, env = "HARNESS_MAX_CONTEXT", value_parser = clap::value_parser!(u32).range(2..), global = true)]
+    pub max_context: Option<u32>,
 }
 
 /// How the serving batches, restarts and warms up.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServingConfig {
-    /// What the model does: `tensor` (`Run`: tensors in, tensors out) or
-    /// `embedding` (`Embed`: texts in, vectors out).
+    /// What the model does: `tensor` (`Run`: tensors in, tensors out),
+    /// `embedding` (`Embed`: texts in, vectors out) or `generation` (`Generate`:
+    /// a prompt in, text out).
     #[arg(
         long,
         env = "HARNESS_TASK",
@@ -302,6 +352,10 @@ pub struct ServingConfig {
     /// Accept fault-injection requests (tests only).
     #[arg(long, env = "HARNESS_FAULT_INJECTION", global = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub fault_injection: bool,
+
+    /// The generation task's settings.
+    #[command(flatten)]
+    pub generation: GenerationConfig,
 }
 
 impl ServingConfig {

@@ -101,7 +101,8 @@ pub mod tls;
 pub use client::{ClientConfig, ClientError, ClientTls, HarnessClient};
 
 pub use protocol::{
-    serving_group, DType, EmbedReply, EmbedRequest, Embedding, Fault, FaultRequest, Payload,
-    RunReply, RunRequest, ServingError, ServingMessage, ServingStatus, StatusModel, StatusRequest,
-    WireTensor, PROTOCOL_VERSION,
+    serving_group, DType, EmbedReply, EmbedRequest, Embedding, Fault, FaultRequest, FinishReason,
+    GenerateOptions, GenerateReply, GenerateRequest, Generation, Payload, RunReply, RunRequest,
+    ServingError, ServingMessage, ServingStatus, StatusModel, StatusRequest, WireTensor,
+    PROTOCOL_VERSION,
 };

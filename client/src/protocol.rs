@@ -15,7 +15,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// Version 2: `Embed` answers [`Embedding`]s (vector, token count, truncation).
 /// Version 3: [`ServingStatus`] carries the model, the node's versions, the
 /// requests in flight and the uptime, as HTTP `/status` does.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// Version 4: `Generate` (the generation task).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The process group of the serving named `name`: `harness.serving.<name>`.
 pub fn serving_group(name: &str) -> String {
@@ -203,6 +204,86 @@ pub struct Embedding {
     pub truncated: bool,
 }
 
+/// `Generate`: a prompt in, the model's continuation out (the generation task).
+/// The whole generation is answered at once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    /// [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// The text to continue, tokenized as `transformers`' tokenizer does by default
+    /// (with the model's special tokens, such as Llama's `<s>`).
+    pub prompt: String,
+    /// How to choose tokens and when to stop.
+    pub options: GenerateOptions,
+    /// How long the caller will wait, in milliseconds (see [`RunRequest::timeout_ms`]).
+    pub timeout_ms: u64,
+}
+
+/// How a generation chooses its tokens and when it stops. Unset fields take the
+/// model's `generation_config.json`, then `transformers`' defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GenerateOptions {
+    /// Tokens to generate at most (the prompt not counted).
+    pub max_new_tokens: Option<u32>,
+    /// Sample (`true`) or take the most likely token (`false`). Unset: sampling
+    /// when `temperature`, `top_p`, `top_k` or `seed` is set, else the model's
+    /// `do_sample`.
+    pub do_sample: Option<bool>,
+    /// Divides the logits before sampling; `0` means greedy.
+    pub temperature: Option<f32>,
+    /// Nucleus sampling: the smallest set of tokens whose probability reaches it.
+    pub top_p: Option<f32>,
+    /// Sample among the `top_k` most likely tokens only; `0` means all.
+    pub top_k: Option<u32>,
+    /// The same seed (with the same request) gives the same tokens.
+    pub seed: Option<u64>,
+    /// Texts that end the generation where they first occur; the answer's text
+    /// stops before it.
+    pub stop: Vec<String>,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FinishReason {
+    /// The model produced one of its end-of-sequence tokens.
+    Eos,
+    /// One of the request's stop strings occurred.
+    Stop,
+    /// `max_new_tokens` (or the node's context, `HARNESS_MAX_CONTEXT`) was reached.
+    Length,
+}
+
+impl FinishReason {
+    /// `eos`, `stop` or `length`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Eos => "eos",
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// The answer to a [`GenerateRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    /// The generated text (special tokens left out; a stop string and what follows
+    /// it cut off).
+    pub text: String,
+    /// The generated token ids, the end-of-sequence token included when it ended
+    /// the generation, as `transformers`' `generate` returns them after the prompt.
+    pub token_ids: Vec<u32>,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Tokens in the prompt.
+    pub prompt_tokens: u32,
+    /// Tokens generated (`token_ids.len()`).
+    pub generated_tokens: u32,
+    /// From the node receiving the request to its first generated token, in
+    /// milliseconds.
+    pub time_to_first_token_ms: f64,
+}
+
 /// `Status`: ask for the serving's status.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusRequest {
@@ -214,6 +295,8 @@ pub struct StatusRequest {
 pub type RunReply = Result<Vec<WireTensor>, ServingError>;
 /// The answer to `Embed`.
 pub type EmbedReply = Result<Vec<Embedding>, ServingError>;
+/// The answer to `Generate`.
+pub type GenerateReply = Result<Generation, ServingError>;
 
 /// The serving's state, as `Status` and `/status` report it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -331,6 +414,12 @@ pub enum ServingMessage {
     /// Embed texts (the embedding task).
     #[rpc]
     Embed(Payload<EmbedRequest>, RpcReplyPort<Payload<EmbedReply>>),
+    /// Generate text (the generation task).
+    #[rpc]
+    Generate(
+        Payload<GenerateRequest>,
+        RpcReplyPort<Payload<GenerateReply>>,
+    ),
     /// The serving's status.
     #[rpc]
     Status(Payload<StatusRequest>, RpcReplyPort<Payload<ServingStatus>>),
@@ -367,10 +456,12 @@ pub fn decode_everything(bytes: &[u8]) {
     }
     one::<RunRequest>(bytes);
     one::<EmbedRequest>(bytes);
+    one::<GenerateRequest>(bytes);
     one::<StatusRequest>(bytes);
     one::<FaultRequest>(bytes);
     one::<RunReply>(bytes);
     one::<EmbedReply>(bytes);
+    one::<GenerateReply>(bytes);
     one::<ServingStatus>(bytes);
     one::<Result<(), ServingError>>(bytes);
     // What a node does first with a decoded request's tensors must not panic either.

@@ -109,6 +109,14 @@ impl Actor for DelayedServing {
                 state.stopped.subscribe(),
                 |task, request, timing| task.embed(request, timing),
             ),
+            ServingMessage::Generate(payload, port) => request::spawn(
+                payload,
+                port,
+                state.loaded.get(),
+                &state.shared,
+                state.stopped.subscribe(),
+                |task, request, timing| task.generate(request, timing),
+            ),
             ServingMessage::Status(_, port) => {
                 let _ = port.send(Payload::new(state.shared.status()));
             }

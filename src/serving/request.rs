@@ -7,7 +7,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use harness_client::{EmbedRequest, Payload, RunRequest, ServingError, PROTOCOL_VERSION};
+use harness_client::{
+    EmbedRequest, GenerateRequest, Payload, RunRequest, ServingError, PROTOCOL_VERSION,
+};
 use ractor::RpcReplyPort;
 use tokio::sync::watch;
 
@@ -22,6 +24,15 @@ pub trait Call: Send + 'static {
 }
 
 impl Call for RunRequest {
+    fn version(&self) -> u32 {
+        self.version
+    }
+    fn timeout_ms(&self) -> u64 {
+        self.timeout_ms
+    }
+}
+
+impl Call for GenerateRequest {
     fn version(&self) -> u32 {
         self.version
     }

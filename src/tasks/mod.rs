@@ -8,6 +8,7 @@
 //! With the engine, the only room that touches `tch`.
 
 pub mod embedding;
+pub mod generation;
 mod pooling;
 pub mod tensor;
 pub mod tokenizer;
@@ -17,7 +18,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::future::BoxFuture;
-use harness_client::{EmbedReply, EmbedRequest, RunReply, RunRequest, ServingError};
+use harness_client::{
+    EmbedReply, EmbedRequest, GenerateReply, GenerateRequest, RunReply, RunRequest, ServingError,
+};
 use tokio::sync::watch;
 
 pub use pooling::{Pooler, Pooling};
@@ -81,6 +84,16 @@ pub trait Task: Send + Sync + 'static {
         Box::pin(async move { Err(refusal) })
     }
 
+    /// `Generate`: a prompt in, its continuation out.
+    fn generate(
+        self: Arc<Self>,
+        _request: GenerateRequest,
+        _timing: Timing,
+    ) -> BoxFuture<'static, GenerateReply> {
+        let refusal = self.refuse("Generate");
+        Box::pin(async move { Err(refusal) })
+    }
+
     /// The answer to a request kind this task does not take.
     fn refuse(&self, sent: &str) -> ServingError {
         let (name, answers) = (self.name(), self.answers());
@@ -97,7 +110,11 @@ pub trait Task: Send + Sync + 'static {
 }
 
 /// Which task answers each request kind (`HARNESS_TASK`'s values).
-const ANSWERED_BY: &[(&str, &str)] = &[("Run", "tensor"), ("Embed", "embedding")];
+const ANSWERED_BY: &[(&str, &str)] = &[
+    ("Run", "tensor"),
+    ("Embed", "embedding"),
+    ("Generate", "generation"),
+];
 
 /// Why a task could not be loaded, and whether loading again could help.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +163,7 @@ pub async fn load(kind: TaskKind, context: LoadContext) -> Result<Arc<dyn Task>,
     Ok(match kind {
         TaskKind::Tensor => Arc::new(tensor::TensorTask::load(context).await?),
         TaskKind::Embedding => Arc::new(embedding::EmbeddingTask::load(context).await?),
+        TaskKind::Generation => Arc::new(generation::GenerationTask::load(context).await?),
     })
 }
 
