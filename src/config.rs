@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::device::DevicePolicy;
-use crate::fetch::{FetchOptions, FetchSpec, Secret};
+use crate::fetch::{FetchOptions, FetchSpec, FileSet, FileSpec, Secret};
 use crate::logging::LogFormat;
 
 /// The files a tensor model needs when `HARNESS_MODEL_FILES` is unset.
@@ -116,8 +116,11 @@ pub struct ModelConfig {
     )]
     pub model_revision: String,
 
-    /// Comma-separated files to fetch (default by task: `model.pt`; for
-    /// `embedding`, `model.pt,tokenizer.json,harness.json`).
+    /// Comma-separated files to fetch, exactly these, each required (default by
+    /// task: `model.pt`; for `embedding`, `model.pt,tokenizer.json,harness.json`;
+    /// for `generation`, the repo as published: config, tokenizer, the generation
+    /// config and chat template when there, and the safetensors weights, through
+    /// their index when there is one).
     #[arg(
         long,
         env = "HARNESS_MODEL_FILES",
@@ -157,28 +160,27 @@ pub struct ModelConfig {
 #[derive(Debug, Clone)]
 pub enum ModelSource {
     Hub(FetchSpec),
-    Dir { dir: PathBuf, files: Vec<String> },
+    Dir { dir: PathBuf, files: FileSet },
 }
 
 impl ModelConfig {
-    /// The files to fetch: `HARNESS_MODEL_FILES`, else the task's defaults.
-    pub fn files(&self, task: Task) -> Vec<String> {
-        let files: Vec<String> = self
+    /// The files to fetch: exactly `HARNESS_MODEL_FILES`, else the task's own set.
+    pub fn files(&self, task: Task) -> FileSet {
+        let listed: Vec<String> = self
             .model_files
             .iter()
             .map(|f| f.trim().to_string())
             .filter(|f| !f.is_empty())
             .collect();
-        if files.is_empty() {
-            let defaults = match task {
-                Task::Tensor => DEFAULT_TENSOR_FILES,
-                Task::Embedding => crate::tasks::embedding::DEFAULT_FILES,
-                Task::Generation => crate::tasks::generation::DEFAULT_FILES,
-            };
-            defaults.iter().map(|f| f.to_string()).collect()
-        } else {
-            files
+        if !listed.is_empty() {
+            return FileSet::exact(listed);
         }
+        let spec = match task {
+            Task::Tensor => FileSpec::only(DEFAULT_TENSOR_FILES),
+            Task::Embedding => FileSpec::only(crate::tasks::embedding::DEFAULT_FILES),
+            Task::Generation => crate::tasks::generation::DEFAULT_FILES,
+        };
+        spec.into()
     }
 
     /// `HARNESS_CACHE_DIR`, or its default.

@@ -290,6 +290,9 @@ pub struct Status {
     pub in_flight: u64,
     pub uptime_s: u64,
     pub versions: Versions,
+    /// The generation task's slots and memory (absent for other tasks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<crate::tasks::generation::GenerationStatus>,
 }
 
 #[derive(Serialize)]
@@ -317,6 +320,7 @@ pub fn status(shared: &ServingShared) -> Status {
             libtorch: crate::engine::gpu::LIBTORCH_VERSION,
             protocol: harness_client::PROTOCOL_VERSION,
         },
+        generation: shared.generation_status(),
     }
 }
 

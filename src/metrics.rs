@@ -12,6 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::engine::generation::GenerationObserver;
 use crate::engine::BatchObserver;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -61,6 +62,7 @@ pub struct Metrics {
     restarts: Counter,
     download_bytes: Counter,
     model_load_seconds: Gauge<f64, AtomicU64>,
+    generation: GenerationMetrics,
     /// Totals already added to the counters that mirror shared state.
     mirrored: Mutex<(u64, u64)>,
 }
@@ -149,7 +151,9 @@ impl Default for Metrics {
             "Seconds the last model load took",
             model_load_seconds.clone(),
         );
+        let generation = GenerationMetrics::register(&mut registry);
         Metrics {
+            generation,
             registry,
             requests,
             request_duration,
@@ -208,6 +212,80 @@ impl Metrics {
             out = "# the metrics could not be encoded\n".to_string();
         }
         out
+    }
+}
+
+/// The generation task's metrics.
+struct GenerationMetrics {
+    generated_tokens: Counter,
+    prompt_tokens: Counter,
+    time_to_first_token: Histogram,
+    time_per_output_token: Histogram,
+    slots_in_use: Gauge,
+}
+
+impl GenerationMetrics {
+    fn register(registry: &mut Registry) -> GenerationMetrics {
+        let m = GenerationMetrics {
+            generated_tokens: Counter::default(),
+            prompt_tokens: Counter::default(),
+            // Seconds: 1 ms to about 30 s, and 0.1 ms to about 3 s.
+            time_to_first_token: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            time_per_output_token: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            slots_in_use: Gauge::default(),
+        };
+        registry.register(
+            "harness_generated_tokens",
+            "Tokens generated",
+            m.generated_tokens.clone(),
+        );
+        registry.register(
+            "harness_prompt_tokens",
+            "Prompt tokens run through the model",
+            m.prompt_tokens.clone(),
+        );
+        registry.register(
+            "harness_time_to_first_token_seconds",
+            "Time from receiving a generation request to its first token",
+            m.time_to_first_token.clone(),
+        );
+        registry.register(
+            "harness_time_per_output_token_seconds",
+            "Time of the decode step that gave each generated token after the first",
+            m.time_per_output_token.clone(),
+        );
+        registry.register(
+            "harness_generation_slots_in_use",
+            "Sequence slots holding a generation (of HARNESS_MAX_SEQUENCES)",
+            m.slots_in_use.clone(),
+        );
+        m
+    }
+}
+
+impl GenerationObserver for Metrics {
+    fn prefill(&self, prompt_tokens: usize, queued: Duration, time_to_first_token: Duration) {
+        let g = &self.generation;
+        g.prompt_tokens.inc_by(prompt_tokens as u64);
+        g.generated_tokens.inc();
+        g.time_to_first_token
+            .observe(time_to_first_token.as_secs_f64());
+        self.queue_duration.observe(queued.as_secs_f64());
+    }
+
+    fn step(&self, sequences: usize, took: Duration) {
+        let g = &self.generation;
+        g.generated_tokens.inc_by(sequences as u64);
+        for _ in 0..sequences {
+            g.time_per_output_token.observe(took.as_secs_f64());
+        }
+        self.batch_size.observe(sequences as f64);
+    }
+
+    fn finished(&self, _generated: usize) {}
+
+    fn slots_in_use(&self, slots: usize) {
+        self.generation.slots_in_use.set(slots as i64);
     }
 }
 

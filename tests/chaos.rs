@@ -621,7 +621,7 @@ async fn the_hub_fault_matrix_in_one_fetch() {
     let spec = FetchSpec {
         repo: "chaos/model".to_string(),
         revision: "main".to_string(),
-        files: names.clone(),
+        files: names.clone().into(),
         cache_dir: cache.path().to_path_buf(),
         endpoint: hub.url(),
         token: None,

@@ -5,7 +5,9 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use harness::fetch::{self, FetchError, FetchOptions, FetchProgress, FetchSpec, Secret, Snapshot};
+use harness::fetch::{
+    self, FetchError, FetchOptions, FetchProgress, FetchSpec, FileSet, Secret, Snapshot,
+};
 use support::hub::{content, hex, Fault, On, TestHub};
 use support::model_repo::ModelRepo;
 
@@ -70,7 +72,12 @@ fn repo_dir(cache: &Path) -> PathBuf {
 
 /// Nothing partial or stray anywhere in the repo's cache.
 fn assert_no_partial_files(cache: &Path) {
-    let blobs = repo_dir(cache).join("blobs");
+    assert_no_partial_files_in(&repo_dir(cache));
+}
+
+/// Nothing partial or stray in the blobs of the repo folder `repo_dir`.
+fn assert_no_partial_files_in(repo_dir: &Path) {
+    let blobs = repo_dir.join("blobs");
     for entry in std::fs::read_dir(&blobs).into_iter().flatten() {
         let name = entry.unwrap().file_name().into_string().unwrap();
         assert!(
@@ -209,7 +216,7 @@ async fn offline_uses_the_cache_and_names_what_is_missing() {
         .expect("cached");
     assert_eq!(std::fs::read(&snap.files[0]).unwrap(), model);
 
-    offline.files.push("tokenizer.json".to_string());
+    offline.files.required.push("tokenizer.json".to_string());
     let err = fetch::fetch(&offline, &FetchProgress::default())
         .await
         .unwrap_err();
@@ -528,15 +535,561 @@ async fn unsafe_file_names_are_refused_before_any_request() {
 fn a_local_model_dir_is_used_as_is() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("model.pt"), b"x").unwrap();
-    let snap = fetch::local_dir(dir.path(), &["model.pt".to_string()]).unwrap();
+    let snap = fetch::local_dir(dir.path(), &FileSet::exact(["model.pt"])).unwrap();
     assert_eq!(snap.files, vec![dir.path().join("model.pt")]);
-    let err = fetch::local_dir(
-        dir.path(),
-        &["model.pt".to_string(), "vocab.txt".to_string()],
-    )
-    .unwrap_err();
+    assert_eq!(snap.names, ["model.pt"]);
+    let err = fetch::local_dir(dir.path(), &FileSet::exact(["model.pt", "vocab.txt"])).unwrap_err();
     assert!(
         matches!(&err, FetchError::LocalMissing { missing, .. } if missing == &["vocab.txt"]),
+        "{err:?}"
+    );
+}
+
+// Generation repos: a task's file set (required, optional, weights behind an index).
+
+const LLM: &str = "acme/tiny-llm";
+const SHARDS: [&str; 3] = [
+    "model-00001-of-00003.safetensors",
+    "model-00002-of-00003.safetensors",
+    "model-00003-of-00003.safetensors",
+];
+const INDEX: &str = "model.safetensors.index.json";
+const TOKENIZER_FILES: [&str; 3] = ["config.json", "tokenizer.json", "tokenizer_config.json"];
+const OPTIONAL: [&str; 2] = ["generation_config.json", "chat_template.jinja"];
+
+/// The generation task's own set, as `serve` and `harness fetch` use it.
+fn generation_files() -> FileSet {
+    harness::tasks::generation::DEFAULT_FILES.into()
+}
+
+/// A spec for [`LLM`] with the generation task's set.
+fn llm_spec(endpoint: String, cache: &Path, revision: &str) -> FetchSpec {
+    FetchSpec {
+        repo: LLM.to_string(),
+        files: generation_files(),
+        ..spec_at(endpoint, cache, revision, &[])
+    }
+}
+
+/// An index whose `weight_map` names `shards` in this order (shard 1 first, then
+/// 2, then 3, though sorting by tensor name would put `lm_head` and its shard
+/// first), shards named more than once.
+fn index_naming(shards: &[&str]) -> Vec<u8> {
+    let mut entries = Vec::new();
+    for (i, shard) in shards.iter().enumerate() {
+        entries.push(format!("\"model.layers.{i}.mlp.weight\": \"{shard}\""));
+        entries.push(format!("\"model.layers.{i}.attn.weight\": \"{shard}\""));
+    }
+    if let Some(last) = shards.last() {
+        entries.push(format!("\"lm_head.weight\": \"{last}\""));
+        entries.push(format!("\"model.norm.weight\": \"{}\"", shards[0]));
+    }
+    format!(
+        "{{\"metadata\": {{\"total_size\": 1234}}, \"weight_map\": {{{}}}}}",
+        entries.join(", ")
+    )
+    .into_bytes()
+}
+
+/// Small fake bytes for the tokenizer files, the optional files and the shards:
+/// these tests are about fetching, not loading.
+fn llm_files(
+    index: Option<Vec<u8>>,
+    shards: &[&str],
+    optional: bool,
+) -> Vec<(String, Vec<u8>, bool)> {
+    let mut files: Vec<(String, Vec<u8>, bool)> = TOKENIZER_FILES
+        .iter()
+        .map(|name| {
+            (
+                name.to_string(),
+                format!("{{\"file\": \"{name}\"}}").into_bytes(),
+                false,
+            )
+        })
+        .collect();
+    if optional {
+        files.push((
+            OPTIONAL[0].to_string(),
+            b"{\"max_new_tokens\": 16}".to_vec(),
+            false,
+        ));
+        files.push((OPTIONAL[1].to_string(), b"{{ messages }}".to_vec(), false));
+    }
+    match index {
+        Some(index) => {
+            files.push((INDEX.to_string(), index, false));
+            for (i, shard) in shards.iter().enumerate() {
+                files.push((
+                    shard.to_string(),
+                    content(30_000 + 1_000 * i, 100 + i as u64),
+                    true,
+                ));
+            }
+        }
+        None => files.push(("model.safetensors".to_string(), content(50_000, 99), true)),
+    }
+    files
+}
+
+async fn publish_llm(files: &[(String, Vec<u8>, bool)]) -> ModelRepo {
+    let entries: Vec<(&str, &[u8], bool)> = files
+        .iter()
+        .map(|(n, c, lfs)| (n.as_str(), c.as_slice(), *lfs))
+        .collect();
+    ModelRepo::publish(LLM, &entries).await
+}
+
+/// A generation repo with every optional file, an index and its 3 shards.
+async fn sharded_llm() -> ModelRepo {
+    publish_llm(&llm_files(Some(index_naming(&SHARDS)), &SHARDS, true)).await
+}
+
+/// What the sharded repo's fetch names, in order.
+fn sharded_names() -> Vec<String> {
+    TOKENIZER_FILES
+        .iter()
+        .chain(&OPTIONAL)
+        .chain(&[INDEX])
+        .chain(&SHARDS)
+        .map(|n| n.to_string())
+        .collect()
+}
+
+fn llm_dir(cache: &Path) -> PathBuf {
+    cache.join("huggingface/hub/models--acme--tiny-llm")
+}
+
+/// Every file of `snap` holds what the repo published under its name.
+fn assert_published(f: &ModelRepo, snap: &Snapshot) {
+    assert_eq!(snap.names.len(), snap.files.len());
+    for (name, path) in snap.named() {
+        assert_eq!(std::fs::read(&path).unwrap(), f.bytes(&name), "{name}");
+    }
+}
+
+/// The GETs of the bytes of the LFS file `name` of `f` (from the CDN).
+fn cdn_gets(f: &ModelRepo, name: &str) -> usize {
+    f.hub
+        .count("GET", &format!("/cdn/{}", sha256(f.bytes(name))))
+}
+
+#[tokio::test]
+async fn a_sharded_generation_repo_is_fetched_whole_then_needs_no_network() {
+    let f = sharded_llm().await;
+    let progress = FetchProgress::default();
+    let snap = fetch::fetch(&llm_spec(f.hub.url(), f.cache.path(), "main"), &progress)
+        .await
+        .expect("fetch");
+    assert_eq!(snap.names, sharded_names());
+    assert_eq!(snap.commit.as_deref(), Some(f.commit.as_str()));
+    assert_published(&f, &snap);
+    for (name, path) in snap.named() {
+        assert_eq!(
+            path,
+            llm_dir(f.cache.path())
+                .join("snapshots")
+                .join(&f.commit)
+                .join(name)
+        );
+    }
+    let total: u64 = sharded_names()
+        .iter()
+        .map(|n| f.bytes(n).len() as u64)
+        .sum();
+    let p = progress.snapshot();
+    assert_eq!((p.bytes_done, p.bytes_total), (total, total));
+    // With an index, the single file is never asked for; each shard is downloaded once.
+    assert!(
+        !f.hub
+            .served()
+            .iter()
+            .any(|s| s.path.ends_with("/model.safetensors")),
+        "{:?}",
+        f.hub.served()
+    );
+    for shard in SHARDS {
+        assert_eq!(cdn_gets(&f, shard), 1, "{shard}");
+    }
+    assert!(
+        !llm_dir(f.cache.path()).join(".no_exist").exists(),
+        "nothing is absent"
+    );
+    assert!(
+        fetch::verify_files(&snap.files).is_empty(),
+        "every file checks against its blob name"
+    );
+
+    // The branch again: the Hub is asked (the first file with If-None-Match,
+    // which a 304 without a size answers), nothing is downloaded.
+    f.hub.clear_served();
+    let branch = fetch::fetch(
+        &llm_spec(f.hub.url(), f.cache.path(), "main"),
+        &FetchProgress::default(),
+    )
+    .await
+    .expect("the branch again");
+    assert_eq!(branch, snap);
+    let served = f.hub.served();
+    assert_eq!(
+        (served[0].method.as_str(), served[0].status),
+        ("HEAD", 304),
+        "{served:?}"
+    );
+    assert!(served.iter().all(|s| s.method == "HEAD"), "{served:?}");
+
+    // The same pinned commit again: from the cache, not one request.
+    f.hub.clear_served();
+    let pinned = fetch::fetch(
+        &llm_spec(f.hub.url(), f.cache.path(), &f.commit),
+        &FetchProgress::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (pinned.names.clone(), pinned.files.clone()),
+        (snap.names.clone(), snap.files.clone())
+    );
+    assert!(f.hub.served().is_empty(), "requests: {:?}", f.hub.served());
+
+    // Offline, with the Hub gone: the branch from the cache.
+    drop(f.hub);
+    let offline = FetchSpec {
+        offline: true,
+        ..llm_spec("http://127.0.0.1:9".to_string(), f.cache.path(), "main")
+    };
+    let again = fetch::fetch(&offline, &FetchProgress::default())
+        .await
+        .expect("offline from the cache");
+    assert_eq!(again, snap);
+}
+
+#[tokio::test]
+async fn a_single_file_repo_without_optional_files_is_fetched_and_their_absence_cached() {
+    let f = publish_llm(&llm_files(None, &[], false)).await;
+    let snap = fetch::fetch(
+        &llm_spec(f.hub.url(), f.cache.path(), "main"),
+        &FetchProgress::default(),
+    )
+    .await
+    .expect("fetch");
+    let names: Vec<&str> = TOKENIZER_FILES
+        .iter()
+        .copied()
+        .chain(["model.safetensors"])
+        .collect();
+    assert_eq!(snap.names, names);
+    assert_published(&f, &snap);
+    // The Hub answered 404 EntryNotFound for the files the repo lacks, asked once each.
+    for absent in OPTIONAL.iter().chain(&[INDEX]) {
+        let asked: Vec<_> = f
+            .hub
+            .served()
+            .into_iter()
+            .filter(|s| s.path.ends_with(&format!("/{absent}")))
+            .collect();
+        assert_eq!(asked.len(), 1, "{absent}: {asked:?}");
+        assert_eq!((asked[0].method.as_str(), asked[0].status), ("HEAD", 404));
+    }
+    // The cache records their absence as huggingface_hub does: an empty
+    // `.no_exist/<commit>/<file>`.
+    let no_exist = llm_dir(f.cache.path()).join(".no_exist").join(&f.commit);
+    for absent in OPTIONAL.iter().chain(&[INDEX]) {
+        assert_eq!(
+            std::fs::read(no_exist.join(absent)).unwrap(),
+            b"",
+            "{absent}"
+        );
+    }
+    assert!(!no_exist.join("model.safetensors").exists());
+    support::python::run_python(
+        r#"
+import sys
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.file_download import _CACHED_NO_EXIST
+cache, repo, want_weights = sys.argv[1:4]
+for name in ("generation_config.json", "chat_template.jinja", "model.safetensors.index.json"):
+    got = try_to_load_from_cache(repo, name, cache_dir=cache, revision="main")
+    assert got is _CACHED_NO_EXIST, (name, got)
+got = try_to_load_from_cache(repo, "model.safetensors", cache_dir=cache, revision="main")
+assert got == want_weights, (got, want_weights)
+"#,
+        &[
+            &f.cache.path().join("huggingface/hub"),
+            Path::new(LLM),
+            &snap.files[3],
+        ],
+    );
+
+    // The pinned commit again: no request, the absence known from the cache.
+    f.hub.clear_served();
+    let pinned = fetch::fetch(
+        &llm_spec(f.hub.url(), f.cache.path(), &f.commit),
+        &FetchProgress::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(pinned.names, names);
+    assert!(f.hub.served().is_empty(), "requests: {:?}", f.hub.served());
+
+    // Offline, the Hub gone: the branch and the pinned commit alike.
+    drop(f.hub);
+    for revision in ["main", f.commit.as_str()] {
+        let offline = FetchSpec {
+            offline: true,
+            ..llm_spec("http://127.0.0.1:9".to_string(), f.cache.path(), revision)
+        };
+        let again = fetch::fetch(&offline, &FetchProgress::default())
+            .await
+            .unwrap_or_else(|e| panic!("offline at {revision}: {e}"));
+        assert_eq!(again.files, snap.files);
+    }
+
+    // Without the records, the cache cannot tell an absent file from one never
+    // fetched: offline then names them.
+    std::fs::remove_dir_all(llm_dir(f.cache.path()).join(".no_exist")).unwrap();
+    let offline = FetchSpec {
+        offline: true,
+        ..llm_spec("http://127.0.0.1:9".to_string(), f.cache.path(), "main")
+    };
+    let err = fetch::fetch(&offline, &FetchProgress::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, FetchError::OfflineMissing { missing, .. } if missing == &[OPTIONAL[0], OPTIONAL[1], INDEX]),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_shard_is_fetched_again_or_named() {
+    let f = sharded_llm().await;
+    // Wrong bytes once: the check catches them, the shard is fetched again.
+    f.hub.fault(On::DownloadOf(SHARDS[1]), Fault::WrongBytes);
+    let snap = fetch::fetch(
+        &llm_spec(f.hub.url(), f.cache.path(), "main"),
+        &FetchProgress::default(),
+    )
+    .await
+    .expect("the second copy is right");
+    assert_published(&f, &snap);
+    assert_eq!(
+        SHARDS.map(|s| cdn_gets(&f, s)),
+        [1, 2, 1],
+        "only the spoiled shard twice"
+    );
+    assert_no_partial_files_in(&llm_dir(f.cache.path()));
+
+    // A shard changed on disk: the check at load finds it, and once it is removed
+    // the pinned commit fetches that shard alone again.
+    let blob = std::fs::canonicalize(&snap.files[snap.names.len() - 1]).unwrap();
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&blob, bytes).unwrap();
+    let corrupt = fetch::verify_files(&snap.files);
+    assert_eq!(corrupt.len(), 1, "{corrupt:?}");
+    assert!(corrupt[0].path.ends_with(SHARDS[2]), "{:?}", corrupt[0]);
+    fetch::evict(&corrupt[0]).unwrap();
+    f.hub.clear_served();
+    let again = fetch::fetch(
+        &llm_spec(f.hub.url(), f.cache.path(), &f.commit),
+        &FetchProgress::default(),
+    )
+    .await
+    .expect("fetched again");
+    assert_published(&f, &again);
+    let gets: Vec<_> = f
+        .hub
+        .served()
+        .into_iter()
+        .filter(|s| s.method == "GET")
+        .collect();
+    assert_eq!(gets.len(), 1, "{gets:?}");
+    assert_eq!(cdn_gets(&f, SHARDS[2]), 1);
+
+    // Wrong bytes every time: the error names the shard, and nothing wrong is kept.
+    let other = tempfile::tempdir().unwrap();
+    for _ in 0..3 {
+        f.hub.fault(On::DownloadOf(SHARDS[0]), Fault::WrongBytes);
+    }
+    let err = fetch::fetch(
+        &llm_spec(f.hub.url(), other.path(), "main"),
+        &FetchProgress::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, FetchError::Integrity { file, attempts: 3, .. } if file == SHARDS[0]),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(SHARDS[0]), "{err}");
+    assert!(!llm_dir(other.path())
+        .join("blobs")
+        .join(sha256(f.bytes(SHARDS[0])))
+        .exists());
+    assert_no_partial_files_in(&llm_dir(other.path()));
+}
+
+#[tokio::test]
+async fn an_index_naming_a_shard_the_repo_lacks_is_an_error_naming_it() {
+    // The index names three shards; the upload stopped after two.
+    let f = publish_llm(&llm_files(Some(index_naming(&SHARDS)), &SHARDS[..2], true)).await;
+    let err = fetch::fetch(
+        &llm_spec(f.hub.url(), f.cache.path(), "main"),
+        &FetchProgress::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, FetchError::MissingShard { shard, index, .. } if shard == SHARDS[2] && index == INDEX),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains(SHARDS[2]) && message.contains(INDEX) && message.contains(LLM),
+        "{message}"
+    );
+    // Nothing was downloaded past the index, nor put in a snapshot.
+    assert_eq!(cdn_gets(&f, SHARDS[0]), 0);
+    assert!(!llm_dir(f.cache.path()).join("snapshots").exists());
+}
+
+#[tokio::test]
+async fn an_index_that_is_not_json_is_a_clear_error() {
+    let f = publish_llm(&llm_files(
+        Some(b"{\"weight_map\": {\"a\": ".to_vec()),
+        &SHARDS,
+        false,
+    ))
+    .await;
+    let err = fetch::fetch(
+        &llm_spec(f.hub.url(), f.cache.path(), "main"),
+        &FetchProgress::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, FetchError::BadIndex { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains(INDEX) && message.contains("not valid JSON"),
+        "{message}"
+    );
+    assert!(!llm_dir(f.cache.path()).join("snapshots").exists());
+
+    // A repo with neither weights file says so, naming both.
+    let bare = publish_llm(&llm_files(None, &[], false)[..3]).await;
+    let err = fetch::fetch(
+        &llm_spec(bare.hub.url(), bare.cache.path(), "main"),
+        &FetchProgress::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, FetchError::NoWeights { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("model.safetensors") && err.to_string().contains(INDEX),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn harness_model_files_stays_an_exact_list() {
+    let parse = |args: &[&str]| {
+        let config =
+            harness::cli::server_config(["harness", "--task=generation"].iter().chain(args))
+                .expect("arguments");
+        config.model.files(config.serving.task)
+    };
+    assert_eq!(parse(&[]), generation_files());
+    assert_eq!(
+        parse(&["--model-files=config.json, model.safetensors.index.json"]),
+        FileSet::exact(["config.json", "model.safetensors.index.json"])
+    );
+
+    // Exactly the files listed: the index's shards and the optional files are not asked for.
+    let f = sharded_llm().await;
+    let exact = FetchSpec {
+        repo: LLM.to_string(),
+        ..spec(&f.hub, f.cache.path(), "main", &["config.json", INDEX])
+    };
+    let snap = fetch::fetch(&exact, &FetchProgress::default())
+        .await
+        .unwrap();
+    assert_eq!(snap.names, ["config.json", INDEX]);
+    assert_published(&f, &snap);
+    let asked: Vec<String> = f.hub.served().into_iter().map(|s| s.path).collect();
+    assert!(
+        asked
+            .iter()
+            .all(|p| p.ends_with("/config.json") || p.ends_with(INDEX)),
+        "{asked:?}"
+    );
+
+    // A listed file is required, optional or not for the task.
+    let single = publish_llm(&llm_files(None, &[], false)).await;
+    let err = fetch::fetch(
+        &FetchSpec {
+            repo: LLM.to_string(),
+            ..spec(
+                &single.hub,
+                single.cache.path(),
+                "main",
+                &["config.json", OPTIONAL[0]],
+            )
+        },
+        &FetchProgress::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, FetchError::NotFound { .. }), "{err:?}");
+    assert!(err.to_string().contains(OPTIONAL[0]), "{err}");
+}
+
+#[test]
+fn a_local_generation_folder_follows_the_same_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes, _) in llm_files(Some(index_naming(&SHARDS)), &SHARDS, true) {
+        std::fs::write(dir.path().join(name), bytes).unwrap();
+    }
+    // Also a single file, which the index wins over, as on the Hub.
+    std::fs::write(dir.path().join("model.safetensors"), b"ignored").unwrap();
+    let snap = fetch::local_dir(dir.path(), &generation_files()).unwrap();
+    assert_eq!(snap.names, sharded_names());
+    for (name, path) in snap.named() {
+        assert_eq!(path, dir.path().join(name));
+    }
+
+    // A shard the index names is missing: named.
+    std::fs::remove_file(dir.path().join(SHARDS[1])).unwrap();
+    let err = fetch::local_dir(dir.path(), &generation_files()).unwrap_err();
+    assert!(
+        matches!(&err, FetchError::LocalMissing { missing, .. } if missing == &[SHARDS[1]]),
+        "{err:?}"
+    );
+
+    // A broken index: named, with what is wrong.
+    std::fs::write(dir.path().join(INDEX), b"{\"weight_map\": {").unwrap();
+    let err = fetch::local_dir(dir.path(), &generation_files()).unwrap_err();
+    assert!(matches!(err, FetchError::BadIndex { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains(INDEX) && err.to_string().contains("not valid JSON"),
+        "{err}"
+    );
+
+    // No index and no optional files: the single file, and nothing else named.
+    for name in OPTIONAL.iter().chain(&[INDEX]).chain(&SHARDS) {
+        let _ = std::fs::remove_file(dir.path().join(name));
+    }
+    let snap = fetch::local_dir(dir.path(), &generation_files()).unwrap();
+    let names: Vec<&str> = TOKENIZER_FILES
+        .iter()
+        .copied()
+        .chain(["model.safetensors"])
+        .collect();
+    assert_eq!(snap.names, names);
+    std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
+    let err = fetch::local_dir(dir.path(), &generation_files()).unwrap_err();
+    assert!(
+        matches!(&err, FetchError::LocalMissing { missing, .. } if missing == &["tokenizer.json"]),
         "{err:?}"
     );
 }

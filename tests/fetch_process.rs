@@ -199,3 +199,75 @@ async fn a_full_disk_is_a_clear_error() {
     assert!(stderr.contains("the disk is full"), "{stderr}");
     assert!(stderr.contains("HARNESS_CACHE_DIR"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_of_a_generation_repo_takes_the_tasks_set_and_then_works_offline() {
+    const LLM: &str = "acme/tiny-llm";
+    let shards = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ];
+    let index = format!(
+        "{{\"weight_map\": {{\"a\": \"{}\", \"b\": \"{}\", \"c\": \"{}\"}}}}",
+        shards[0], shards[1], shards[0]
+    );
+    let (one, two) = (content(20_000, 1), content(30_000, 2));
+    // No generation_config.json: the node goes without it.
+    let published = ModelRepo::publish(
+        LLM,
+        &[
+            ("config.json", b"{}", false),
+            ("tokenizer.json", b"{\"t\": 1}", false),
+            ("tokenizer_config.json", b"{\"c\": 1}", false),
+            ("chat_template.jinja", b"{{ messages }}", false),
+            ("model.safetensors.index.json", index.as_bytes(), false),
+            (shards[0], &one, true),
+            (shards[1], &two, true),
+        ],
+    )
+    .await;
+    let hub = &published.hub;
+    let cache = published.cache.path();
+    // HARNESS_MODEL_FILES unset: the generation task's own set, as `serve` takes it.
+    let mut cmd = hub.fetch_command(cache, LLM, &[]);
+    cmd.env("HARNESS_TASK", "generation");
+    let out = run(cmd).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let snapshot = cache
+        .join("huggingface/hub/models--acme--tiny-llm/snapshots")
+        .join(&published.commit);
+    let stdout = text(&out.stdout);
+    let names: Vec<String> = stdout
+        .lines()
+        .map(|line| {
+            Path::new(line)
+                .strip_prefix(&snapshot)
+                .unwrap_or_else(|_| panic!("{line} is not in {}", snapshot.display()))
+                .display()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+            "model.safetensors.index.json",
+            shards[0],
+            shards[1],
+        ]
+    );
+    assert_eq!(std::fs::read(snapshot.join(shards[1])).unwrap(), two);
+
+    // Offline, the Hub unreachable: the same files, generation_config.json known absent.
+    let mut offline = hub.fetch_command(cache, LLM, &[]);
+    offline
+        .env("HARNESS_TASK", "generation")
+        .env("HARNESS_OFFLINE", "1")
+        .env("HF_ENDPOINT", "http://127.0.0.1:9");
+    let again = run(offline).await;
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(text(&again.stdout), stdout);
+}

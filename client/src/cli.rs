@@ -13,7 +13,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::{ClientConfig, ClientError, ClientTls, HarnessClient, WireTensor};
+use crate::{
+    ClientConfig, ClientError, ClientTls, GenerateOptions, Generation, HarnessClient, WireTensor,
+};
 
 /// The exit code of an error that needs a change before trying again.
 pub const EXIT_PERMANENT: u8 = 2;
@@ -195,10 +197,11 @@ impl ClientArgs {
     }
 }
 
-/// `call`: send one `Run` (`--tensor`) or `Embed` (`--embed`) and print the answer.
+/// `call`: send one `Run` (`--tensor`), `Embed` (`--embed`) or `Generate`
+/// (`--generate`) and print the answer.
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    group(clap::ArgGroup::new("input").required(true).args(["tensors", "texts"])),
+    group(clap::ArgGroup::new("input").required(true).args(["tensors", "texts", "prompt"])),
     after_help = EXIT_CODES_HELP
 )]
 pub struct CallArgs {
@@ -216,10 +219,119 @@ pub struct CallArgs {
     #[arg(long = "embed")]
     pub texts: Vec<String>,
 
+    /// A prompt to continue (a node with HARNESS_TASK=generation). Sends a
+    /// `Generate`; prints the generated text on stdout, then on stderr why it
+    /// ended, the token counts and the time to the first token. The deadline
+    /// covers the whole generation.
+    #[arg(long = "generate", value_name = "PROMPT")]
+    pub prompt: Option<String>,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub generation: GenerateArgs,
+
     /// How long to keep trying, in milliseconds (a node that is down is waited
     /// for within it).
     #[arg(long, default_value_t = 30_000)]
     pub deadline_ms: u64,
+}
+
+/// The options of `call --generate`; refused with `--tensor` or `--embed`. Those
+/// not given take the model's `generation_config.json`, then `transformers`'
+/// defaults.
+#[derive(Debug, Clone, Default, PartialEq, clap::Args)]
+pub struct GenerateArgs {
+    /// With --generate: tokens to generate at most (the prompt not counted).
+    #[arg(long, value_name = "N", requires = "prompt", conflicts_with_all = ["tensors", "texts"],
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_new_tokens: Option<u32>,
+
+    /// With --generate: sample, dividing the logits by F (0: greedy).
+    #[arg(long, value_name = "F", requires = "prompt", conflicts_with_all = ["tensors", "texts"],
+          value_parser = parse_temperature)]
+    pub temperature: Option<f32>,
+
+    /// With --generate: sample from the smallest set of tokens whose probability
+    /// reaches F (0 < F <= 1).
+    #[arg(long, value_name = "F", requires = "prompt", conflicts_with_all = ["tensors", "texts"],
+          value_parser = parse_top_p)]
+    pub top_p: Option<f32>,
+
+    /// With --generate: sample among the N most likely tokens only (0: all).
+    #[arg(long, value_name = "N", requires = "prompt", conflicts_with_all = ["tensors", "texts"])]
+    pub top_k: Option<u32>,
+
+    /// With --generate: sample with this seed; the same seed and request give
+    /// the same text.
+    #[arg(long, value_name = "N", requires = "prompt", conflicts_with_all = ["tensors", "texts"])]
+    pub seed: Option<u64>,
+
+    /// With --generate: end the generation where TEXT first occurs, leaving it
+    /// out of the answer (repeat for several).
+    #[arg(long = "stop", value_name = "TEXT", requires = "prompt", conflicts_with_all = ["tensors", "texts"],
+          value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    pub stop: Vec<String>,
+
+    /// With --generate: take the most likely token at each step (no sampling),
+    /// whatever the model's generation_config.json says.
+    #[arg(long, requires = "prompt", conflicts_with_all = ["tensors", "texts", "temperature", "top_p", "top_k", "seed"])]
+    pub greedy: bool,
+}
+
+impl GenerateArgs {
+    /// The request's [`GenerateOptions`]: `do_sample` is `false` with
+    /// `--greedy`, else unset (sampling when a sampling option is given, else
+    /// the model's choice).
+    pub fn options(&self) -> GenerateOptions {
+        GenerateOptions {
+            max_new_tokens: self.max_new_tokens,
+            do_sample: self.greedy.then_some(false),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            stop: self.stop.clone(),
+        }
+    }
+}
+
+/// `--temperature`: a finite number, 0 or more.
+fn parse_temperature(text: &str) -> Result<f32, String> {
+    match text.trim().parse::<f32>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => Err("a temperature is a number, 0 or more (0: greedy)".to_string()),
+    }
+}
+
+/// `--top-p`: a probability above 0, at most 1.
+fn parse_top_p(text: &str) -> Result<f32, String> {
+    match text.trim().parse::<f32>() {
+        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
+        _ => Err("top-p is a probability above 0 and at most 1".to_string()),
+    }
+}
+
+/// The line `call --generate` writes on stderr after the text: why the
+/// generation ended, its token counts, and the time to its first token, e.g.
+/// `finish: length (12 prompt tokens, 32 generated, first token after 41 ms)`.
+pub fn finish_line(generation: &Generation) -> String {
+    let prompt = match generation.prompt_tokens {
+        1 => "1 prompt token".to_string(),
+        n => format!("{n} prompt tokens"),
+    };
+    let first = if generation.generated_tokens == 0 {
+        String::new()
+    } else {
+        format!(
+            ", first token after {:.0} ms",
+            generation.time_to_first_token_ms
+        )
+    };
+    format!(
+        "finish: {} ({prompt}, {} generated{first})",
+        generation.finish_reason.as_str(),
+        generation.generated_tokens
+    )
 }
 
 /// `status`: print a serving's status as one JSON object.
@@ -336,6 +448,16 @@ pub fn parse_tensor(text: &str) -> Result<WireTensor, CliError> {
 
 fn try_call(args: &CallArgs) -> Result<(), CliError> {
     let deadline = Some(Duration::from_millis(args.deadline_ms));
+    if let Some(prompt) = &args.prompt {
+        let (prompt, options) = (prompt.clone(), args.generation.options());
+        let generation = with_client(&args.client, |client| async move {
+            client.generate(prompt, options, deadline).await
+        })?;
+        // The text alone on stdout, ready for a pipe; the rest for the person.
+        println!("{}", generation.text);
+        eprintln!("{}", finish_line(&generation));
+        return Ok(());
+    }
     if !args.texts.is_empty() {
         let texts = args.texts.clone();
         let embeddings = with_client(&args.client, |client| async move {
@@ -399,6 +521,189 @@ mod tests {
         assert!(err.contains("holds 4 values, 1 given"), "{err}");
         assert!(parse_tensor("0.1,0.2").is_err());
         assert!(parse_tensor("-1,4:0.1").is_err());
+    }
+
+    /// `call`'s arguments as a verb parses them (a node given, as it is required).
+    fn parse_call(args: &[&str]) -> Result<CallArgs, clap::Error> {
+        #[derive(Debug, clap::Parser)]
+        struct Call {
+            #[command(flatten)]
+            call: CallArgs,
+        }
+        use clap::Parser;
+        let line = ["call", "--node", "127.0.0.1:9000"].iter().chain(args);
+        Call::try_parse_from(line).map(|c| c.call)
+    }
+
+    #[test]
+    fn generate_options_parse_into_the_request() {
+        let args = parse_call(&[
+            "--generate",
+            "Once upon a time",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0.7",
+            "--top-p",
+            "0.9",
+            "--top-k",
+            "40",
+            "--seed",
+            "7",
+            "--stop",
+            "\n",
+            "--stop",
+            "THE END",
+        ])
+        .unwrap();
+        assert_eq!(args.prompt.as_deref(), Some("Once upon a time"));
+        assert!(args.texts.is_empty() && args.tensors.is_empty());
+        assert_eq!(
+            args.generation.options(),
+            GenerateOptions {
+                max_new_tokens: Some(12),
+                do_sample: None,
+                temperature: Some(0.7),
+                top_p: Some(0.9),
+                top_k: Some(40),
+                seed: Some(7),
+                stop: vec!["\n".to_string(), "THE END".to_string()],
+            }
+        );
+        // Nothing given: the model's own configuration decides everything.
+        let args = parse_call(&["--generate", "Hi"]).unwrap();
+        assert_eq!(args.generation.options(), GenerateOptions::default());
+        // --greedy: do_sample false, nothing else.
+        let args = parse_call(&["--generate", "Hi", "--greedy", "--max-new-tokens", "3"]).unwrap();
+        assert_eq!(
+            args.generation.options(),
+            GenerateOptions {
+                max_new_tokens: Some(3),
+                do_sample: Some(false),
+                ..GenerateOptions::default()
+            }
+        );
+        // An empty prompt is the model's to judge, not the command line's.
+        assert_eq!(
+            parse_call(&["--generate", ""]).unwrap().prompt.as_deref(),
+            Some("")
+        );
+    }
+
+    #[test]
+    fn generate_options_are_refused_with_embed_and_tensor() {
+        for (line, option, input) in [
+            (
+                &["--embed", "hi", "--max-new-tokens", "5"][..],
+                "--max-new-tokens",
+                "--embed",
+            ),
+            (&["--embed", "hi", "--greedy"][..], "--greedy", "--embed"),
+            (
+                &["--tensor", "1,1:0", "--stop", "x"][..],
+                "--stop",
+                "--tensor",
+            ),
+            (
+                &["--tensor", "1,1:0", "--temperature", "0.5"][..],
+                "--temperature",
+                "--tensor",
+            ),
+            (&["--top-k", "4", "--embed", "hi"][..], "--top-k", "--embed"),
+        ] {
+            let err = parse_call(line).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{line:?}: {err}"
+            );
+            let message = err.to_string();
+            assert!(
+                message.contains(option) && message.contains(input),
+                "{line:?}: {message}"
+            );
+        }
+        // Alone, with no input: the verb asks for one.
+        let err = parse_call(&["--seed", "1"]).unwrap_err();
+        assert!(err.to_string().contains("--generate"), "{err}");
+        // One request per call.
+        let err = parse_call(&["--generate", "a", "--embed", "b"]).unwrap_err();
+        assert_eq!(
+            err.kind(),
+            clap::error::ErrorKind::ArgumentConflict,
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_generate_values_are_refused() {
+        for line in [
+            &["--temperature", "-1"][..],
+            &["--temperature", "NaN"],
+            &["--temperature", "inf"],
+            &["--top-p", "0"],
+            &["--top-p", "1.5"],
+            &["--top-k", "-1"],
+            &["--max-new-tokens", "0"],
+            &["--seed", "-3"],
+            &["--stop", ""],
+            &["--greedy", "--temperature", "0.5"],
+            &["--greedy", "--seed", "1"],
+        ] {
+            let mut full = vec!["--generate", "Hi"];
+            full.extend_from_slice(line);
+            assert!(parse_call(&full).is_err(), "{full:?} was accepted");
+        }
+        // The edges that are allowed.
+        let args = parse_call(&[
+            "--generate",
+            "Hi",
+            "--temperature",
+            "0",
+            "--top-p",
+            "1",
+            "--top-k",
+            "0",
+        ])
+        .unwrap();
+        let options = args.generation.options();
+        assert_eq!(
+            (options.temperature, options.top_p, options.top_k),
+            (Some(0.0), Some(1.0), Some(0))
+        );
+    }
+
+    #[test]
+    fn the_finish_line_tells_reason_counts_and_first_token() {
+        let mut generation = Generation {
+            text: "Paris.".to_string(),
+            token_ids: vec![3; 32],
+            finish_reason: crate::FinishReason::Length,
+            prompt_tokens: 12,
+            generated_tokens: 32,
+            time_to_first_token_ms: 40.6,
+        };
+        assert_eq!(
+            finish_line(&generation),
+            "finish: length (12 prompt tokens, 32 generated, first token after 41 ms)"
+        );
+        generation.finish_reason = crate::FinishReason::Stop;
+        generation.prompt_tokens = 1;
+        generation.generated_tokens = 5;
+        generation.time_to_first_token_ms = 7.2;
+        assert_eq!(
+            finish_line(&generation),
+            "finish: stop (1 prompt token, 5 generated, first token after 7 ms)"
+        );
+        // A prompt that fills the context: no first token to time.
+        generation.finish_reason = crate::FinishReason::Length;
+        generation.prompt_tokens = 4096;
+        generation.generated_tokens = 0;
+        generation.token_ids.clear();
+        assert_eq!(
+            finish_line(&generation),
+            "finish: length (4096 prompt tokens, 0 generated)"
+        );
     }
 
     #[test]

@@ -9,8 +9,8 @@ use ractor::{Actor, ActorRef, BytesConvertable, RpcReplyPort};
 use ractor_cluster::{NodeServer, NodeServerMessage};
 
 use crate::protocol::{
-    EmbedRequest, Embedding, Payload, RunRequest, ServingError, ServingMessage, ServingStatus,
-    StatusRequest, WireTensor, PROTOCOL_VERSION,
+    EmbedRequest, Embedding, GenerateOptions, GenerateRequest, Generation, Payload, RunRequest,
+    ServingError, ServingMessage, ServingStatus, StatusRequest, WireTensor, PROTOCOL_VERSION,
 };
 
 /// How a client joins the mesh.
@@ -234,6 +234,26 @@ impl Request for EmbedRequest {
     }
 }
 
+impl Request for GenerateRequest {
+    type Answer = Result<Generation, ServingError>;
+    type Output = Generation;
+    fn with_timeout(&self, timeout_ms: u64) -> Self {
+        GenerateRequest {
+            timeout_ms,
+            ..self.clone()
+        }
+    }
+    fn message(
+        payload: Payload<Self>,
+        port: RpcReplyPort<Payload<Self::Answer>>,
+    ) -> ServingMessage {
+        ServingMessage::Generate(payload, port)
+    }
+    fn output(answer: Self::Answer) -> Result<Self::Output, ServingError> {
+        answer
+    }
+}
+
 impl Request for StatusRequest {
     type Answer = ServingStatus;
     type Output = ServingStatus;
@@ -415,6 +435,49 @@ impl HarnessClient {
         let request = EmbedRequest {
             version: PROTOCOL_VERSION,
             texts,
+            timeout_ms: 0,
+        };
+        self.call(request, deadline).await
+    }
+
+    /// Continues `prompt` (a node serving the generation task,
+    /// `HARNESS_TASK=generation`): the generated text, its token ids, why it
+    /// ended, the token counts and the time to the first token. The whole
+    /// generation is answered at once, so `deadline` must cover all of it, not
+    /// only its first token. `options` left at their defaults take the model's
+    /// `generation_config.json`. Retries as [`HarnessClient::run`] does (a retried
+    /// generation starts over; with sampling and no `seed` it may differ).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use harness_client::{ClientConfig, GenerateOptions, HarnessClient};
+    ///
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config = ClientConfig::new(vec!["127.0.0.1:9000".into()], std::env::var("HARNESS_COOKIE")?);
+    /// let client = HarnessClient::connect(config).await?;
+    /// let options = GenerateOptions {
+    ///     max_new_tokens: Some(32),
+    ///     do_sample: Some(false), // greedy
+    ///     stop: vec!["\n\n".into()],
+    ///     ..GenerateOptions::default()
+    /// };
+    /// let generation = client
+    ///     .generate("The capital of France is", options, Some(Duration::from_secs(60)))
+    ///     .await?;
+    /// println!("{} ({})", generation.text, generation.finish_reason.as_str());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn generate(
+        &self,
+        prompt: impl Into<String>,
+        options: GenerateOptions,
+        deadline: Option<Duration>,
+    ) -> Result<Generation, ClientError> {
+        let request = GenerateRequest {
+            version: PROTOCOL_VERSION,
+            prompt: prompt.into(),
+            options,
             timeout_ms: 0,
         };
         self.call(request, deadline).await

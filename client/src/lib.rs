@@ -45,6 +45,34 @@
 //! # }
 //! ```
 //!
+//! Generating text (a node with `HARNESS_TASK=generation`, a causal language
+//! model): the whole generation comes back at once, with why it ended
+//! ([`FinishReason`]), its token counts and the time to its first token. Options
+//! left unset take the model's `generation_config.json`; see
+//! `client/examples/generate.rs`.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use harness_client::{ClientConfig, GenerateOptions, HarnessClient};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = ClientConfig::new(vec!["127.0.0.1:9000".into()], std::env::var("HARNESS_COOKIE")?);
+//! let client = HarnessClient::connect(config).await?;
+//! let options = GenerateOptions {
+//!     max_new_tokens: Some(32),
+//!     temperature: Some(0.7), // sampling
+//!     seed: Some(42),         // the same text each time
+//!     ..GenerateOptions::default()
+//! };
+//! let generation = client
+//!     .generate("Once upon a time", options, Some(Duration::from_secs(60)))
+//!     .await?;
+//! println!("{}", generation.text);
+//! println!("{} tokens, ended by {}", generation.generated_tokens, generation.finish_reason.as_str());
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! On Fly.io, a name such as `my-harness.internal:9000` stands for every machine
 //! of the app, and the client connects to all of them:
 //!
@@ -86,7 +114,9 @@
 //!
 //! With the `cli` feature the crate also builds the `harness-client` binary
 //! (`harness-client call`, `harness-client status`): `cargo install --path client
-//! --features cli`.
+//! --features cli`. `call --generate PROMPT` prints the generated text, with
+//! `--max-new-tokens`, `--temperature`, `--top-p`, `--top-k`, `--seed`, `--stop`
+//! and `--greedy`.
 
 #![warn(missing_docs)]
 

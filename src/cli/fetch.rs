@@ -16,7 +16,7 @@ pub fn run(config: &Config) -> anyhow::Result<ExitCode> {
             tracing::info!(
                 repo = %spec.repo,
                 revision = %spec.revision,
-                files = %spec.files.join(","),
+                files = %spec.files,
                 cache = %spec.cache_dir.display(),
                 offline = spec.offline,
                 "fetching the model"

@@ -10,13 +10,15 @@
 //!
 //! The files read in one direction: `mod.rs` (the handle) → `thread.rs` (the one
 //! engine thread) → `batcher.rs` → `model.rs` → `collate.rs`, `torchscript.rs` (a
-//! leaf: the TorchScript calls) → `error.rs`, `device.rs`.
+//! leaf: the TorchScript calls) → `error.rs`, `device.rs`. The generation task has
+//! an engine of its own, `generation/` (a language model with continuous batching).
 
 mod batcher;
 mod collate;
 pub mod demo;
 mod device;
 mod error;
+pub mod generation;
 pub mod gpu;
 mod model;
 mod thread;

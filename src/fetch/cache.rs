@@ -5,6 +5,7 @@
 //!     blobs/<etag>                  verified content; `<etag>.incomplete` while downloading
 //!     refs/<revision>               the commit a branch or tag pointed at
 //!     snapshots/<commit>/<file>     relative symlink to ../../blobs/<etag>
+//!     .no_exist/<commit>/<file>     empty: the repo has no such file at that commit
 //! <cache>/huggingface/hub/.locks/models--org--name/<etag>.lock
 //! ```
 //!
@@ -92,6 +93,27 @@ impl RepoCache {
         };
         // A snapshot entry whose blob is gone (pruned by hand) is not cached.
         path.metadata().is_ok().then_some(path)
+    }
+
+    /// `.no_exist/<commit>/<file>`: the record that the repo has no `file` at
+    /// `commit`, as Python's `huggingface_hub` writes and reads it.
+    pub fn no_exist_path(&self, commit: &str, file: &str) -> PathBuf {
+        self.root().join(".no_exist").join(commit).join(file)
+    }
+
+    /// Whether the cache records that the repo has no `file` at `commit`.
+    pub fn is_absent(&self, commit: &str, file: &str) -> bool {
+        self.no_exist_path(commit, file).is_file()
+    }
+
+    /// Records that the repo has no `file` at `commit` (a commit never changes, so
+    /// the record holds for good), atomically.
+    pub fn mark_absent(&self, commit: &str, file: &str) -> Result<(), FetchError> {
+        let path = self.no_exist_path(commit, file);
+        if path.is_file() {
+            return Ok(());
+        }
+        write_atomically(&path, b"")
     }
 
     /// Points `refs/<revision>` at `commit`, atomically.
@@ -201,7 +223,7 @@ pub(crate) fn create_dir_all(dir: &Path) -> Result<(), FetchError> {
 
 /// Writes `bytes` beside `path` and renames it into place.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), FetchError> {
-    create_dir_all(path.parent().expect("a ref has a parent"))?;
+    create_dir_all(path.parent().expect("a cache entry has a parent"))?;
     let aside = aside_name(path);
     let result = std::fs::write(&aside, bytes).and_then(|()| std::fs::rename(&aside, path));
     result.map_err(|source: io::Error| {
@@ -277,6 +299,24 @@ mod tests {
         assert_eq!(cache.cached_commit(), Some(commit.clone()));
         assert_eq!(cache.cached_file("onnx/model.bin"), Some(entry));
         assert_eq!(cache.cached_file("missing.bin"), None);
+    }
+
+    #[test]
+    fn absent_files_are_recorded_per_commit_as_python_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = RepoCache::new(dir.path(), "org/name", "main");
+        let (commit, other) = ("a".repeat(40), "b".repeat(40));
+        assert!(!cache.is_absent(&commit, "chat_template.jinja"));
+        cache.mark_absent(&commit, "chat_template.jinja").unwrap();
+        cache.mark_absent(&commit, "chat_template.jinja").unwrap();
+        cache.mark_absent(&commit, "sub/extra.json").unwrap();
+        assert!(cache.is_absent(&commit, "chat_template.jinja"));
+        assert!(cache.is_absent(&commit, "sub/extra.json"));
+        assert!(!cache.is_absent(&other, "chat_template.jinja"));
+        let marker = dir.path().join(format!(
+            "huggingface/hub/models--org--name/.no_exist/{commit}/chat_template.jinja"
+        ));
+        assert_eq!(std::fs::read(marker).unwrap(), b"");
     }
 
     #[test]

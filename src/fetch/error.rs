@@ -67,6 +67,26 @@ pub enum FetchError {
     },
     #[error("HARNESS_MODEL_DIR {dir} lacks {}", .missing.join(", "))]
     LocalMissing { dir: PathBuf, missing: Vec<String> },
+    #[error("{repo} at {revision} has no safetensors weights: neither {single} nor {index}; check HARNESS_MODEL_REPO and HARNESS_MODEL_REVISION (a repo with other weights needs its files listed in HARNESS_MODEL_FILES)")]
+    NoWeights {
+        repo: String,
+        revision: String,
+        single: String,
+        index: String,
+    },
+    #[error("{index} of {repo} at {revision} names the shard {shard}, which the repo does not have: the upload is incomplete; pin a revision whose shards are all there (HARNESS_MODEL_REVISION)")]
+    MissingShard {
+        repo: String,
+        revision: String,
+        index: String,
+        shard: String,
+    },
+    #[error("{index} cannot be read as a safetensors index: {reason}; fix the repo, pin a revision whose index is sound (HARNESS_MODEL_REVISION), or list the files in HARNESS_MODEL_FILES")]
+    BadIndex {
+        /// The index, in the repo or in `HARNESS_MODEL_DIR`.
+        index: String,
+        reason: String,
+    },
     #[error("invalid fetch setting: {0}")]
     Config(String),
 }
@@ -95,6 +115,17 @@ fn not_found_message(repo: &str, revision: &str, file: Option<&str>, code: Optio
 }
 
 impl FetchError {
+    /// Whether the Hub said that the file asked for is not in the repo: a 404 with
+    /// `X-Error-Code: EntryNotFound`, or with no code (as a mirror may answer),
+    /// rather than one saying the repo or the revision is not there.
+    pub(crate) fn is_missing_file(&self) -> bool {
+        matches!(
+            self,
+            FetchError::NotFound { file: Some(_), code, .. }
+                if code.as_deref().is_none_or(|c| c == "EntryNotFound")
+        )
+    }
+
     /// Whether this is the Hub being unreachable (or failing), as opposed to an
     /// answer about the request: only then does a branch fall back to the cache.
     pub fn is_hub_unavailable(&self) -> bool {

@@ -117,17 +117,19 @@ impl Hub {
 
     /// One `HEAD` for a file's metadata at `revision`, following relative redirects
     /// (a renamed repo) and stopping at an absolute one (the CDN: its headers carry
-    /// what we need). `known_etag` asks for a 304 when the file is unchanged.
+    /// what we need). `known`, the cached copy's etag and size, asks for a 304 when
+    /// the file is unchanged; a 304 need not repeat the size (nor the etag), which
+    /// are then the cached copy's.
     pub async fn head(
         &self,
         revision: &str,
         file: &str,
-        known_etag: Option<&str>,
+        known: Option<(&str, u64)>,
     ) -> Result<FileMeta, Attempt> {
         let mut url = self.resolve_url(revision, file);
         for _ in 0..5 {
             let mut req = self.request(Method::HEAD, &url);
-            if let Some(etag) = known_etag {
+            if let Some((etag, _)) = known {
                 req = req.header(header::IF_NONE_MATCH, format!("\"{etag}\""));
             }
             let response = req.send().await.map_err(|e| self.transport(&url, e))?;
@@ -144,22 +146,28 @@ impl Hub {
                     url = next.to_string();
                     continue;
                 }
-                return self.meta_from(file, &url, headers, next.to_string());
+                return self.meta_from(file, &url, headers, next.to_string(), None);
             }
-            if status.is_success() || status == StatusCode::NOT_MODIFIED {
-                return self.meta_from(file, &url, headers, url.clone());
+            if status == StatusCode::NOT_MODIFIED {
+                return self.meta_from(file, &url, headers, url.clone(), known);
+            }
+            if status.is_success() {
+                return self.meta_from(file, &url, headers, url.clone(), None);
             }
             return Err(self.status_failure(&url, Some(file), &response));
         }
         Err(protocol(&url, "an end to its redirects").into())
     }
 
+    /// The metadata in `headers`; `unchanged` (a 304's) stands in for an etag or
+    /// size the answer leaves out.
     fn meta_from(
         &self,
         file: &str,
         url: &str,
         headers: &HeaderMap,
         download_url: String,
+        unchanged: Option<(&str, u64)>,
     ) -> Result<FileMeta, Attempt> {
         let commit = header_str(headers, "x-repo-commit")
             .ok_or_else(|| protocol(url, "X-Repo-Commit"))?
@@ -168,10 +176,12 @@ impl Hub {
             .or_else(|| header_str(headers, header::ETAG.as_str()))
             .map(normalize_etag)
             .filter(|e| !e.is_empty())
+            .or_else(|| unchanged.map(|(etag, _)| etag.to_string()))
             .ok_or_else(|| protocol(url, "an ETag"))?;
         let size = header_str(headers, "x-linked-size")
             .or_else(|| header_str(headers, header::CONTENT_LENGTH.as_str()))
             .and_then(|s| s.parse::<u64>().ok())
+            .or_else(|| unchanged.map(|(_, size)| size))
             .ok_or_else(|| protocol(url, "the file's size (X-Linked-Size or Content-Length)"))?;
         if etag.contains('/') || etag.starts_with('.') {
             return Err(protocol(url, "an ETag that is a plain name").into());

@@ -1,6 +1,12 @@
 //! Fetch: the model's files from the Hugging Face Hub into the volume cache. The
 //! only room that touches `hf-hub`.
 //!
+//! What a model is made of is a [`FileSet`]: the files its task needs, the ones it
+//! uses when the repo has them (the cache records the ones a commit lacks under
+//! `.no_exist/<commit>/`, as Python's `huggingface_hub` does, so that a restart
+//! knows it without asking), and its safetensors weights, found through their
+//! index when the repo has one.
+//!
 //! Every file is checked (size against the announced size, and for LFS files the
 //! sha256 against the etag) before it gets its name in the cache; a partial or wrong
 //! file never appears in a snapshot. Transfers time out when they stall, are retried
@@ -11,8 +17,10 @@ mod blob_writer;
 pub mod cache;
 mod download;
 mod error;
+mod files;
 mod hub;
 pub mod progress;
+mod resolve;
 mod retry;
 mod verify;
 
@@ -21,12 +29,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use error::FetchError;
+pub use files::{index_shards, FileSet, FileSpec, Weights};
 pub use progress::{FetchProgress, ProgressSnapshot};
 pub use verify::{evict, verify_files, Corrupt};
 
 use cache::{is_commit, RepoCache};
-use hub::{Attempt, FileMeta, Hub};
-use retry::Retries;
+use files::is_safe_file_name;
+use hub::Hub;
 
 /// A secret (`HF_TOKEN`) that never prints: `Debug` and `Display` show a placeholder.
 #[derive(Clone, PartialEq, Eq)]
@@ -109,7 +118,9 @@ pub struct FetchSpec {
     pub repo: String,
     /// A branch, tag or 40-hex commit.
     pub revision: String,
-    pub files: Vec<String>,
+    /// The files: a task's set (required, optional, weights behind an index), or
+    /// `HARNESS_MODEL_FILES` (exactly those, all required).
+    pub files: FileSet,
     /// `HARNESS_CACHE_DIR`: the Hub layout lives under `<cache_dir>/huggingface/hub`.
     pub cache_dir: PathBuf,
     /// `HF_ENDPOINT`.
@@ -127,8 +138,23 @@ pub struct Snapshot {
     pub revision: String,
     /// The commit the files come from (`None` for a local folder).
     pub commit: Option<String>,
-    /// Local paths, in the order the files were asked for.
+    /// Each file's path in the repo, in order: the required files, the optional
+    /// ones the repo has, then the weights (the index and its shards, or the one
+    /// file). Absent optional files are not named.
+    pub names: Vec<String>,
+    /// The local path of each file of `names`, in the same order.
     pub files: Vec<PathBuf>,
+}
+
+impl Snapshot {
+    /// Each file by its name in the repo, with its local path.
+    pub fn named(&self) -> Vec<(String, PathBuf)> {
+        self.names
+            .iter()
+            .cloned()
+            .zip(self.files.iter().cloned())
+            .collect()
+    }
 }
 
 /// Fetches `spec.files` into the cache (or finds them there) and returns their paths.
@@ -155,7 +181,7 @@ async fn fetch_or_find(spec: &FetchSpec, progress: &FetchProgress) -> Result<Sna
             "no files to fetch: set HARNESS_MODEL_FILES".to_string(),
         ));
     }
-    if let Some(bad) = spec.files.iter().find(|f| !is_safe_file_name(f)) {
+    if let Some(bad) = spec.files.declared().find(|f| !is_safe_file_name(f)) {
         return Err(FetchError::Config(format!(
             "{bad:?} is not a file path inside a repo (no leading /, no .., not empty)"
         )));
@@ -202,26 +228,23 @@ async fn fetch_or_find(spec: &FetchSpec, progress: &FetchProgress) -> Result<Sna
     }
 }
 
-/// The files of a local folder (`HARNESS_MODEL_DIR`), used as they are.
-pub fn local_dir(dir: &Path, files: &[String]) -> Result<Snapshot, FetchError> {
-    let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
-    let missing: Vec<String> = files
-        .iter()
-        .zip(&paths)
-        .filter(|(_, p)| !p.is_file())
-        .map(|(f, _)| f.clone())
-        .collect();
-    if !missing.is_empty() {
+/// The files of a local folder (`HARNESS_MODEL_DIR`), used as they are: every
+/// required file, the optional ones it holds, and the weights (the shards its
+/// index names when it holds the index, else the single file).
+pub fn local_dir(dir: &Path, files: &FileSet) -> Result<Snapshot, FetchError> {
+    let found = resolve::on_shelf(files, &resolve::DirShelf { dir })?;
+    if !found.missing.is_empty() {
         return Err(FetchError::LocalMissing {
             dir: dir.to_path_buf(),
-            missing,
+            missing: found.missing,
         });
     }
     Ok(Snapshot {
         repo: dir.display().to_string(),
         revision: "local".to_string(),
         commit: None,
-        files: paths,
+        names: found.names,
+        files: found.files,
     })
 }
 
@@ -231,122 +254,85 @@ async fn online(
     hub: &Hub,
     progress: &FetchProgress,
 ) -> Result<Snapshot, FetchError> {
-    // The first file resolves the revision to a commit; the rest are asked for at
-    // that commit, so a branch that moves meanwhile cannot mix two snapshots.
-    let first = &spec.files[0];
-    let known = cached_etag(cache, first);
-    let first_meta = with_retries(spec, first, hub.resolve_url(&spec.revision, first), || {
-        hub.head(&spec.revision, first, known.as_deref())
-    })
-    .await?;
-    let commit = first_meta.commit.clone();
-    if !is_commit(&commit) {
-        return Err(FetchError::Protocol {
-            url: hub.resolve_url(&spec.revision, first),
-            what: format!("a 40-hex X-Repo-Commit (got {commit:?})"),
-        });
+    let found = resolve::on_hub(spec, cache, hub, progress).await?;
+    let commit = found.commit;
+    for file in &found.absent {
+        cache.mark_absent(&commit, file)?;
+        tracing::info!(file = %file, "{} has no {file} at {}; going without it", spec.repo, short(&commit));
     }
-    let mut metas = vec![first_meta];
-    for file in &spec.files[1..] {
-        metas.push(
-            with_retries(spec, file, hub.resolve_url(&commit, file), || {
-                hub.head(&commit, file, None)
-            })
-            .await?,
-        );
-    }
-
-    let total: u64 = metas.iter().map(|m| m.size).sum();
+    let total = resolve::total_size(&found.metas);
     progress.set_total(total);
     tracing::info!(
         commit = %commit,
-        files = metas.len(),
+        files = found.metas.len(),
         bytes = total,
         "{} at {} is commit {}: {} in {} file(s)",
         spec.repo,
         spec.revision,
         short(&commit),
         progress::human_bytes(total),
-        metas.len()
+        found.metas.len()
     );
 
-    let mut files = Vec::with_capacity(metas.len());
-    for meta in &metas {
-        download::ensure_blob(hub, cache, meta, progress, &spec.options).await?;
+    let (mut names, mut files) = (Vec::new(), Vec::new());
+    for (i, meta) in found.metas.iter().enumerate() {
+        if found.downloaded != Some(i) {
+            download::ensure_blob(hub, cache, meta, progress, &spec.options).await?;
+        }
         files.push(cache.link(&commit, &meta.file, &meta.etag)?);
+        names.push(meta.file.clone());
     }
     cache.write_ref(&commit)?;
     Ok(Snapshot {
         repo: spec.repo.clone(),
         revision: spec.revision.clone(),
         commit: Some(commit),
+        names,
         files,
     })
 }
 
-/// Runs `attempt` until it succeeds, fails for good, or runs out of attempts.
-async fn with_retries<F, Fut>(
-    spec: &FetchSpec,
-    file: &str,
-    url: String,
-    mut attempt: F,
-) -> Result<FileMeta, FetchError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<FileMeta, Attempt>>,
-{
-    let mut retries = Retries::new(&spec.options, url, format!("asking the Hub about {file}"));
-    loop {
-        match attempt().await {
-            Ok(meta) => return Ok(meta),
-            Err(failure) => retries.after(failure).await?,
-        }
-    }
-}
-
-/// The etag of the cached copy of `file` at this revision, so the Hub can answer 304.
-fn cached_etag(cache: &RepoCache, file: &str) -> Option<String> {
-    let path = cache.cached_file(file)?;
-    let target = std::fs::read_link(path).ok()?;
-    target.file_name()?.to_str().map(str::to_string)
-}
-
-/// Every file from the cache, or `None` if any is missing.
+/// Every file from the cache (an optional file only if the cache has it or
+/// records that the commit lacks it), or `None` if any is missing.
 fn from_cache(spec: &FetchSpec, cache: &RepoCache) -> Option<Snapshot> {
-    let files = spec
-        .files
-        .iter()
-        .map(|f| cache.cached_file(f))
-        .collect::<Option<Vec<_>>>()?;
+    let commit = cache.cached_commit()?;
+    let found = in_cache(spec, cache, Some(commit.clone()));
+    if !found.missing.is_empty() {
+        return None;
+    }
     Some(Snapshot {
         repo: spec.repo.clone(),
         revision: spec.revision.clone(),
-        commit: cache.cached_commit(),
-        files,
+        commit: Some(commit),
+        names: found.names,
+        files: found.files,
+    })
+}
+
+/// The set as the cache holds it at `commit`: what it has, and what it lacks.
+fn in_cache(spec: &FetchSpec, cache: &RepoCache, commit: Option<String>) -> resolve::Shelved {
+    // The cache's shelf reports an unusable copy as missing rather than failing;
+    // were it to fail, nothing would count as cached.
+    resolve::on_shelf(&spec.files, &resolve::CacheShelf { cache, commit }).unwrap_or_else(|_| {
+        resolve::Shelved {
+            missing: spec.files.declared().map(str::to_string).collect(),
+            ..Default::default()
+        }
     })
 }
 
 fn offline_missing(spec: &FetchSpec, cache: &RepoCache) -> FetchError {
+    let commit = cache.cached_commit();
+    let missing = match commit {
+        Some(_) => in_cache(spec, cache, commit).missing,
+        None => spec.files.declared().map(str::to_string).collect(),
+    };
     FetchError::OfflineMissing {
         repo: spec.repo.clone(),
         revision: spec.revision.clone(),
         cache: cache::hub_dir(&spec.cache_dir),
-        missing: spec
-            .files
-            .iter()
-            .filter(|f| cache.cached_file(f).is_none())
-            .cloned()
-            .collect(),
+        missing,
     }
-}
-
-/// A relative path inside a repo: no absolute path, no `..`, nothing empty.
-fn is_safe_file_name(file: &str) -> bool {
-    !file.is_empty()
-        && !file.starts_with('/')
-        && file
-            .split('/')
-            .all(|part| !part.is_empty() && part != "." && part != "..")
 }
 
 fn short(commit: &str) -> &str {
@@ -374,14 +360,5 @@ mod tests {
             options.delay(1, Some(Duration::from_secs(7))),
             Duration::from_secs(7)
         );
-    }
-
-    #[test]
-    fn file_names_stay_inside_the_repo() {
-        assert!(is_safe_file_name("model.pt"));
-        assert!(is_safe_file_name("onnx/model.onnx"));
-        for bad in ["", "/etc/passwd", "../x", "a/../b", "a//b", "./a"] {
-            assert!(!is_safe_file_name(bad), "{bad}");
-        }
     }
 }

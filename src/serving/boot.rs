@@ -144,7 +144,9 @@ async fn choose_device(
     Ok(Some(device))
 }
 
-/// The model's files, from the Hub (through the cache) or a local folder, by name.
+/// The model's files, from the Hub (through the cache) or a local folder, by
+/// their names in the repo: every file fetched (an index's shards included), and
+/// no absent optional file.
 async fn fetch_model(
     config: &Config,
     shared: &ServingShared,
@@ -153,13 +155,9 @@ async fn fetch_model(
         .model
         .source(config.serving.task)
         .map_err(LoadFailure::permanent)?;
-    let (repo, revision, names) = match &source {
-        ModelSource::Dir { dir, files } => (
-            dir.display().to_string(),
-            "local".to_string(),
-            files.clone(),
-        ),
-        ModelSource::Hub(spec) => (spec.repo.clone(), spec.revision.clone(), spec.files.clone()),
+    let (repo, revision) = match &source {
+        ModelSource::Dir { dir, .. } => (dir.display().to_string(), "local".to_string()),
+        ModelSource::Hub(spec) => (spec.repo.clone(), spec.revision.clone()),
     };
     shared.set_model(ModelInfo {
         repo: repo.clone(),
@@ -172,7 +170,7 @@ async fn fetch_model(
         ModelSource::Hub(spec) => fetch::fetch(spec, &shared.progress).await,
     }
     .map_err(fetch_failure)?;
-    let files: Vec<_> = names.into_iter().zip(snapshot.files).collect();
+    let files = snapshot.named();
     shared.set_model(ModelInfo {
         repo,
         revision,
@@ -189,7 +187,8 @@ async fn fetch_model(
 }
 
 /// A fetch error, and whether fetching again could help: a repo, revision or file
-/// that does not exist, a refused token or files missing offline stay so.
+/// that does not exist, a refused token, files missing offline, or an index that
+/// is broken or names a shard the repo lacks stay so.
 fn fetch_failure(err: FetchError) -> LoadFailure {
     let permanent = matches!(
         err,
@@ -198,6 +197,9 @@ fn fetch_failure(err: FetchError) -> LoadFailure {
             | FetchError::Unauthorized { .. }
             | FetchError::OfflineMissing { .. }
             | FetchError::LocalMissing { .. }
+            | FetchError::NoWeights { .. }
+            | FetchError::MissingShard { .. }
+            | FetchError::BadIndex { .. }
     );
     LoadFailure {
         message: err.to_string(),
@@ -276,6 +278,8 @@ async fn load_task(
         batch: config.serving.batch(),
         warmup_inputs,
         observer: shared.metrics.clone(),
+        generation: config.serving.generation.clone(),
+        generations: shared.metrics.clone(),
     };
     let task = tasks::load(config.serving.task, context).await?;
     shared.metrics.model_loaded(loading.elapsed());
@@ -293,6 +297,7 @@ fn go_ready(
     shared.set_running(Some(Running {
         stats: task.stats(),
         device,
+        task: Arc::downgrade(&task),
     }));
     loaded.set(task);
     ractor::pg::join(serving_group(&shared.name), vec![myself.get_cell()]);

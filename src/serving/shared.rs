@@ -304,6 +304,11 @@ impl ServingShared {
         self.running.lock().ok().and_then(|r| r.clone())
     }
 
+    /// What a generation serving reports of its slots and memory.
+    pub fn generation_status(&self) -> Option<crate::tasks::generation::GenerationStatus> {
+        self.running()?.task.upgrade()?.generation_status()
+    }
+
     /// Items waiting in the engine's queue.
     pub fn queue_depth(&self) -> u64 {
         self.engine_stats()
@@ -339,6 +344,8 @@ impl ServingShared {
 pub struct Running {
     pub stats: Arc<EngineStats>,
     pub device: DeviceChoice,
+    /// The task, for what it reports; weak, so the model's life stays the actor's.
+    pub task: std::sync::Weak<dyn crate::tasks::Task>,
 }
 
 impl std::fmt::Debug for Running {

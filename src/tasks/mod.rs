@@ -26,6 +26,7 @@ use tokio::sync::watch;
 pub use pooling::{Pooler, Pooling};
 
 use crate::config::Task as TaskKind;
+use crate::engine::generation::GenerationObserver;
 use crate::engine::{
     BatchConfig, BatchObserver, DeviceChoice, EngineStats, ForwardError, LoadError, RunError,
 };
@@ -47,6 +48,10 @@ pub struct LoadContext {
     pub warmup_inputs: Option<Vec<tensor::InputSpec>>,
     /// Told of every batch the task's engine runs (the serving's metrics).
     pub observer: Arc<dyn BatchObserver>,
+    /// The generation task's settings.
+    pub generation: crate::config::GenerationConfig,
+    /// Told of the generation engine's work (the serving's metrics).
+    pub generations: Arc<dyn GenerationObserver>,
 }
 
 /// A loaded task: its model on the device and everything around it. A request
@@ -67,6 +72,11 @@ pub trait Task: Send + Sync + 'static {
 
     /// Resolves when the model's engine fails for good, with why.
     fn failure(&self) -> watch::Receiver<Option<String>>;
+
+    /// What `/status` shows of a generation serving (slots, memory).
+    fn generation_status(&self) -> Option<generation::GenerationStatus> {
+        None
+    }
 
     /// `Run`: tensors in, tensors out.
     fn run(self: Arc<Self>, _request: RunRequest, _timing: Timing) -> BoxFuture<'static, RunReply> {

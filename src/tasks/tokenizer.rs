@@ -113,14 +113,22 @@ impl TextTokenizer {
         Ok(tokens(&e, truncated))
     }
 
+    /// The text of `ids`, special tokens left out (as `transformers`'
+    /// `decode(ids, skip_special_tokens=True)`).
+    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| format!("cannot decode tokens: {e}"))
+    }
+
     fn tokenize(&self, text: &str) -> Result<tokenizers::Encoding, String> {
         self.inner
             .encode(text, true)
             .map_err(|e| format!("cannot tokenize: {e}"))
     }
 
-    /// Tokens in `text` with nothing cut.
-    fn count(&self, text: &str) -> Result<usize, String> {
+    /// Tokens in `text` with nothing cut, special tokens included.
+    pub fn count(&self, text: &str) -> Result<usize, String> {
         self.untruncated
             .encode(text, true)
             .map(|e| e.len())

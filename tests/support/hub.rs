@@ -4,10 +4,13 @@
 //! `ETag` (a git-style id) and `Content-Length` for small files, and with a 302 to an
 //! absolute `/cdn/<sha256>` URL carrying `X-Linked-Etag` and `X-Linked-Size` for LFS
 //! files, as the Hub does. A renamed repo answers with a relative 307. `Range`,
-//! `If-None-Match` (304), private repos (401 without the token) and the Hub's
-//! `X-Error-Code` on 404 are served. Faults are queued and each spoils the next
-//! matching request: statuses, `Retry-After`, stalls, truncated bodies, wrong
-//! bytes, ignored `Range`. Every request is counted.
+//! `If-None-Match` (304, without the size for small files), private repos (401
+//! without the token) and the Hub's `X-Error-Code` on 404 are served (a file
+//! missing at an existing commit: `EntryNotFound`, with that commit's
+//! `X-Repo-Commit`, as the Hub answers). Faults are queued and each spoils the
+//! next matching request (or the next download of one file): statuses,
+//! `Retry-After`, stalls, truncated bodies, wrong bytes, ignored `Range`. Every
+//! request is counted.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -32,6 +35,8 @@ pub enum On {
     Resolve,
     /// `GET` of a file's bytes (the CDN for LFS files, `resolve` for small ones).
     Download,
+    /// `GET` of the bytes of the file of this name (its path in the repo) only.
+    DownloadOf(&'static str),
 }
 
 /// One spoiled answer.
@@ -61,6 +66,8 @@ pub struct Served {
 
 #[derive(Clone)]
 struct FileEntry {
+    /// The file's path in the repo.
+    name: String,
     content: Arc<Vec<u8>>,
     lfs: bool,
     etag: String,
@@ -119,8 +126,9 @@ impl TestHub {
         TestHub { addr, state, task }
     }
 
-    /// A `harness fetch` of `files` of `repo` from this hub into the cache `cache`,
-    /// with no token or offline setting inherited from the test's environment.
+    /// A `harness fetch` of `files` of `repo` from this hub into the cache `cache`
+    /// (no `files`: `HARNESS_MODEL_FILES` unset, the task's own set), with no
+    /// token or offline setting inherited from the test's environment.
     pub fn fetch_command(
         &self,
         cache: &std::path::Path,
@@ -131,10 +139,14 @@ impl TestHub {
         cmd.arg("fetch")
             .env("HF_ENDPOINT", self.url())
             .env("HARNESS_MODEL_REPO", repo)
-            .env("HARNESS_MODEL_FILES", files.join(","))
             .env("HARNESS_CACHE_DIR", cache)
             .env_remove("HF_TOKEN")
             .env_remove("HARNESS_OFFLINE");
+        if files.is_empty() {
+            cmd.env_remove("HARNESS_MODEL_FILES");
+        } else {
+            cmd.env("HARNESS_MODEL_FILES", files.join(","));
+        }
         cmd
     }
 
@@ -166,6 +178,7 @@ impl TestHub {
                 (
                     name.to_string(),
                     FileEntry {
+                        name: name.to_string(),
                         content: Arc::new(content.to_vec()),
                         lfs: *lfs,
                         etag,
@@ -313,8 +326,13 @@ async fn handle(
 }
 
 fn take_fault(state: &Arc<Mutex<State>>, on: On) -> Option<Fault> {
+    take_fault_where(state, |o| o == on)
+}
+
+/// The first queued fault whose target `matches`, taken off the queue.
+fn take_fault_where(state: &Arc<Mutex<State>>, matches: impl Fn(On) -> bool) -> Option<Fault> {
     let mut state = state.lock().unwrap();
-    let i = state.faults.iter().position(|(o, _)| *o == on)?;
+    let i = state.faults.iter().position(|(o, _)| matches(*o))?;
     state.faults.remove(i).map(|(_, f)| f)
 }
 
@@ -388,7 +406,13 @@ async fn route(
             return status(404, &[("x-error-code", "RevisionNotFound")]);
         };
         let Some(entry) = files.get(&file).cloned() else {
-            return status(404, &[("x-error-code", "EntryNotFound")]);
+            return status(
+                404,
+                &[
+                    ("x-error-code", "EntryNotFound"),
+                    ("x-repo-commit", commit.as_str()),
+                ],
+            );
         };
         (commit, entry)
     };
@@ -442,7 +466,9 @@ fn serve_bytes(
 ) -> Response<Body> {
     let total = entry.content.len() as u64;
     let fault = if method == Method::GET {
-        take_fault(state, On::Download)
+        take_fault_where(state, |on| {
+            on == On::Download || matches!(on, On::DownloadOf(name) if name == entry.name)
+        })
     } else {
         None
     };

@@ -21,12 +21,16 @@
 //! - [`relay`]: a TCP relay to stall or cut, for network partitions.
 //! - [`minilm`]: all-MiniLM-L6-v2, exported by our tool, and sentence-transformers'
 //!   reference vectors.
+//! - [`llm`]: tiny random Llama, Mistral and Qwen2 checkpoints (and a GPT-2 to
+//!   refuse) as Hub repos ([`llm::TinyLlm`]), with transformers' greedy
+//!   generations from them, made by `llm_fixtures.py` once per machine.
 //! - [`measure`]: [`measure::percentile`], and the benches' sizes from the
 //!   environment.
 #![allow(dead_code)] // each test binary and bench uses its own subset
 
 pub mod client;
 pub mod hub;
+pub mod llm;
 pub mod measure;
 pub mod minilm;
 pub mod model_repo;

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use harness::node::Node;
 use harness_client::{
-    EmbedReply, EmbedRequest, Fault, FaultRequest, Payload, RunReply, RunRequest, ServingError,
-    ServingMessage, ServingStatus, StatusRequest, WireTensor, PROTOCOL_VERSION,
+    EmbedReply, EmbedRequest, Fault, FaultRequest, GenerateOptions, GenerateReply, GenerateRequest,
+    Payload, RunReply, RunRequest, ServingError, ServingMessage, ServingStatus, StatusRequest,
+    WireTensor, PROTOCOL_VERSION,
 };
 use ractor::ActorRef;
 
@@ -91,6 +92,23 @@ pub async fn embed(
         timeout_ms,
     });
     let message = |port| ServingMessage::Embed(request, port);
+    ask(serving, message, answer_within(timeout_ms)).await
+}
+
+/// Generates from `prompt` with `options`. Panics when no answer comes.
+pub async fn generate(
+    serving: &ActorRef<ServingMessage>,
+    prompt: &str,
+    options: GenerateOptions,
+    timeout_ms: u64,
+) -> GenerateReply {
+    let request = Payload::new(GenerateRequest {
+        version: PROTOCOL_VERSION,
+        prompt: prompt.to_string(),
+        options,
+        timeout_ms,
+    });
+    let message = |port| ServingMessage::Generate(request, port);
     ask(serving, message, answer_within(timeout_ms)).await
 }
 

@@ -1,25 +1,397 @@
-//! The generation task: a prompt in, the model's continuation out.
+//! The generation task: a prompt in, the model's continuation out. It reads the
+//! repo as published (`config.json`, `generation_config.json`, the tokenizer, the
+//! safetensors shards), sizes the engine's slots and cache, checks each request,
+//! tokenizes its prompt, stops it at its stop strings, and turns the engine's
+//! tokens into text.
 
+mod defaults;
 mod files;
+mod stop;
 
-pub use files::DEFAULT_FILES;
-
-use super::{LoadContext, LoadFailure, Task};
-use crate::engine::EngineStats;
-use futures_util::future::BoxFuture;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::future::BoxFuture;
+use harness_client::{FinishReason, GenerateReply, GenerateRequest, Generation, ServingError};
+use serde::Serialize;
 use tokio::sync::watch;
 
-/// A causal language model served for `Generate` (being built).
+pub use defaults::Defaults;
+pub use files::DEFAULT_FILES;
+
+use super::tokenizer::TextTokenizer;
+use super::{internal, off_async, LoadContext, LoadFailure, Task, Timing};
+use crate::config::DTypeChoice;
+use crate::engine::generation::{
+    self as engine, fresh_seed, Finish, GenerateError, GenerationEngine, GenerationLoadError,
+    GenerationSettings, ModelConfig, SamplingParams, Sequence,
+};
+use crate::engine::{DeviceChoice, EngineStats, ForwardError, Kind};
+use stop::StopStrings;
+
+/// The longest context the node gives a sequence when `HARNESS_MAX_CONTEXT` is
+/// unset, whatever the model allows (what the original compiled Mistral for).
+pub const DEFAULT_MAX_CONTEXT: u32 = 4096;
+/// Stop strings per request, and bytes per stop string, at most.
+const MAX_STOPS: usize = 16;
+const MAX_STOP_BYTES: usize = 256;
+/// Prompts over the context are counted whole, for the error, up to this size.
+const MAX_COUNTED_PROMPT_BYTES: usize = 1 << 20;
+
+/// The generation task's own settings (`HARNESS_DTYPE`, `HARNESS_MAX_SEQUENCES`,
+/// `HARNESS_MAX_CONTEXT`).
+pub type GenerationOptions = crate::config::GenerationConfig;
+
+/// What `/status` shows of a generation serving.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationStatus {
+    pub architecture: String,
+    pub parameters: u64,
+    pub dtype: &'static str,
+    pub max_sequences: u32,
+    pub sequences_running: u64,
+    pub max_context: u32,
+    pub weights_gib: f64,
+    pub kv_cache_gib: f64,
+}
+
+/// A causal language model served for `Generate`.
 pub struct GenerationTask {
+    engine: GenerationEngine,
+    tokenizer: Arc<TextTokenizer>,
+    defaults: Defaults,
+    eos: Vec<u32>,
+    /// Counters the serving reads (the queue), kept apart from the model.
     stats: Arc<EngineStats>,
-    failure: watch::Receiver<Option<String>>,
+    status: GenerationStatus,
 }
 
 impl GenerationTask {
-    /// Loads the model (being built).
-    pub async fn load(_context: LoadContext) -> Result<Self, LoadFailure> {
-        Err(LoadFailure::permanent("the generation task is being built"))
+    /// Reads the repo's files and loads the model onto the device.
+    pub async fn load(context: LoadContext) -> Result<Self, LoadFailure> {
+        let files = Files::find(&context.files)?;
+        let options = context.generation.clone();
+        let read = |path: &Path| {
+            std::fs::read_to_string(path)
+                .map_err(|e| LoadFailure::permanent(format!("cannot read {}: {e}", path.display())))
+        };
+        let config = ModelConfig::parse(&read(&files.config)?)
+            .map_err(|e| LoadFailure::permanent(e.to_string()))?;
+        let defaults = match &files.generation_config {
+            Some(path) => Defaults::parse(&read(path)?).map_err(LoadFailure::permanent)?,
+            None => Defaults::default(),
+        };
+        let eos = if defaults.eos_token_ids.is_empty() {
+            config.eos_token_ids.clone()
+        } else {
+            defaults.eos_token_ids.clone()
+        };
+        let kind = dtype(options.dtype, context.device, config.dtype.as_deref());
+        let settings = GenerationSettings {
+            slots: options.max_sequences,
+            context: max_context(&config, options.max_context),
+            max_queue: context.batch.max_queue as u32,
+            kind,
+        };
+        let tokenizer_path = files.tokenizer.clone();
+        let context_tokens = settings.context as usize;
+        let tokenizer = off_async(
+            move || TextTokenizer::from_file(&tokenizer_path, context_tokens),
+            internal,
+        )
+        .await
+        .map_err(|e| LoadFailure::permanent(e.to_string()))?;
+
+        let plan =
+            GenerationEngine::plan(&config, &files.weights, &settings).map_err(load_failure)?;
+        tracing::info!(
+            architecture = ?config.architecture,
+            parameters = plan.parameters,
+            dtype = engine::kind_name(kind),
+            weights_gib = plan.weight_bytes as f64 / GIB,
+            kv_cache_gib = plan.kv_cache_bytes as f64 / GIB,
+            sequences = settings.slots,
+            context = settings.context,
+            "the model needs {} of weights and {} of KV cache ({} sequences × {} tokens) on {}",
+            engine::gib(plan.weight_bytes),
+            engine::gib(plan.kv_cache_bytes),
+            settings.slots,
+            settings.context,
+            context.device,
+        );
+        if context.device == DeviceChoice::Cpu {
+            if let Some(available) = available_host_memory() {
+                let needed = plan.weight_bytes + plan.kv_cache_bytes;
+                if needed > available {
+                    let cause = format!("{} of memory available", engine::gib(available));
+                    return Err(LoadFailure::permanent(engine::too_large_message(
+                        &plan,
+                        &settings,
+                        "on the CPU",
+                        &cause,
+                    )));
+                }
+            }
+        }
+        let engine = GenerationEngine::load(
+            config.clone(),
+            files.weights.clone(),
+            context.device,
+            settings,
+            Some(context.generations.clone()),
+        )
+        .await
+        .map_err(load_failure)?;
+        let stats = engine.stats().engine.clone();
+        let status = GenerationStatus {
+            architecture: format!("{:?}", config.architecture),
+            parameters: plan.parameters,
+            dtype: engine::kind_name(kind),
+            max_sequences: settings.slots,
+            sequences_running: 0,
+            max_context: settings.context,
+            weights_gib: round2(plan.weight_bytes as f64 / GIB),
+            kv_cache_gib: round2(plan.kv_cache_bytes as f64 / GIB),
+        };
+        Ok(GenerationTask {
+            engine,
+            tokenizer: Arc::new(tokenizer),
+            defaults,
+            eos,
+            stats,
+            status,
+        })
+    }
+
+    /// Checks `request` and turns it into the engine's sequence (tokenizing runs
+    /// on a blocking thread).
+    async fn sequence(
+        &self,
+        request: GenerateRequest,
+        timing: Timing,
+    ) -> Result<(Sequence, usize, Vec<String>), ServingError> {
+        let o = &request.options;
+        let bad = |reason: String| ServingError::BadInput { reason };
+        if let Some(t) = o.temperature.filter(|t| !t.is_finite() || *t < 0.0) {
+            return Err(bad(format!("temperature must be 0 or more, not {t}")));
+        }
+        if let Some(p) = o.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+            return Err(bad(format!("top_p must be in (0, 1], not {p}")));
+        }
+        if o.max_new_tokens == Some(0) {
+            return Err(bad("max_new_tokens must be at least 1".to_string()));
+        }
+        if o.stop.len() > MAX_STOPS {
+            return Err(bad(format!(
+                "{} stop strings; at most {MAX_STOPS}",
+                o.stop.len()
+            )));
+        }
+        if let Some(s) = o
+            .stop
+            .iter()
+            .find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+        {
+            return Err(bad(format!(
+                "a stop string must have 1 to {MAX_STOP_BYTES} bytes (got {})",
+                s.len()
+            )));
+        }
+        let context = self.engine.settings().context;
+        let tokenizer = self.tokenizer.clone();
+        let prompt = request.prompt;
+        let (tokens, count) = off_async(
+            move || {
+                let tokens = tokenizer.encode_one(&prompt)?;
+                // An over-long prompt's whole count, for the error, where counting
+                // it is cheap enough.
+                let count = match tokens.truncated {
+                    true if prompt.len() <= MAX_COUNTED_PROMPT_BYTES => {
+                        Some(tokenizer.count(&prompt)?)
+                    }
+                    true => None,
+                    false => Some(tokens.ids.len()),
+                };
+                Ok((tokens, count))
+            },
+            bad,
+        )
+        .await?;
+        if tokens.truncated || tokens.ids.len() >= context as usize {
+            let count = count.map_or_else(
+                || format!("more than {}", tokens.ids.len()),
+                |n| n.to_string(),
+            );
+            return Err(bad(format!(
+                "the prompt has {count} tokens, but a sequence holds {context} (HARNESS_MAX_CONTEXT), prompt and generated tokens together: shorten the prompt"
+            )));
+        }
+        if tokens.ids.is_empty() {
+            return Err(bad("the prompt has no tokens".to_string()));
+        }
+        let sampling_asked =
+            o.temperature.is_some() || o.top_p.is_some() || o.top_k.is_some() || o.seed.is_some();
+        let d = &self.defaults;
+        let sampling = SamplingParams {
+            do_sample: o.do_sample.unwrap_or(sampling_asked || d.do_sample),
+            temperature: o.temperature.or(d.temperature).unwrap_or(1.0),
+            top_k: o.top_k.or(d.top_k).unwrap_or(50) as usize,
+            top_p: o.top_p.or(d.top_p).unwrap_or(1.0),
+            seed: o.seed.unwrap_or_else(fresh_seed),
+        };
+        let prompt_tokens = tokens.ids.len();
+        let room = context as usize - prompt_tokens;
+        let max_new_tokens = o
+            .max_new_tokens
+            .map(|n| n as usize)
+            .or(d.max_new_tokens.map(|n| n as usize))
+            .or(d
+                .max_length
+                .map(|l| (l as usize).saturating_sub(prompt_tokens).max(1)))
+            .unwrap_or(room);
+        let stop = (!o.stop.is_empty()).then(|| {
+            Box::new(StopStrings::new(self.tokenizer.clone(), o.stop.clone()))
+                as Box<dyn engine::StopCheck>
+        });
+        let sequence = Sequence {
+            prompt: tokens.ids,
+            sampling,
+            max_new_tokens: max_new_tokens.min(u32::MAX as usize) as u32,
+            eos: self.eos.clone(),
+            stop,
+            received: timing.received,
+            deadline: timing.deadline,
+        };
+        Ok((sequence, prompt_tokens, request.options.stop))
+    }
+}
+
+/// The repo's files the task reads, by name.
+struct Files {
+    config: PathBuf,
+    generation_config: Option<PathBuf>,
+    tokenizer: PathBuf,
+    weights: Vec<PathBuf>,
+}
+
+impl Files {
+    fn find(files: &[(String, PathBuf)]) -> Result<Files, LoadFailure> {
+        let named = |name: &str| {
+            files
+                .iter()
+                .find(|(n, _)| n == name || n.ends_with(&format!("/{name}")))
+                .map(|(_, p)| p.clone())
+        };
+        let required =
+            |name: &str| {
+                named(name).ok_or_else(|| {
+                    LoadFailure::permanent(format!(
+                    "the generation task needs {name}, which is not among the model's files ({})",
+                    files.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+                ))
+                })
+            };
+        let weights: Vec<PathBuf> = files
+            .iter()
+            .filter(|(n, _)| n.ends_with(".safetensors"))
+            .map(|(_, p)| p.clone())
+            .collect();
+        if weights.is_empty() {
+            return Err(LoadFailure::permanent(
+                "the generation task needs the model's safetensors weights (model.safetensors, or the shards model.safetensors.index.json names), and none are among its files",
+            ));
+        }
+        Ok(Files {
+            config: required("config.json")?,
+            generation_config: named("generation_config.json"),
+            tokenizer: required("tokenizer.json")?,
+            weights,
+        })
+    }
+}
+
+/// The dtype of `HARNESS_DTYPE` on `device`: `auto` is the checkpoint's on a GPU
+/// (bf16 where it names none) and f32 on the CPU, where half types are slow.
+fn dtype(choice: DTypeChoice, device: DeviceChoice, checkpoint: Option<&str>) -> Kind {
+    match choice {
+        DTypeChoice::Bf16 => Kind::BFloat16,
+        DTypeChoice::F16 => Kind::Half,
+        DTypeChoice::F32 => Kind::Float,
+        DTypeChoice::Auto if device == DeviceChoice::Cpu => Kind::Float,
+        DTypeChoice::Auto => match checkpoint {
+            Some("float16") => Kind::Half,
+            Some("float32") => Kind::Float,
+            _ => Kind::BFloat16,
+        },
+    }
+}
+
+/// `HARNESS_MAX_CONTEXT`, else the model's positions up to 4096; never more than
+/// a sliding window (the cache keeps no more than the model attends to).
+fn max_context(config: &ModelConfig, asked: Option<u32>) -> u32 {
+    let model = config.max_position_embeddings.clamp(2, u32::MAX as i64) as u32;
+    let mut context = asked.unwrap_or(model.min(DEFAULT_MAX_CONTEXT));
+    if let Some(window) = config.sliding_window {
+        if (window as u32) < context {
+            tracing::warn!(
+                window,
+                "the model attends to the last {window} tokens only (sliding_window): sequences hold {window} tokens, not {context}"
+            );
+            context = window as u32;
+        }
+    }
+    if context as i64 > config.max_position_embeddings {
+        tracing::warn!(
+            context,
+            max_position_embeddings = config.max_position_embeddings,
+            "HARNESS_MAX_CONTEXT is beyond the positions the model was trained for: expect poor text past them"
+        );
+    }
+    context
+}
+
+fn load_failure(err: GenerationLoadError) -> LoadFailure {
+    match err {
+        GenerationLoadError::Checkpoint(m) | GenerationLoadError::TooLarge(m) => {
+            LoadFailure::permanent(m)
+        }
+        GenerationLoadError::Device(m) => LoadFailure::from(m),
+    }
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes.
+fn available_host_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// What the caller can do about an engine error.
+fn serving_error(err: GenerateError, received: Instant) -> ServingError {
+    match err {
+        GenerateError::Overloaded { queued, capacity } => {
+            ServingError::Overloaded { queued, capacity }
+        }
+        GenerateError::DeadlineExceeded { .. } => ServingError::DeadlineExceeded {
+            waited_ms: received.elapsed().as_millis() as u64,
+        },
+        GenerateError::Forward(
+            e @ (ForwardError::Device { .. }
+            | ForwardError::Panicked { .. }
+            | ForwardError::Stopped),
+        ) => internal(e),
+        GenerateError::Forward(e) => ServingError::Model {
+            message: e.to_string(),
+        },
     }
 }
 
@@ -27,16 +399,85 @@ impl Task for GenerationTask {
     fn name(&self) -> &'static str {
         "generation"
     }
+
     fn answers(&self) -> &'static str {
         "Generate"
     }
+
+    /// One short generation, so the first request does not pay for libtorch's
+    /// first kernels.
     fn warm_up(self: Arc<Self>) -> BoxFuture<'static, Result<(), String>> {
-        Box::pin(async { Ok(()) })
+        Box::pin(async move {
+            let prompt: Vec<u32> = vec![self.eos.first().copied().unwrap_or(0)];
+            let sequence = Sequence {
+                prompt,
+                sampling: SamplingParams {
+                    do_sample: false,
+                    temperature: 1.0,
+                    top_k: 0,
+                    top_p: 1.0,
+                    seed: 0,
+                },
+                max_new_tokens: 2,
+                eos: Vec::new(),
+                stop: None,
+                received: Instant::now(),
+                deadline: Instant::now() + std::time::Duration::from_secs(600),
+            };
+            self.engine
+                .generate(sequence)
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("warming up the model: {e}"))
+        })
     }
+
     fn stats(&self) -> Arc<EngineStats> {
         self.stats.clone()
     }
+
     fn failure(&self) -> watch::Receiver<Option<String>> {
-        self.failure.clone()
+        self.engine.failure()
+    }
+
+    fn generation_status(&self) -> Option<GenerationStatus> {
+        let mut status = self.status.clone();
+        status.sequences_running = self.engine.stats().slots_in_use.load(Ordering::Relaxed);
+        Some(status)
+    }
+
+    fn generate(
+        self: Arc<Self>,
+        request: GenerateRequest,
+        timing: Timing,
+    ) -> BoxFuture<'static, GenerateReply> {
+        Box::pin(async move {
+            let (sequence, prompt_tokens, stops) = self.sequence(request, timing).await?;
+            let finished = self
+                .engine
+                .generate(sequence)
+                .await
+                .map_err(|e| serving_error(e, timing.received))?;
+            let tokenizer = self.tokenizer.clone();
+            let ids = finished.tokens.clone();
+            let text = off_async(move || tokenizer.decode(&ids), internal).await?;
+            let text = match finished.reason {
+                Finish::Stop => stop::cut_at_first(&text, &stops),
+                _ => text,
+            };
+            Ok(Generation {
+                text,
+                generated_tokens: finished.tokens.len() as u32,
+                token_ids: finished.tokens,
+                finish_reason: match finished.reason {
+                    Finish::Eos => FinishReason::Eos,
+                    Finish::Stop => FinishReason::Stop,
+                    Finish::Length => FinishReason::Length,
+                },
+                prompt_tokens: prompt_tokens as u32,
+                time_to_first_token_ms: (finished.first_token - timing.received).as_secs_f64()
+                    * 1000.0,
+            })
+        })
     }
 }

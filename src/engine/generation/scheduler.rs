@@ -1,0 +1,336 @@
+//! Continuous batching on the generation engine's thread: a fixed set of sequence
+//! slots; each step admits waiting requests into free slots (their prefill gives
+//! their first token), then runs one decode step for every running sequence
+//! together. A sequence that ends leaves at once and its slot takes the next
+//! request at the next step.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+use tokio::sync::{oneshot, watch};
+
+use super::kv_cache::KvCache;
+use super::llama::Llama;
+use super::sampling::Sampler;
+use super::{Finish, Finished, GenerateError, GenerationObserver, GenerationStats, Sequence};
+use crate::engine::error::panic_message;
+use crate::engine::ForwardError;
+
+/// A request on its way to the engine thread.
+pub(super) struct Work {
+    pub sequence: Sequence,
+    pub reply: oneshot::Sender<Result<Finished, GenerateError>>,
+}
+
+/// A sequence in a slot.
+struct Running {
+    slot: i64,
+    work: Work,
+    sampler: Sampler,
+    generated: Vec<u32>,
+    /// Where the last generated token (not yet in the cache) goes.
+    position: i64,
+    admitted: Instant,
+    first_token: Instant,
+}
+
+/// What the loop needs besides the model.
+pub(super) struct Scheduler<'a> {
+    pub model: &'a Llama,
+    pub cache: KvCache,
+    pub slots: i64,
+    pub context: i64,
+    pub stats: &'a GenerationStats,
+    pub observer: Option<Arc<dyn GenerationObserver>>,
+    pub fatal: &'a watch::Sender<Option<String>>,
+}
+
+impl Scheduler<'_> {
+    /// Serves until every handle is gone (or the device fails).
+    pub fn serve(mut self, queue: Receiver<Work>) {
+        let mut free: BTreeSet<i64> = (0..self.slots).collect();
+        let mut running: Vec<Running> = Vec::new();
+        let mut waiting: VecDeque<Work> = VecDeque::new();
+        loop {
+            if running.is_empty() && waiting.is_empty() {
+                match queue.recv() {
+                    Ok(work) => waiting.push_back(work),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match queue.try_recv() {
+                    Ok(work) => waiting.push_back(work),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) if running.is_empty() && waiting.is_empty() => {
+                        return
+                    }
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            }
+            let now = Instant::now();
+            self.end_expired(&mut running, &mut free, now);
+            // Admit into the lowest free slots, so running slots stay together and
+            // the decode step reads the cache in place.
+            while !free.is_empty() {
+                let Some(work) = waiting.pop_front() else {
+                    break;
+                };
+                self.stats
+                    .engine
+                    .queued_items
+                    .fetch_sub(1, Ordering::Relaxed);
+                if work.sequence.deadline <= now || work.reply.is_closed() {
+                    let waited = work.sequence.received.elapsed();
+                    let _ = work
+                        .reply
+                        .send(Err(GenerateError::DeadlineExceeded { waited }));
+                    continue;
+                }
+                let slot = free.pop_first().expect("a free slot");
+                match self.prefill(slot, work) {
+                    Ok(Some(sequence)) => running.push(sequence),
+                    Ok(None) => {
+                        free.insert(slot);
+                    }
+                    Err(fatal) => return self.fail_all(fatal, running, waiting, queue),
+                }
+            }
+            running.sort_by_key(|r| r.slot);
+            self.stats
+                .slots_in_use
+                .store(running.len() as u64, Ordering::Relaxed);
+            if let Some(observer) = &self.observer {
+                observer.slots_in_use(running.len());
+            }
+            if running.is_empty() {
+                continue;
+            }
+            if let Err(fatal) = self.decode(&mut running, &mut free) {
+                return self.fail_all(fatal, running, waiting, queue);
+            }
+        }
+    }
+
+    /// Ends sequences whose caller stopped waiting, freeing their slots.
+    fn end_expired(&self, running: &mut Vec<Running>, free: &mut BTreeSet<i64>, now: Instant) {
+        running.retain_mut(|r| {
+            let gone = r.work.sequence.deadline <= now || r.work.reply.is_closed();
+            if gone {
+                free.insert(r.slot);
+                let waited = r.work.sequence.received.elapsed();
+                let reply = std::mem::replace(&mut r.work.reply, oneshot::channel().0);
+                let _ = reply.send(Err(GenerateError::DeadlineExceeded { waited }));
+            }
+            !gone
+        });
+    }
+
+    /// The prompt into `slot` and the first token: the sequence, still running,
+    /// or `None` when it was answered already (finished or failed).
+    fn prefill(&mut self, slot: i64, work: Work) -> Result<Option<Running>, String> {
+        let admitted = Instant::now();
+        let prompt: Vec<i64> = work.sequence.prompt.iter().map(|&t| t as i64).collect();
+        let model = self.model;
+        let cache = &mut self.cache;
+        let logits = guarded(|| model.prefill(cache, slot, &prompt).unsqueeze(0));
+        let mut sampler = Sampler::new(work.sequence.sampling.clone());
+        let token = match logits.and_then(|l| choose(&l, &mut [&mut sampler])) {
+            Ok(tokens) => tokens[0],
+            Err(err) => return self.failed(vec![work], err).map(|_| None),
+        };
+        let first_token = Instant::now();
+        if let Some(observer) = &self.observer {
+            observer.prefill(
+                prompt.len(),
+                admitted - work.sequence.received,
+                first_token - work.sequence.received,
+            );
+        }
+        let mut sequence = Running {
+            slot,
+            work,
+            sampler,
+            generated: Vec::new(),
+            position: prompt.len() as i64,
+            admitted,
+            first_token,
+        };
+        Ok(self
+            .advance(&mut sequence, token)
+            .is_none()
+            .then_some(sequence))
+    }
+
+    /// One token for every running sequence.
+    fn decode(
+        &mut self,
+        running: &mut Vec<Running>,
+        free: &mut BTreeSet<i64>,
+    ) -> Result<(), String> {
+        let started = Instant::now();
+        let slots: Vec<i64> = running.iter().map(|r| r.slot).collect();
+        let positions: Vec<i64> = running.iter().map(|r| r.position).collect();
+        let tokens: Vec<i64> = running
+            .iter()
+            .map(|r| *r.generated.last().expect("a running sequence has a token") as i64)
+            .collect();
+        let model = self.model;
+        let cache = &mut self.cache;
+        let logits = guarded(|| model.decode(cache, &slots, &positions, &tokens));
+        let mut samplers: Vec<&mut Sampler> = running.iter_mut().map(|r| &mut r.sampler).collect();
+        let chosen = match logits.and_then(|l| choose(&l, &mut samplers)) {
+            Ok(chosen) => chosen,
+            Err(err) => {
+                let failed: Vec<Work> = running
+                    .drain(..)
+                    .map(|r| {
+                        free.insert(r.slot);
+                        r.work
+                    })
+                    .collect();
+                return self.failed(failed, err);
+            }
+        };
+        let engine = &self.stats.engine;
+        engine.forwards.fetch_add(1, Ordering::Relaxed);
+        engine
+            .batched_items
+            .fetch_add(running.len() as u64, Ordering::Relaxed);
+        if let Some(observer) = &self.observer {
+            observer.step(running.len(), started.elapsed());
+        }
+        let mut kept = Vec::with_capacity(running.len());
+        for (mut sequence, token) in running.drain(..).zip(chosen) {
+            sequence.position += 1;
+            match self.advance(&mut sequence, token) {
+                Some(_) => {
+                    free.insert(sequence.slot);
+                }
+                None => kept.push(sequence),
+            }
+        }
+        *running = kept;
+        Ok(())
+    }
+
+    /// Takes `token` into the sequence; answers and returns why when it ends.
+    fn advance(&self, sequence: &mut Running, token: u32) -> Option<Finish> {
+        sequence.generated.push(token);
+        self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        let work = &mut sequence.work;
+        let finish = if work.sequence.eos.contains(&token) {
+            Some(Finish::Eos)
+        } else if work
+            .sequence
+            .stop
+            .as_mut()
+            .is_some_and(|stop| stop.stops(&sequence.generated))
+        {
+            Some(Finish::Stop)
+        } else if sequence.generated.len() >= work.sequence.max_new_tokens as usize
+            || sequence.position + 1 >= self.context
+        {
+            Some(Finish::Length)
+        } else {
+            None
+        }?;
+        if let Some(observer) = &self.observer {
+            observer.finished(sequence.generated.len());
+        }
+        let reply = std::mem::replace(&mut work.reply, oneshot::channel().0);
+        let _ = reply.send(Ok(Finished {
+            tokens: std::mem::take(&mut sequence.generated),
+            reason: finish,
+            queued: sequence.admitted - work.sequence.received,
+            first_token: sequence.first_token,
+        }));
+        Some(finish)
+    }
+
+    /// Answers `works` with `err`; a device failure is fatal to the engine.
+    fn failed(&self, works: Vec<Work>, err: ForwardError) -> Result<(), String> {
+        let fatal = matches!(
+            err,
+            ForwardError::Device { .. } | ForwardError::Panicked { .. }
+        );
+        tracing::error!(error = %err, sequences = works.len(), "a generation step failed");
+        for work in works {
+            let _ = work.reply.send(Err(GenerateError::Forward(err.clone())));
+        }
+        if fatal {
+            Err(err.to_string())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The engine cannot go on: every caller is answered, and the serving told.
+    fn fail_all(
+        &self,
+        why: String,
+        running: Vec<Running>,
+        waiting: VecDeque<Work>,
+        queue: Receiver<Work>,
+    ) {
+        let _ = self.fatal.send(Some(why.clone()));
+        let works = running
+            .into_iter()
+            .map(|r| r.work)
+            .chain(waiting)
+            .chain(queue.try_iter());
+        for work in works {
+            let _ = work
+                .reply
+                .send(Err(GenerateError::Forward(ForwardError::Device {
+                    message: why.clone(),
+                })));
+        }
+    }
+}
+
+/// Runs `step`, turning a torch error (tch panics on one) into a typed error.
+fn guarded(step: impl FnOnce() -> Tensor) -> Result<Tensor, ForwardError> {
+    catch_unwind(AssertUnwindSafe(step)).map_err(|payload| {
+        let message = panic_message(payload.as_ref());
+        if message.contains("Torch(") || message.contains("torch") {
+            ForwardError::from_torch(tch::TchError::Torch(message))
+        } else {
+            ForwardError::Panicked { message }
+        }
+    })
+}
+
+/// The next token of each row of `logits` (`[rows, vocab]`): the argmax on the
+/// device for greedy rows, a draw on the CPU for sampled ones.
+fn choose(logits: &Tensor, samplers: &mut [&mut Sampler]) -> Result<Vec<u32>, ForwardError> {
+    catch_unwind(AssertUnwindSafe(|| {
+        let greedy: Vec<i64> =
+            Vec::<i64>::try_from(&logits.argmax(-1, false).to_device(Device::Cpu))
+                .expect("argmax is i64");
+        samplers
+            .iter_mut()
+            .enumerate()
+            .map(|(i, sampler)| {
+                if sampler.is_greedy() {
+                    greedy[i] as u32
+                } else {
+                    let row = logits
+                        .get(i as i64)
+                        .to_kind(Kind::Float)
+                        .to_device(Device::Cpu);
+                    let row = Vec::<f32>::try_from(&row).expect("a float row");
+                    sampler.sample(&row)
+                }
+            })
+            .collect()
+    }))
+    .map_err(|payload| ForwardError::Panicked {
+        message: panic_message(payload.as_ref()),
+    })
+}

@@ -1,0 +1,250 @@
+//! The generation task on real checkpoints: tiny random Llama, Mistral (sharded)
+//! and Qwen2 models written by `transformers`, published on the test Hub as their
+//! repos are, fetched and served by a node, and answered token for token as
+//! `transformers`' own `generate` answers.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use harness_client::{FinishReason, GenerateOptions, Generation, ServingError};
+
+mod support;
+
+use support::llm::{as_published, Arch, TinyLlm};
+use support::model_repo::ModelRepo;
+use support::node::ServeSettings;
+use support::serving::{generate, start_ready};
+
+const READY_WITHIN: Duration = Duration::from_secs(120);
+const TIMEOUT_MS: u64 = 60_000;
+
+/// A node in this process serving `arch` from the test Hub with `extra` settings.
+async fn serve(
+    arch: Arch,
+    serving: &str,
+    extra: &[&str],
+) -> (
+    ModelRepo,
+    harness::node::Node,
+    ractor::ActorRef<harness_client::ServingMessage>,
+) {
+    let model = TinyLlm::get(arch);
+    let files = model.files();
+    let repo = ModelRepo::publish(&format!("tiny/{}", arch.folder()), &as_published(&files)).await;
+    let mut args = vec!["--task=generation"];
+    args.extend_from_slice(extra);
+    let config = repo.node_config(serving, &args);
+    let (node, actor) = start_ready(config, READY_WITHIN).await;
+    (repo, node, actor)
+}
+
+fn greedy(max_new_tokens: u32) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: Some(max_new_tokens),
+        do_sample: Some(false),
+        ..GenerateOptions::default()
+    }
+}
+
+/// Every reference prompt at once, through 4 slots: prompts queue for slots,
+/// join the running batch as others finish, and each answer is transformers'.
+async fn greedy_equals_transformers(arch: Arch) {
+    let model = TinyLlm::get(arch);
+    assert!(model.references.len() >= 8);
+    let serving = format!("greedy_{}", arch.folder());
+    let (_repo, node, actor) = serve(arch, &serving, &["--max-sequences=4"]).await;
+    let answers: Vec<Result<Generation, ServingError>> = join_all(
+        model
+            .references
+            .iter()
+            .map(|r| generate(&actor, &r.prompt, greedy(r.max_new_tokens), TIMEOUT_MS)),
+    )
+    .await;
+    for (reference, answer) in model.references.iter().zip(answers) {
+        let answer = answer.unwrap_or_else(|e| panic!("{:?}: {e}", reference.prompt));
+        assert_eq!(
+            answer.token_ids, reference.greedy_ids,
+            "{arch:?}, prompt {:?}",
+            reference.prompt
+        );
+        assert_eq!(answer.text, reference.greedy_text, "{arch:?}");
+        assert_eq!(answer.prompt_tokens as usize, reference.prompt_ids.len());
+        assert_eq!(answer.generated_tokens as usize, reference.greedy_ids.len());
+        let expected = if reference.stopped_on_eos {
+            FinishReason::Eos
+        } else {
+            FinishReason::Length
+        };
+        assert_eq!(answer.finish_reason, expected, "{:?}", reference.prompt);
+        assert!(answer.time_to_first_token_ms > 0.0);
+    }
+    node.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn llama_greedy_equals_transformers_with_prompts_at_once() {
+    greedy_equals_transformers(Arch::Llama).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sharded_mistral_greedy_equals_transformers_with_prompts_at_once() {
+    greedy_equals_transformers(Arch::Mistral).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn qwen2_greedy_equals_transformers_with_prompts_at_once() {
+    greedy_equals_transformers(Arch::Qwen2).await;
+}
+
+/// Seeded sampling repeats itself; stop strings end the text where they occur;
+/// a prompt longer than the context is refused naming both numbers; the status
+/// and metrics show the generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sampling_stop_strings_limits_and_metrics() {
+    let model = TinyLlm::get(Arch::Llama);
+    let (_repo, node, actor) = serve(
+        Arch::Llama,
+        "sampling",
+        &["--max-sequences=2", "--max-context=64"],
+    )
+    .await;
+    let prompt = &model.references[0].prompt;
+    let sampled = |seed| GenerateOptions {
+        max_new_tokens: Some(24),
+        temperature: Some(1.0),
+        top_p: Some(0.95),
+        top_k: Some(0),
+        seed: Some(seed),
+        ..GenerateOptions::default()
+    };
+    let first = generate(&actor, prompt, sampled(11), TIMEOUT_MS)
+        .await
+        .unwrap();
+    let again = generate(&actor, prompt, sampled(11), TIMEOUT_MS)
+        .await
+        .unwrap();
+    assert_eq!(first.token_ids, again.token_ids);
+    let others: Vec<Vec<u32>> =
+        join_all((12..16).map(|seed| generate(&actor, prompt, sampled(seed), TIMEOUT_MS)))
+            .await
+            .into_iter()
+            .map(|g| g.unwrap().token_ids)
+            .collect();
+    assert!(
+        others.iter().any(|o| *o != first.token_ids),
+        "other seeds give other tokens"
+    );
+
+    // A stop string taken from the middle of the greedy text.
+    let reference = model
+        .references
+        .iter()
+        .find(|r| !r.stopped_on_eos && r.greedy_text.chars().count() > 12)
+        .expect("a reference with a long text");
+    let chars: Vec<char> = reference.greedy_text.chars().collect();
+    let stop: String = chars[6..9].iter().collect();
+    let before = &reference.greedy_text[..reference.greedy_text.find(&stop).unwrap()];
+    let options = GenerateOptions {
+        stop: vec![stop.clone()],
+        ..greedy(reference.max_new_tokens)
+    };
+    let stopped = generate(&actor, &reference.prompt, options, TIMEOUT_MS)
+        .await
+        .unwrap();
+    assert_eq!(stopped.finish_reason, FinishReason::Stop, "{stopped:?}");
+    assert_eq!(stopped.text, before, "stop {stop:?}");
+    assert!(stopped.token_ids.len() < reference.greedy_ids.len());
+    assert_eq!(
+        stopped.token_ids[..],
+        reference.greedy_ids[..stopped.token_ids.len()]
+    );
+
+    // The context (64 tokens) bounds prompt and output together.
+    let long = "the quick brown fox jumps over the lazy dog ".repeat(20);
+    match generate(&actor, &long, greedy(4), TIMEOUT_MS).await {
+        Err(ServingError::BadInput { reason }) => {
+            assert!(
+                reason.contains("64") && reason.contains("HARNESS_MAX_CONTEXT"),
+                "{reason}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // Asked for more than fits, a generation ends with the context full (or on EOS).
+    let mut filled = 0;
+    for reference in model.references.iter().filter(|r| r.prompt_ids.len() < 64) {
+        let fills = generate(&actor, &reference.prompt, greedy(1000), TIMEOUT_MS)
+            .await
+            .unwrap();
+        if fills.finish_reason == FinishReason::Length {
+            assert_eq!(fills.prompt_tokens + fills.generated_tokens, 64);
+            filled += 1;
+        } else {
+            assert_eq!(fills.finish_reason, FinishReason::Eos);
+        }
+    }
+    assert!(filled > 0, "no generation filled the context");
+    // Bad sampling settings are refused, and the serving goes on.
+    let bad = GenerateOptions {
+        top_p: Some(1.5),
+        ..GenerateOptions::default()
+    };
+    assert!(matches!(
+        generate(&actor, prompt, bad, TIMEOUT_MS).await,
+        Err(ServingError::BadInput { .. })
+    ));
+
+    let http = node.http_addr();
+    let status: serde_json::Value = serde_json::from_str(&http_get(http, "/status").await).unwrap();
+    let generation = &status["generation"];
+    assert_eq!(generation["architecture"], "Llama", "{status}");
+    assert_eq!(generation["max_sequences"], 2);
+    assert_eq!(generation["max_context"], 64);
+    let metrics = http_get(http, "/metrics").await;
+    let generated = metric(&metrics, "harness_generated_tokens_total");
+    assert!(generated >= 24.0 * 6.0, "{metrics}");
+    assert!(metric(&metrics, "harness_prompt_tokens_total") > 0.0);
+    assert!(metrics.contains("harness_time_to_first_token_seconds_bucket"));
+    assert!(metrics.contains("harness_time_per_output_token_seconds_bucket"));
+    assert!(metrics.contains("harness_generation_slots_in_use"));
+    node.shutdown(Duration::from_secs(5)).await;
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    reqwest::get(format!("http://{addr}{path}"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("{name} not in the metrics:\n{text}"))
+}
+
+/// Another architecture is refused at load with its name and the supported
+/// list, and the node stops at once with exit 2: no restart can help.
+#[test]
+fn an_unsupported_architecture_fails_the_load_naming_it() {
+    let model = TinyLlm::get(Arch::Unsupported);
+    let out = ServeSettings::model_dir("a-generation-test-cookie", &model.dir)
+        .env("HARNESS_TASK", "generation")
+        .env("HARNESS_DEVICE", "cpu")
+        .command()
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("running harness serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("GPT2LMHeadModel")
+            && stderr.contains("LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"),
+        "{stderr}"
+    );
+}

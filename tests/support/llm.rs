@@ -1,0 +1,228 @@
+//! Tiny random causal language models (Llama, Mistral, Qwen2, and a GPT-2 to
+//! refuse) as Hub repos, with transformers' greedy generations from them: written
+//! by `llm_fixtures.py` once per machine and cached.
+//!
+//! The script's output is cached under the cargo target folder (or the temp
+//! folder when the test executable is not in one), in a folder named after a
+//! hash of the script's text, so changing the script makes new fixtures. Test
+//! binaries that race to make it each write a folder of their own and rename it
+//! into place; the first rename wins and the others use its folder.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use super::python::run_python;
+
+/// The script that writes the fixtures (`python llm_fixtures.py OUT_DIR`).
+const SCRIPT: &str = include_str!("llm_fixtures.py");
+
+/// A checkpoint of the fixtures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// `LlamaForCausalLM`: 3 layers, grouped-query attention, `llama3` rope
+    /// scaling, EOS ids `[1, 3]`; its config.json in the legacy layout of real
+    /// Llama 3.1 repos (`rope_scaling`, `rope_theta`, `torch_dtype`).
+    Llama,
+    /// `MistralForCausalLM`: 2 layers, no sliding window, six safetensors shards
+    /// with `model.safetensors.index.json`.
+    Mistral,
+    /// `Qwen2ForCausalLM`: 2 layers, bias on q/k/v, tied embeddings (no
+    /// `lm_head.weight` in the file), rope_theta 1e6.
+    Qwen2,
+    /// `GPT2LMHeadModel`: an architecture the engine refuses; no references.
+    Unsupported,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 4] = [Arch::Llama, Arch::Mistral, Arch::Qwen2, Arch::Unsupported];
+    pub const SUPPORTED: [Arch; 3] = [Arch::Llama, Arch::Mistral, Arch::Qwen2];
+
+    /// Its folder under the fixtures' root.
+    pub fn folder(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Mistral => "mistral",
+            Arch::Qwen2 => "qwen2",
+            Arch::Unsupported => "unsupported",
+        }
+    }
+
+    /// The class in its config.json's `architectures`.
+    pub fn class(self) -> &'static str {
+        match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Mistral => "MistralForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Unsupported => "GPT2LMHeadModel",
+        }
+    }
+}
+
+/// transformers' greedy generation (f32, eager attention, the prompt alone, no
+/// padding) for one prompt.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Reference {
+    pub prompt: String,
+    /// `tokenizer(prompt).input_ids`: `<s>` (0) first.
+    pub prompt_ids: Vec<u32>,
+    /// The new ids only; the last is an EOS id when generation stopped on one.
+    pub greedy_ids: Vec<u32>,
+    /// `tokenizer.decode(greedy_ids, skip_special_tokens=True)`: byte-level
+    /// tokens that split a character decode to U+FFFD.
+    pub greedy_text: String,
+    pub max_new_tokens: u32,
+    /// Whether generation stopped on an EOS id (the last of `greedy_ids`, which
+    /// may also be the `max_new_tokens`-th).
+    pub stopped_on_eos: bool,
+    /// The smallest gap between the best and the second-best logit over the
+    /// greedy steps (the script keeps it >= 1e-3).
+    pub min_logit_gap: f64,
+}
+
+/// One checkpoint of the fixtures: a Hub repo's files in `dir`, and its
+/// references (none for [`Arch::Unsupported`]).
+#[derive(Debug, Clone)]
+pub struct TinyLlm {
+    pub arch: Arch,
+    pub dir: PathBuf,
+    /// The ids generation stops on (generation_config.json's `eos_token_id`).
+    pub eos_ids: Vec<u32>,
+    pub references: Vec<Reference>,
+}
+
+/// The file of the script's own, next to the checkpoint's files, that
+/// [`TinyLlm::files`] leaves out.
+pub const REFERENCE_FILE: &str = "reference.json";
+
+impl TinyLlm {
+    /// The checkpoint `arch`, made now if this machine has not made it yet.
+    pub fn get(arch: Arch) -> TinyLlm {
+        let dir = root().join(arch.folder());
+        assert!(dir.is_dir(), "no fixture folder {}", dir.display());
+        let (eos_ids, references) = match std::fs::read(dir.join(REFERENCE_FILE)) {
+            Ok(bytes) => {
+                #[derive(serde::Deserialize)]
+                struct File {
+                    eos_token_ids: Vec<u32>,
+                    references: Vec<Reference>,
+                }
+                let file: File = serde_json::from_slice(&bytes).unwrap();
+                (file.eos_token_ids, file.references)
+            }
+            Err(_) => (vec![1], Vec::new()),
+        };
+        TinyLlm {
+            arch,
+            dir,
+            eos_ids,
+            references,
+        }
+    }
+
+    /// Every file of the checkpoint as the Hub holds it: its name relative to
+    /// the folder (`/`-separated), its bytes, and whether the Hub stores it with
+    /// LFS (`*.safetensors`); sorted by name, without [`REFERENCE_FILE`]. What
+    /// [`super::model_repo::ModelRepo::publish`] takes, through [`as_published`].
+    pub fn files(&self) -> Vec<(String, Vec<u8>, bool)> {
+        let mut files = Vec::new();
+        collect(&self.dir, &self.dir, &mut files);
+        files.retain(|(name, _, _)| name != REFERENCE_FILE);
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        files
+    }
+
+    /// The bytes of the file `name` of the folder.
+    pub fn read(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.dir.join(name))
+            .unwrap_or_else(|e| panic!("reading {name} of {}: {e}", self.dir.display()))
+    }
+
+    /// The folder's `name` (config.json, generation_config.json, ...) parsed.
+    pub fn json(&self, name: &str) -> serde_json::Value {
+        serde_json::from_slice(&self.read(name)).unwrap()
+    }
+}
+
+/// [`TinyLlm::files`] borrowed the way [`super::model_repo::ModelRepo::publish`]
+/// takes them.
+pub fn as_published(files: &[(String, Vec<u8>, bool)]) -> Vec<(&str, &[u8], bool)> {
+    files
+        .iter()
+        .map(|(name, bytes, lfs)| (name.as_str(), bytes.as_slice(), *lfs))
+        .collect()
+}
+
+fn collect(root: &Path, dir: &Path, into: &mut Vec<(String, Vec<u8>, bool)>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            collect(root, &path, into);
+            continue;
+        }
+        let name = path
+            .strip_prefix(root)
+            .unwrap()
+            .components()
+            .map(|c| c.as_os_str().to_str().unwrap())
+            .collect::<Vec<_>>()
+            .join("/");
+        let lfs = name.ends_with(".safetensors");
+        into.push((name, std::fs::read(&path).unwrap(), lfs));
+    }
+}
+
+/// The fixtures' root folder (holding `manifest.json` and one folder per
+/// [`Arch`]), made by the script the first time on this machine.
+pub fn root() -> PathBuf {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let cache = cache_dir();
+        let done = cache.join(format!("{:016x}", fnv1a(SCRIPT.as_bytes())));
+        if done.join("manifest.json").is_file() {
+            return done;
+        }
+        std::fs::create_dir_all(&cache).unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("making-")
+            .tempdir_in(&cache)
+            .unwrap();
+        run_python(SCRIPT, &[tmp.path()]);
+        assert!(tmp.path().join("manifest.json").is_file());
+        // Another test binary may have renamed its folder into place meanwhile:
+        // then the rename fails (the target is not empty) and ours goes.
+        let tmp = tmp.keep();
+        if std::fs::rename(&tmp, &done).is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+            assert!(
+                done.join("manifest.json").is_file(),
+                "could not move the fixtures into {}",
+                done.display()
+            );
+        }
+        done
+    })
+    .clone()
+}
+
+/// `<target>/llm-fixtures`, where `<target>` holds the test executable's profile
+/// folder (`<target>/debug/deps/...`); the temp folder's `harness-llm-fixtures`
+/// otherwise.
+fn cache_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let target = exe
+        .parent()
+        .filter(|deps| deps.file_name().is_some_and(|n| n == "deps"))
+        .and_then(Path::parent)
+        .and_then(Path::parent);
+    match target {
+        Some(target) => target.join("llm-fixtures"),
+        None => std::env::temp_dir().join("harness-llm-fixtures"),
+    }
+}
+
+/// 64-bit FNV-1a.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325, |hash, &b| {
+        (hash ^ b as u64).wrapping_mul(0x100000001b3)
+    })
+}
