@@ -248,3 +248,114 @@ fn an_unsupported_architecture_fails_the_load_naming_it() {
         "{stderr}"
     );
 }
+
+/// A `harness serve` process of the Llama checkpoint from a local folder, called
+/// through `HarnessClient::generate` and `harness call --generate`: the same
+/// text as transformers', the finish line on stderr, seeds that repeat, and the
+/// wrong request kind refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harness_call_generate_prints_the_text_and_why_it_ended() {
+    const COOKIE: &str = "a-generation-cli-cookie";
+    let model = TinyLlm::get(Arch::Llama);
+    let node = ServeSettings::model_dir(COOKIE, &model.dir)
+        .env("HARNESS_TASK", "generation")
+        .serving("generation_cli")
+        .start();
+    assert!(
+        node.startup_log.contains("KV cache"),
+        "the memory plan is logged: {}",
+        node.startup_log
+    );
+    let reference = model
+        .references
+        .iter()
+        .find(|r| !r.stopped_on_eos)
+        .expect("a reference that runs to its length");
+
+    let client = node.connect(Duration::from_secs(60)).await;
+    let answer = client
+        .generate(
+            reference.prompt.clone(),
+            greedy(reference.max_new_tokens),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer.token_ids, reference.greedy_ids);
+
+    let call = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_harness"));
+        cmd.args([
+            "call",
+            "--node",
+            &node.cluster,
+            "--serving-name",
+            "generation_cli",
+        ])
+        .args(args)
+        .env("HARNESS_COOKIE", COOKIE)
+        .env_remove("RUST_LOG");
+        let out = cmd.output().expect("running harness call");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let max = reference.max_new_tokens.to_string();
+    let (code, stdout, stderr) = call(&[
+        "--generate",
+        &reference.prompt,
+        "--greedy",
+        "--max-new-tokens",
+        &max,
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, format!("{}\n", reference.greedy_text));
+    let finish = format!(
+        "finish: length ({} prompt tokens, {} generated, first token after ",
+        reference.prompt_ids.len(),
+        reference.greedy_ids.len()
+    );
+    assert!(stderr.contains(&finish), "{stderr}");
+
+    let sampled = [
+        "--generate",
+        "Once upon a time",
+        "--seed",
+        "42",
+        "--temperature",
+        "0.8",
+    ];
+    let (code, first, _) = call(&sampled);
+    assert_eq!(code, Some(0));
+    assert_eq!(call(&sampled).1, first, "the same seed gives the same text");
+
+    let (code, _, stderr) = call(&["--embed", "hello"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("send Generate"), "{stderr}");
+}
+
+/// Slots and context that cannot fit: the load fails before allocating, with
+/// the sizes and what to lower, and the node stops with exit 2.
+#[test]
+fn a_cache_too_large_for_the_machine_fails_the_load_saying_what_to_lower() {
+    let model = TinyLlm::get(Arch::Llama);
+    let out = ServeSettings::model_dir("a-generation-test-cookie", &model.dir)
+        .env("HARNESS_TASK", "generation")
+        .env("HARNESS_MAX_SEQUENCES", "4096")
+        .env("HARNESS_MAX_CONTEXT", "100000000")
+        .command()
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("running harness serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    for says in [
+        "GiB of KV cache",
+        "4096 sequences",
+        "lower HARNESS_MAX_SEQUENCES or HARNESS_MAX_CONTEXT",
+    ] {
+        assert!(stderr.contains(says), "{says:?} missing from: {stderr}");
+    }
+}

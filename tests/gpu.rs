@@ -124,3 +124,176 @@ async fn cuda_token_batches_pool_like_the_cpu() {
             .load(std::sync::atomic::Ordering::Relaxed)
     );
 }
+
+/// The generation task on CUDA: each tiny checkpoint's greedy tokens equal the
+/// CPU's (f32 exactly; bf16 within what its rounding allows), and tokens/s of a
+/// random ~1B-parameter Llama at 1, 8 and 32 requests at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a CUDA GPU: run by scripts/gpu-check"]
+async fn generation_on_cuda_matches_the_cpu_and_scales() {
+    use futures_util::future::join_all;
+    use harness_client::GenerateOptions;
+    use std::time::{Duration, Instant};
+    use support::llm::{Arch, TinyLlm};
+    use support::serving::{generate, node_config, start_ready};
+
+    let greedy = |n| GenerateOptions {
+        max_new_tokens: Some(n),
+        do_sample: Some(false),
+        ..GenerateOptions::default()
+    };
+    let ready = Duration::from_secs(300);
+    for arch in Arch::SUPPORTED {
+        let model = TinyLlm::get(arch);
+        let dir = format!("--model-dir={}", model.dir.display());
+        let mut answers = Vec::new();
+        for (device, dtype) in [("cpu", "f32"), ("cuda", "f32"), ("cuda", "bf16")] {
+            let serving = format!("gen_{}_{device}_{dtype}", arch.folder());
+            let config = node_config(&[
+                "--task=generation",
+                &dir,
+                &format!("--device={device}"),
+                &format!("--dtype={dtype}"),
+                &format!("--serving-name={serving}"),
+            ]);
+            let (node, actor) = start_ready(config, ready).await;
+            let tokens: Vec<Vec<u32>> = join_all(
+                model
+                    .references
+                    .iter()
+                    .map(|r| generate(&actor, &r.prompt, greedy(16), 60_000)),
+            )
+            .await
+            .into_iter()
+            .map(|g| g.expect("a generation").token_ids)
+            .collect();
+            answers.push(tokens);
+            node.shutdown(Duration::from_secs(5)).await;
+        }
+        let (cpu, cuda_f32, cuda_bf16) = (&answers[0], &answers[1], &answers[2]);
+        assert_eq!(
+            cuda_f32, cpu,
+            "{arch:?}: f32 on CUDA gives the CPU's tokens"
+        );
+        let same = cpu.iter().zip(cuda_bf16).filter(|(a, b)| a == b).count();
+        println!(
+            "{arch:?}: bf16 on CUDA equals the CPU's f32 for the first 16 tokens of {same} of {} prompts",
+            cpu.len()
+        );
+        let first_same = cpu
+            .iter()
+            .zip(cuda_bf16)
+            .filter(|(a, b)| a.first() == b.first())
+            .count();
+        assert!(
+            first_same * 10 >= cpu.len() * 8,
+            "{arch:?}: bf16's first token differs from f32's for most prompts ({first_same} of {})",
+            cpu.len()
+        );
+    }
+
+    // A random Llama of TinyLlama-1.1B's shape, written here in bf16.
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = TinyLlm::get(Arch::Llama);
+    std::fs::copy(
+        tiny.dir.join("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    std::fs::copy(
+        tiny.dir.join("tokenizer_config.json"),
+        dir.path().join("tokenizer_config.json"),
+    )
+    .unwrap();
+    let (hidden, layers, heads, kv_heads, inter, vocab) =
+        (2048i64, 22i64, 32i64, 4i64, 5632i64, 32000i64);
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "vocab_size": vocab, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "torch_dtype": "bfloat16", "bos_token_id": 0,
+        "eos_token_id": 1, "tie_word_embeddings": false
+    });
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let head_dim = hidden / heads;
+    let mut tensors: Vec<(String, tch::Tensor)> = Vec::new();
+    let random = |shape: &[i64]| {
+        (tch::Tensor::randn(shape, (tch::Kind::Float, tch::Device::Cuda(0))) * 0.02)
+            .to_kind(tch::Kind::BFloat16)
+            .to_device(tch::Device::Cpu)
+    };
+    let ones = |n: i64| tch::Tensor::ones([n], (tch::Kind::BFloat16, tch::Device::Cpu));
+    tensors.push(("model.embed_tokens.weight".into(), random(&[vocab, hidden])));
+    tensors.push(("lm_head.weight".into(), random(&[vocab, hidden])));
+    tensors.push(("model.norm.weight".into(), ones(hidden)));
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        tensors.push((format!("{p}.input_layernorm.weight"), ones(hidden)));
+        tensors.push((format!("{p}.post_attention_layernorm.weight"), ones(hidden)));
+        tensors.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            random(&[heads * head_dim, hidden]),
+        ));
+        tensors.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            random(&[kv_heads * head_dim, hidden]),
+        ));
+        tensors.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            random(&[kv_heads * head_dim, hidden]),
+        ));
+        tensors.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            random(&[hidden, heads * head_dim]),
+        ));
+        tensors.push((
+            format!("{p}.mlp.gate_proj.weight"),
+            random(&[inter, hidden]),
+        ));
+        tensors.push((format!("{p}.mlp.up_proj.weight"), random(&[inter, hidden])));
+        tensors.push((
+            format!("{p}.mlp.down_proj.weight"),
+            random(&[hidden, inter]),
+        ));
+    }
+    tch::Tensor::write_safetensors(&tensors, dir.path().join("model.safetensors")).unwrap();
+    drop(tensors);
+
+    let loading = Instant::now();
+    let config = node_config(&[
+        "--task=generation".to_string(),
+        format!("--model-dir={}", dir.path().display()),
+        "--device=cuda".to_string(),
+        "--max-sequences=32".to_string(),
+        "--max-context=1024".to_string(),
+        "--serving-name=gen_1b".to_string(),
+    ]);
+    let (node, actor) = start_ready(config, ready).await;
+    println!(
+        "1.1B bf16: ready in {:.1} s",
+        loading.elapsed().as_secs_f64()
+    );
+    let prompt = "the quick brown fox jumps over the lazy dog ".repeat(8);
+    for concurrent in [1usize, 8, 32] {
+        let started = Instant::now();
+        let answers =
+            join_all((0..concurrent).map(|_| generate(&actor, &prompt, greedy(128), 120_000)))
+                .await;
+        let took = started.elapsed().as_secs_f64();
+        let tokens: u32 = answers
+            .iter()
+            .map(|a| a.as_ref().expect("a generation").generated_tokens)
+            .sum();
+        let ttft: Vec<f64> = answers
+            .iter()
+            .map(|a| a.as_ref().unwrap().time_to_first_token_ms)
+            .collect();
+        println!(
+            "1.1B bf16 on CUDA, {concurrent:>2} at once: {:>8.1} tokens/s ({tokens} tokens in {took:.2} s), first token {:.1} ms at worst",
+            tokens as f64 / took,
+            ttft.iter().cloned().fold(0.0, f64::max)
+        );
+    }
+    node.shutdown(Duration::from_secs(5)).await;
+}

@@ -242,8 +242,9 @@ pub struct GenerateOptions {
     pub stop: Vec<String>,
 }
 
-/// Why a generation ended.
+/// Why a generation ended. In JSON (`serde_json`), lowercase: `"eos"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FinishReason {
     /// The model produced one of its end-of-sequence tokens.
     Eos,
@@ -251,6 +252,12 @@ pub enum FinishReason {
     Stop,
     /// `max_new_tokens` (or the node's context, `HARNESS_MAX_CONTEXT`) was reached.
     Length,
+}
+
+impl std::fmt::Display for FinishReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl FinishReason {
@@ -271,7 +278,9 @@ pub struct Generation {
     /// it cut off).
     pub text: String,
     /// The generated token ids, the end-of-sequence token included when it ended
-    /// the generation, as `transformers`' `generate` returns them after the prompt.
+    /// the generation, as `transformers`' `generate` returns them after the prompt;
+    /// after a stop string, up to the token that completed it (whose text the
+    /// answer leaves out).
     pub token_ids: Vec<u32>,
     /// Why it ended.
     pub finish_reason: FinishReason,
@@ -371,8 +380,10 @@ pub enum ServingError {
         /// torch's message, in one line.
         message: String,
     },
-    /// The request waited in the queue past its `timeout_ms` and was never run.
-    #[error("the deadline passed after {waited_ms} ms in the queue; the request was not run")]
+    /// The request's `timeout_ms` passed: waiting in the queue (it was never
+    /// run), or, for a generation, while generating (it was stopped and its
+    /// sequence slot freed).
+    #[error("the deadline passed after {waited_ms} ms; the request was not answered")]
     DeadlineExceeded {
         /// How long it waited.
         waited_ms: u64,

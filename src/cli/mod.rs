@@ -49,8 +49,8 @@ pub enum Command {
     /// drain on SIGTERM or SIGINT. Exits 3 after too many restarts, 2 at once on a
     /// failure no restart fixes.
     Serve(Box<Config>),
-    /// Send a request to a remote node and print the answer: `--tensor` (Run) or
-    /// `--embed` (Embed).
+    /// Send a request to a remote node and print the answer: `--tensor` (Run),
+    /// `--embed` (Embed) or `--generate` (Generate).
     Call(CallArgs),
     /// Print a remote node's serving status as one JSON object.
     Status(StatusArgs),

@@ -172,10 +172,15 @@ fn collect(root: &Path, dir: &Path, into: &mut Vec<(String, Vec<u8>, bool)>) {
 }
 
 /// The fixtures' root folder (holding `manifest.json` and one folder per
-/// [`Arch`]), made by the script the first time on this machine.
+/// [`Arch`]), made by the script the first time on this machine; or
+/// `HARNESS_LLM_FIXTURES`, a copy made elsewhere (the GPU machine has no
+/// `transformers`: `scripts/gpu-check` carries the fixtures there).
 pub fn root() -> PathBuf {
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
     ROOT.get_or_init(|| {
+        if let Some(made) = std::env::var_os("HARNESS_LLM_FIXTURES") {
+            return PathBuf::from(made);
+        }
         let cache = cache_dir();
         let done = cache.join(format!("{:016x}", fnv1a(SCRIPT.as_bytes())));
         if done.join("manifest.json").is_file() {

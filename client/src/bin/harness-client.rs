@@ -16,8 +16,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Send a request to a serving and print the answer: `--tensor` (Run) or
-    /// `--embed` (Embed).
+    /// Send a request to a serving and print the answer: `--tensor` (Run),
+    /// `--embed` (Embed) or `--generate` (Generate).
     Call(CallArgs),
     /// Print a serving's status as one JSON object.
     Status(StatusArgs),

@@ -180,7 +180,7 @@ impl ModelConfig {
             })
             .unwrap_or(10_000.0);
         let scaling = raw.rope_scaling.as_ref().filter(|v| !v.is_null()).or(rope);
-        let rope_scaling = rope_scaling(scaling)?;
+        let rope_scaling = rope_scaling(scaling, raw.max_position_embeddings)?;
         let qwen = architecture == Architecture::Qwen2;
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let sliding_window = match architecture {
@@ -236,7 +236,10 @@ pub fn token_ids(value: Option<&serde_json::Value>) -> Vec<u32> {
     }
 }
 
-fn rope_scaling(value: Option<&serde_json::Value>) -> Result<RopeScaling, ConfigError> {
+fn rope_scaling(
+    value: Option<&serde_json::Value>,
+    max_position_embeddings: Option<i64>,
+) -> Result<RopeScaling, ConfigError> {
     let Some(value) = value else {
         return Ok(RopeScaling::None);
     };
@@ -259,7 +262,9 @@ fn rope_scaling(value: Option<&serde_json::Value>) -> Result<RopeScaling, Config
             factor: number("factor")?,
             low_freq_factor: number("low_freq_factor")?,
             high_freq_factor: number("high_freq_factor")?,
-            original_max_position_embeddings: number("original_max_position_embeddings")?,
+            // transformers falls back on the model's own positions.
+            original_max_position_embeddings: number("original_max_position_embeddings")
+                .or_else(|e| max_position_embeddings.map(|m| m as f64).ok_or(e))?,
         }),
         other => Err(ConfigError::Unsound(format!(
             "rope_scaling of type {other} is not supported (default, linear and llama3 are)"
