@@ -1,1 +1,543 @@
-fn main() {}
+//! `make bench`, the generation task: a random Llama of about 125M parameters
+//! (`generation_baseline.py write-model`, f32) served on the CPU by a node in this
+//! process, side by side with transformers' own `generate` of the same prompt ids
+//! (`generation_baseline.py run`: left-padded batches of 16, greedy) on the same
+//! machine, rounds alternating. Then throughput against the number of concurrent
+//! requests, and the peak resident memory of a `harness serve` process loading
+//! the model against the size of its weights.
+//!
+//! The model is written once per machine (a minute) and cached under the cargo
+//! target folder, in a folder named after a hash of the script.
+//!
+//! `HARNESS_BENCH_ROUNDS` sets the alternating rounds of the comparison (default
+//! 1: transformers' side warms up and times a whole pass in each, which is most of
+//! the bench's time). `HARNESS_BENCH_QUICK=1` makes a smoke run of it: a quarter of
+//! the new tokens in the comparison, 16 in the concurrency table, and the table up
+//! to 8 requests only.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use harness_client::{GenerateOptions, Generation, ServingMessage};
+use ractor::ActorRef;
+use tokenizers::Tokenizer;
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use support::measure::{all_at_once, env_or, percentile, print_table_head};
+use support::node::ServeSettings;
+use support::python::{run_python, stdout_of, torch_python};
+use support::serving::{generate, node_config, start_ready};
+
+/// The Python side: writes the model, runs transformers' `generate`.
+const SCRIPT: &str = include_str!("generation_baseline.py");
+/// Requests in the comparison (transformers runs them as one batch of 16).
+const REQUESTS: usize = 16;
+/// Prompt tokens (`<s>` included) and new tokens of the comparison's requests:
+/// spread evenly over these ranges.
+const PROMPT_TOKENS: (usize, usize) = (8, 200);
+const NEW_TOKENS: (u32, u32) = (32, 128);
+/// The node's sequence slots and tokens per sequence.
+const SLOTS: usize = 32;
+const CONTEXT: usize = 512;
+/// The concurrency table: requests at once, each with a prompt of
+/// `FIXED_PROMPT` tokens.
+const CONCURRENCY: [usize; 6] = [1, 2, 4, 8, 16, 32];
+const FIXED_PROMPT: usize = 64;
+const TIMEOUT_MS: u64 = 600_000;
+const COOKIE: &str = "a-generation-bench-cookie";
+
+/// Words the prompts are made of. The tokenizer was trained on made-up words, so
+/// these take a few tokens each; ` a` takes one, which lets a prompt end on the
+/// exact length asked.
+const WORDS: [&str; 40] = [
+    "the", "a", "model", "serves", "tokens", "quickly", "under", "load", "while", "every",
+    "request", "is", "answered", "with", "care", "and", "nothing", "gets", "lost", "cluster",
+    "machine", "learning", "text", "story", "about", "weather", "in", "Paris", "tomorrow",
+    "morning", "library", "books", "written", "long", "ago", "by", "people", "who", "lived",
+    "there",
+];
+
+/// One request: the text the node gets, and the ids it tokenizes to (what
+/// transformers gets).
+#[derive(Clone)]
+struct Request {
+    text: String,
+    ids: Vec<u32>,
+    max_new_tokens: u32,
+}
+
+/// A deterministic xorshift generator.
+fn rng(seed: u64) -> impl FnMut() -> u64 {
+    let mut state = seed;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}
+
+fn count(tokenizer: &Tokenizer, text: &str) -> usize {
+    tokenizer.encode(text, true).unwrap().get_ids().len()
+}
+
+/// A text of random words that tokenizes (with `<s>`) to `tokens` ids, or as
+/// close below as the words allow. Byte-level BPE splits at spaces, so a word
+/// adds the same tokens wherever it goes: the count only grows.
+fn text_of(tokenizer: &Tokenizer, tokens: usize, next: &mut impl FnMut() -> u64) -> String {
+    let mut text = String::from("The");
+    while count(tokenizer, &text) < tokens {
+        let word = WORDS[(next() % WORDS.len() as u64) as usize];
+        let longer = format!("{text} {word}");
+        if count(tokenizer, &longer) <= tokens {
+            text = longer;
+            continue;
+        }
+        // The word overshoots: any word that fits, else this is as close as it gets.
+        match WORDS
+            .iter()
+            .map(|w| format!("{text} {w}"))
+            .find(|t| count(tokenizer, t) <= tokens)
+        {
+            Some(t) => text = t,
+            None => break,
+        }
+    }
+    text
+}
+
+fn request(tokenizer: &Tokenizer, text: String, max_new_tokens: u32) -> Request {
+    let ids = tokenizer
+        .encode(text.as_str(), true)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    Request {
+        text,
+        ids,
+        max_new_tokens,
+    }
+}
+
+/// The comparison's requests: prompt lengths and new tokens each spread evenly
+/// over their range, paired and ordered at random (fixed seed).
+fn mixed_requests(tokenizer: &Tokenizer, new_tokens: (u32, u32)) -> Vec<Request> {
+    let mut next = rng(0x2545_f491_4f6c_dd1d);
+    let spread = |lo: usize, hi: usize, i: usize| lo + (hi - lo) * i / (REQUESTS - 1);
+    let mut lengths: Vec<usize> = (0..REQUESTS)
+        .map(|i| spread(PROMPT_TOKENS.0, PROMPT_TOKENS.1, i))
+        .collect();
+    let mut news: Vec<u32> = (0..REQUESTS)
+        .map(|i| spread(new_tokens.0 as usize, new_tokens.1 as usize, i) as u32)
+        .collect();
+    shuffle(&mut lengths, &mut next);
+    shuffle(&mut news, &mut next);
+    lengths
+        .into_iter()
+        .zip(news)
+        .map(|(len, new)| {
+            let text = text_of(tokenizer, len, &mut next);
+            request(tokenizer, text, new)
+        })
+        .collect()
+}
+
+fn shuffle<T>(items: &mut [T], next: &mut impl FnMut() -> u64) {
+    for i in (1..items.len()).rev() {
+        items.swap(i, (next() % (i as u64 + 1)) as usize);
+    }
+}
+
+/// The model, written by the script the first time on this machine.
+fn model_dir() -> PathBuf {
+    let cache = cache_dir();
+    let done = cache.join(format!("{:016x}", fnv1a(SCRIPT.as_bytes())));
+    if done.join("model.safetensors").is_file() {
+        return done;
+    }
+    std::fs::create_dir_all(&cache).unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("making-")
+        .tempdir_in(&cache)
+        .unwrap();
+    eprintln!(
+        "writing the random ~125M-parameter Llama (once) into {}",
+        done.display()
+    );
+    run_python(SCRIPT, &[Path::new("write-model"), tmp.path()]);
+    let tmp = tmp.keep();
+    // Another run may have renamed its folder into place meanwhile: ours goes.
+    if std::fs::rename(&tmp, &done).is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    assert!(
+        done.join("model.safetensors").is_file(),
+        "no model in {}",
+        done.display()
+    );
+    done
+}
+
+/// `<target>/generation-bench`, where `<target>` holds the bench executable's
+/// profile folder (`<target>/release/deps/...`); the temp folder's otherwise.
+fn cache_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let target = exe
+        .parent()
+        .filter(|deps| deps.file_name().is_some_and(|n| n == "deps"))
+        .and_then(Path::parent)
+        .and_then(Path::parent);
+    match target {
+        Some(target) => target.join("generation-bench"),
+        None => std::env::temp_dir().join("harness-generation-bench"),
+    }
+}
+
+/// 64-bit FNV-1a.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325, |hash, &b| {
+        (hash ^ b as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// What `generation_baseline.py run` printed.
+#[derive(serde::Deserialize)]
+struct Baseline {
+    generated_tokens: u64,
+    seconds: f64,
+    attn_implementation: String,
+    threads: u64,
+}
+
+/// transformers' `generate` of the requests in `file` (one batch of 16, greedy),
+/// on the CPU, timed in Python after a warm-up pass.
+fn transformers_round(model: &Path, file: &Path) -> Baseline {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/generation_baseline.py");
+    let out = stdout_of(
+        std::process::Command::new(torch_python())
+            .arg(script)
+            .arg("run")
+            .arg(model)
+            .arg(file)
+            .args(["--device", "cpu", "--batch", &REQUESTS.to_string()])
+            .env("PYTHONWARNINGS", "ignore"),
+        "generation_baseline.py run",
+    );
+    serde_json::from_str(out.lines().last().unwrap()).unwrap()
+}
+
+fn greedy(max_new_tokens: u32) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: Some(max_new_tokens),
+        do_sample: Some(false),
+        ..GenerateOptions::default()
+    }
+}
+
+/// One served pass: every request sent at once.
+struct Served {
+    wall: Duration,
+    /// Each answer, and when it came (from the start).
+    answers: Vec<(Generation, Duration)>,
+    /// Decode steps run, and tokens they gave.
+    steps: u64,
+    step_tokens: u64,
+}
+
+impl Served {
+    fn generated(&self) -> u64 {
+        self.answers
+            .iter()
+            .map(|(g, _)| g.generated_tokens as u64)
+            .sum()
+    }
+
+    fn rate(&self) -> f64 {
+        self.generated() as f64 / self.wall.as_secs_f64()
+    }
+
+    /// Times to first token, sorted.
+    fn ttfts(&self) -> Vec<f64> {
+        let mut t: Vec<f64> = self
+            .answers
+            .iter()
+            .map(|(g, _)| g.time_to_first_token_ms)
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t
+    }
+}
+
+async fn serve_all(
+    serving: &ActorRef<ServingMessage>,
+    stats: &harness::engine::EngineStats,
+    requests: &[Request],
+) -> Served {
+    let requests = Arc::new(requests.to_vec());
+    let counters = || {
+        (
+            stats.forwards.load(Ordering::Relaxed),
+            stats.batched_items.load(Ordering::Relaxed),
+        )
+    };
+    let before = counters();
+    let started = Instant::now();
+    let answers = all_at_once(requests.len(), |i| {
+        let serving = serving.clone();
+        let requests = requests.clone();
+        async move {
+            let r = &requests[i];
+            let answer = generate(&serving, &r.text, greedy(r.max_new_tokens), TIMEOUT_MS)
+                .await
+                .expect("generated");
+            assert_eq!(
+                answer.prompt_tokens as usize,
+                r.ids.len(),
+                "the node tokenized {:?} differently",
+                r.text
+            );
+            (answer, started.elapsed())
+        }
+    })
+    .await;
+    let wall = started.elapsed();
+    let after = counters();
+    Served {
+        wall,
+        answers,
+        steps: after.0 - before.0,
+        step_tokens: after.1 - before.1,
+    }
+}
+
+/// A `harness serve` process loading the model as the node here does: its peak
+/// resident memory (KiB) once ready, and how long it took to be ready.
+fn peak_rss_serving(model: &Path) -> (u64, u64, Duration) {
+    let started = Instant::now();
+    let node = ServeSettings::model_dir(COOKIE, model)
+        .env("HARNESS_TASK", "generation")
+        .env("HARNESS_MAX_SEQUENCES", SLOTS)
+        .env("HARNESS_MAX_CONTEXT", CONTEXT)
+        .serving("generation_bench_rss")
+        .start();
+    let ready = started.elapsed();
+    (node.peak_rss_kib(), node.rss_kib(), ready)
+}
+
+/// The same for the demo model (4 floats in): what any `harness serve` process
+/// takes (libtorch's libraries, the runtime), to tell the model's share apart.
+fn peak_rss_demo() -> u64 {
+    let node = ServeSettings::demo(COOKIE)
+        .serving("generation_bench_rss_demo")
+        .start();
+    node.peak_rss_kib()
+}
+
+/// Bytes of the KV cache the node allocates: keys and values of every layer for
+/// every slot and position, f32.
+fn kv_cache_bytes(model: &Path) -> u64 {
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
+    let n = |key: &str| config[key].as_u64().unwrap();
+    let head_dim = n("hidden_size") / n("num_attention_heads");
+    2 * n("num_hidden_layers") * n("num_key_value_heads") * head_dim * (SLOTS * CONTEXT) as u64 * 4
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+fn main() {
+    let rounds = env_or("HARNESS_BENCH_ROUNDS", 1).max(1) as usize;
+    let quick = env_or("HARNESS_BENCH_QUICK", 0) != 0;
+    let (new_tokens, fixed_new, concurrency) = if quick {
+        ((NEW_TOKENS.0 / 4, NEW_TOKENS.1 / 4), 16, &CONCURRENCY[..4])
+    } else {
+        (NEW_TOKENS, 64, &CONCURRENCY[..])
+    };
+
+    let model = model_dir();
+    let weights_bytes: u64 = std::fs::read_dir(&model)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .map(|p| p.metadata().unwrap().len())
+        .sum();
+    let tokenizer = Tokenizer::from_file(model.join("tokenizer.json")).unwrap();
+    let requests = mixed_requests(&tokenizer, new_tokens);
+    let mut next = rng(0x9e37_79b9_7f4a_7c15);
+    let fixed: Vec<Request> = (0..*concurrency.last().unwrap())
+        .map(|_| {
+            let text = text_of(&tokenizer, FIXED_PROMPT, &mut next);
+            request(&tokenizer, text, fixed_new)
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("requests.json");
+    let json: Vec<serde_json::Value> = requests
+        .iter()
+        .map(|r| serde_json::json!({"prompt_ids": r.ids, "max_new_tokens": r.max_new_tokens}))
+        .collect();
+    std::fs::write(&file, serde_json::to_vec(&json).unwrap()).unwrap();
+    let prompt_lengths: Vec<usize> = requests.iter().map(|r| r.ids.len()).collect();
+    let prompt_total: usize = prompt_lengths.iter().sum();
+    eprintln!(
+        "{REQUESTS} requests: prompts of {:?} tokens ({prompt_total} in all), max_new_tokens {:?}",
+        prompt_lengths,
+        requests
+            .iter()
+            .map(|r| r.max_new_tokens)
+            .collect::<Vec<_>>()
+    );
+
+    // Peak RSS first, with nothing else of ours in memory.
+    let (peak_kib, ready_kib, ready_in) = peak_rss_serving(&model);
+    let demo_peak_kib = peak_rss_demo();
+    eprintln!(
+        "harness serve: peak RSS {:.0} MiB (demo model {:.0} MiB), ready in {ready_in:.2?}",
+        peak_kib as f64 / 1024.0,
+        demo_peak_kib as f64 / 1024.0
+    );
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = node_config(&[
+        "--task=generation".to_string(),
+        format!("--model-dir={}", model.display()),
+        format!("--max-sequences={SLOTS}"),
+        format!("--max-context={CONTEXT}"),
+    ]);
+    runtime.block_on(async move {
+        let (node, serving) = start_ready(config, Duration::from_secs(300)).await;
+        let stats = node.shared().engine_stats().unwrap();
+        // Warm: a few prompts of different lengths, a few tokens each.
+        let warm: Vec<Request> = requests.iter().take(4).map(|r| Request { max_new_tokens: 4, ..r.clone() }).collect();
+        serve_all(&serving, &stats, &warm).await;
+
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let baseline = tokio::task::block_in_place(|| transformers_round(&model, &file));
+            let served = serve_all(&serving, &stats, &requests).await;
+            eprintln!(
+                "round {}: transformers {} tokens in {:.2}s ({:.1}/s), harness {} tokens in {:.2?} ({:.1}/s)",
+                round + 1,
+                baseline.generated_tokens,
+                baseline.seconds,
+                baseline.generated_tokens as f64 / baseline.seconds,
+                served.generated(),
+                served.wall,
+                served.rate()
+            );
+            theirs.push(baseline);
+            ours.push(served);
+        }
+        ours.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+        theirs.sort_by(|a, b| (a.generated_tokens as f64 / a.seconds).total_cmp(&(b.generated_tokens as f64 / b.seconds)));
+        let (s, b) = (&ours[ours.len() / 2], &theirs[theirs.len() / 2]);
+        let b_rate = b.generated_tokens as f64 / b.seconds;
+        let ttfts: Vec<f64> = {
+            let mut all: Vec<f64> = ours.iter().flat_map(Served::ttfts).collect();
+            all.sort_by(f64::total_cmp);
+            all
+        };
+        // Every prompt is admitted (prefilled, one at a time) before the first
+        // decode step: the last first token marks the end of the prefills.
+        let prefill_ms = s.ttfts().last().copied().unwrap_or(0.0);
+
+        // Throughput against concurrency.
+        let mut rows = Vec::new();
+        for &c in concurrency {
+            let served = serve_all(&serving, &stats, &fixed[..c]).await;
+            eprintln!("{c} at once: {} tokens in {:.2?}", served.generated(), served.wall);
+            rows.push((c, served));
+        }
+        node.shutdown(Duration::from_secs(5)).await;
+
+        println!();
+        print_table_head(
+            &format!(
+                "{REQUESTS} requests at once, prompts of {}-{} tokens ({prompt_total} in all), max_new_tokens {}-{}, greedy; random Llama of 125M parameters, f32, on the CPU ({} threads here, {} in Python); {}",
+                prompt_lengths.iter().min().unwrap(),
+                prompt_lengths.iter().max().unwrap(),
+                new_tokens.0,
+                new_tokens.1,
+                tch::get_num_threads(),
+                b.threads,
+                if rounds == 1 { "one round".to_string() } else { format!("median of {rounds} alternating rounds") },
+            ),
+            &["measure", &format!("harness ({SLOTS} slots, continuous batching)"), &format!("transformers generate (batch of {REQUESTS}, left-padded, {} attention)", b.attn_implementation), "ratio"],
+        );
+        println!(
+            "| generated tokens/s | {:.1} ({} tokens in {:.2?}) | {:.1} ({} tokens in {:.2}s) | {:.2} |",
+            s.rate(), s.generated(), s.wall, b_rate, b.generated_tokens, b.seconds, s.rate() / b_rate
+        );
+        println!(
+            "| time to first token | p50 {:.0} ms, p99 {:.0} ms (of {}) | the whole batch's prefill, then all first tokens together | |",
+            percentile(&ttfts, 0.5),
+            percentile(&ttfts, 0.99),
+            ttfts.len()
+        );
+        println!(
+            "| prefills (one prompt at a time) | {prompt_total} prompt tokens in {:.2} s | {} padded positions | |",
+            prefill_ms / 1000.0,
+            REQUESTS * prompt_lengths.iter().max().unwrap()
+        );
+        println!(
+            "| decode steps | {} steps of {:.1} sequences on average, {:.1} ms each | {} steps of {REQUESTS} | |",
+            s.steps,
+            s.step_tokens as f64 / s.steps.max(1) as f64,
+            (s.wall.as_secs_f64() * 1000.0 - prefill_ms) / s.steps.max(1) as f64,
+            requests.iter().map(|r| r.max_new_tokens).max().unwrap() - 1,
+        );
+
+        println!();
+        print_table_head(
+            &format!("Throughput against concurrency: each request a {FIXED_PROMPT}-token prompt and {fixed_new} new tokens, greedy, all sent at once"),
+            &["requests at once", "tokens/s", "× of 1 request", "wall", "time to first token p50", "per output token after the first, p50"],
+        );
+        let single = rows[0].1.rate();
+        for (c, served) in &rows {
+            let mut per_token: Vec<f64> = served
+                .answers
+                .iter()
+                .map(|(g, at)| (at.as_secs_f64() * 1000.0 - g.time_to_first_token_ms) / (g.generated_tokens.max(2) - 1) as f64)
+                .collect();
+            per_token.sort_by(f64::total_cmp);
+            println!(
+                "| {c} | {:.1} | {:.2} | {:.2?} | {:.0} ms | {:.1} ms |",
+                served.rate(),
+                served.rate() / single,
+                served.wall,
+                percentile(&served.ttfts(), 0.5),
+                percentile(&per_token, 0.5),
+            );
+        }
+
+        println!();
+        let kv = kv_cache_bytes(&model);
+        let peak = peak_kib * 1024;
+        let process = demo_peak_kib * 1024;
+        print_table_head(
+            &format!("Peak host RSS of a `harness serve` process loading the model (VmHWM once ready, {SLOTS} slots × {CONTEXT} tokens, ready in {ready_in:.2?})"),
+            &["measure", "MiB", "÷ model file"],
+        );
+        println!("| model file (f32 safetensors) | {:.0} | 1.00 |", mib(weights_bytes));
+        println!("| peak RSS | {:.0} | {:.2} |", mib(peak), peak as f64 / weights_bytes as f64);
+        println!("| RSS once ready | {:.0} | {:.2} |", mib(ready_kib * 1024), (ready_kib * 1024) as f64 / weights_bytes as f64);
+        println!("| peak RSS of the demo model's process (libtorch, runtime) | {:.0} | |", mib(process));
+        println!("| KV cache | {:.0} | |", mib(kv));
+        let weights_share = peak.saturating_sub(process + kv);
+        println!(
+            "| peak less the demo process and the KV cache | {:.0} | {:.2} |",
+            mib(weights_share),
+            weights_share as f64 / weights_bytes as f64
+        );
+    });
+}

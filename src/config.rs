@@ -88,7 +88,7 @@ pub struct Config {
     #[arg(long, env = "HARNESS_MAX_MESSAGE_BYTES", default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(65536..), global = true)]
     pub max_message_bytes: u64,
 
-    /// Exit cleanly (code 0) after this many seconds with no `Run` or `Embed`
+    /// Exit cleanly (code 0) after this many seconds with no `Run`, `Embed` or `Generate`
     /// request while ready, so an expensive machine stops when unused. Unset: never.
     #[arg(long, env = "HARNESS_IDLE_SHUTDOWN_S", value_parser = clap::value_parser!(u64).range(1..), global = true)]
     pub idle_shutdown_s: Option<u64>,

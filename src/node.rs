@@ -226,7 +226,7 @@ async fn until_idle(shared: Arc<ServingShared>, limit: Option<Duration>) {
         if idle >= limit {
             tracing::info!(
                 idle_s = idle.as_secs(),
-                "no Run or Embed request for {}s (HARNESS_IDLE_SHUTDOWN_S); draining and exiting so the machine stops",
+                "no Run, Embed or Generate request for {}s (HARNESS_IDLE_SHUTDOWN_S); draining and exiting so the machine stops",
                 idle.as_secs()
             );
             return;

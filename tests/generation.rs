@@ -359,3 +359,52 @@ fn a_cache_too_large_for_the_machine_fails_the_load_saying_what_to_lower() {
         assert!(stderr.contains(says), "{says:?} missing from: {stderr}");
     }
 }
+
+/// With every slot taken, a queued request whose deadline passes is answered
+/// then, not when a slot frees: behind five long generations in one slot, a
+/// request with a short deadline is answered before the last of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_queued_request_is_answered_at_its_deadline_while_slots_are_busy() {
+    let model = TinyLlm::get(Arch::Qwen2);
+    let (_repo, node, actor) = serve(
+        Arch::Qwen2,
+        "deadline_in_queue",
+        &["--max-sequences=1", "--max-context=256"],
+    )
+    .await;
+    let prompt = model.references[0].prompt.clone();
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut calls = Vec::new();
+    for i in 0..5 {
+        let (actor, prompt, order) = (actor.clone(), prompt.clone(), order.clone());
+        calls.push(tokio::spawn(async move {
+            // Sampled, so that no EOS comes early in all five.
+            let options = GenerateOptions {
+                max_new_tokens: Some(240),
+                seed: Some(i),
+                ..GenerateOptions::default()
+            };
+            let answer = generate(&actor, &prompt, options, TIMEOUT_MS).await;
+            order.lock().unwrap().push(format!("long {i}"));
+            answer
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let short = generate(&actor, &prompt, greedy(4), 100).await;
+    order.lock().unwrap().push("short".to_string());
+    assert!(
+        matches!(short, Err(ServingError::DeadlineExceeded { .. })),
+        "{short:?}"
+    );
+    for call in calls {
+        call.await.unwrap().expect("the long generations finish");
+    }
+    let order = order.lock().unwrap().clone();
+    assert_ne!(order.last().map(String::as_str), Some("short"), "{order:?}");
+    let status = support::serving::status(&actor).await;
+    assert_eq!(
+        status.queue_depth, 0,
+        "nothing is left counted in the queue"
+    );
+    node.shutdown(Duration::from_secs(5)).await;
+}

@@ -220,7 +220,9 @@ pub struct GenerateRequest {
 }
 
 /// How a generation chooses its tokens and when it stops. Unset fields take the
-/// model's `generation_config.json`, then `transformers`' defaults.
+/// model's `generation_config.json`, then `transformers`' defaults for sampling
+/// (temperature 1, top-k 50, top-p 1); `max_new_tokens` then defaults to what the
+/// node's context leaves after the prompt.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GenerateOptions {
     /// Tokens to generate at most (the prompt not counted).

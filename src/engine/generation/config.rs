@@ -134,6 +134,11 @@ impl ModelConfig {
                 return Err(ConfigError::Unsupported { found });
             }
         };
+        let keys: Vec<String> = value
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        let has_key = |name: &str| keys.iter().any(|k| k == name);
         let raw: Raw =
             serde_json::from_value(value).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let _ = (&raw.architectures, &raw.model_type);
@@ -172,12 +177,21 @@ impl ModelConfig {
             )));
         }
         let rope = raw.rope_parameters.as_ref();
-        let rope_theta = raw
-            .rope_theta
-            .or_else(|| {
-                rope.and_then(|r| r.get("rope_theta"))
-                    .and_then(|t| t.as_f64())
+        // Nested per layer type (`{"full_attention": {...}, ...}`): not this family.
+        if rope.is_some_and(|r| {
+            r.as_object().is_some_and(|o| {
+                !o.is_empty() && !o.contains_key("rope_theta") && !o.contains_key("rope_type")
             })
+        }) {
+            return Err(ConfigError::Unsound(
+                "rope_parameters given per layer type is not supported".to_string(),
+            ));
+        }
+        // transformers 5 reads rope_parameters first.
+        let rope_theta = rope
+            .and_then(|r| r.get("rope_theta"))
+            .and_then(|t| t.as_f64())
+            .or(raw.rope_theta)
             .unwrap_or(10_000.0);
         let scaling = raw.rope_scaling.as_ref().filter(|v| !v.is_null()).or(rope);
         let rope_scaling = rope_scaling(scaling, raw.max_position_embeddings)?;
@@ -185,6 +199,8 @@ impl ModelConfig {
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let sliding_window = match architecture {
             Architecture::Qwen2 if raw.use_sliding_window != Some(true) => None,
+            // MistralConfig's default when the key is absent (null means none).
+            Architecture::Mistral if !has_key("sliding_window") => Some(4096),
             _ => raw.sliding_window.filter(|w| *w > 0),
         };
         Ok(ModelConfig {

@@ -260,6 +260,11 @@ impl Llama {
             let (q, k, v) = self.attention_inputs(layer, &x, &cos, &sin);
             cache.write_step(l, &rows, &position, &k, &v);
             let (keys, values) = cache.read(l, &rows, length);
+            // The query heads that share a key/value head are that head's queries
+            // (one token each): grouped-query attention without repeating the
+            // keys, and a plain masked attention that every kernel takes.
+            let c = &self.config;
+            let q = q.reshape([b, c.num_kv_heads, c.num_heads / c.num_kv_heads, c.head_dim]);
             let attended = Tensor::scaled_dot_product_attention(
                 &q,
                 &keys,
@@ -268,8 +273,9 @@ impl Llama {
                 0.0,
                 false,
                 None,
-                self.grouped(),
-            );
+                false,
+            )
+            .reshape([b, c.num_heads, 1, c.head_dim]);
             x = self.rest_of_layer(layer, x, attended);
         }
         self.logits(&x).view([b, -1])

@@ -1,11 +1,14 @@
 //! Choosing the next token of one sequence from its logits, as `transformers`'
 //! `generate` does: greedy (the first most likely token), or sampling after its
 //! warpers in its order (temperature, top-k, top-p). Each sequence has its own
-//! random stream, seeded by its request, so a seed gives the same tokens whatever
-//! else runs in the batch.
+//! random stream, seeded by its request, so a seed draws the same numbers
+//! whatever else runs in the batch.
 
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+/// Temperatures below this sample greedily.
+const MIN_TEMPERATURE: f32 = 1e-5;
 
 /// How one sequence chooses its tokens.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,9 +24,10 @@ pub struct SamplingParams {
 }
 
 impl SamplingParams {
-    /// Whether the token is the argmax (no randomness at all).
+    /// Whether the token is the argmax (no randomness at all). A temperature
+    /// this close to 0 is greedy too: dividing by it would overflow the logits.
     pub fn is_greedy(&self) -> bool {
-        !self.do_sample || self.temperature == 0.0
+        !self.do_sample || self.temperature < MIN_TEMPERATURE
     }
 }
 
@@ -57,7 +61,10 @@ impl Sampler {
         let k = self.params.top_k;
         if k > 0 && k < candidates.len() {
             candidates.select_nth_unstable_by(k - 1, by_logit_desc);
-            candidates.truncate(k);
+            // Every token tied with the k-th stays, as transformers removes only
+            // those below it.
+            let kth = scaled[candidates[k - 1] as usize];
+            candidates.retain(|&i| scaled[i as usize] >= kth);
         }
         let max = candidates
             .iter()
@@ -169,6 +176,14 @@ mod tests {
         logits[1] = 4.0;
         let mut only_top = Sampler::new(params(1, 1.0, 1));
         assert!((0..100).all(|_| only_top.sample(&logits) == 3));
+        // Tokens tied with the k-th are kept, as transformers keeps them.
+        let mut tied = vec![-10.0f32; 100];
+        tied[7] = 2.0;
+        tied[9] = 2.0;
+        let mut top_one = Sampler::new(params(1, 1.0, 3));
+        let drawn: std::collections::HashSet<u32> =
+            (0..200).map(|_| top_one.sample(&tied)).collect();
+        assert_eq!(drawn, [7, 9].into_iter().collect());
         let mut two = Sampler::new(params(0, 0.9, 1));
         let drawn: Vec<u32> = (0..400).map(|_| two.sample(&logits)).collect();
         assert!(drawn.iter().all(|&t| t == 3 || t == 1), "{drawn:?}");

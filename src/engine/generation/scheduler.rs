@@ -21,6 +21,10 @@ use super::{Finish, Finished, GenerateError, GenerationObserver, GenerationStats
 use crate::engine::error::panic_message;
 use crate::engine::ForwardError;
 
+/// Prompt tokens run per turn of the loop while other sequences wait for their
+/// next token (at least one prompt runs per turn).
+const PREFILL_TOKENS_PER_STEP: usize = 2048;
+
 /// A request on its way to the engine thread.
 pub(super) struct Work {
     pub sequence: Sequence,
@@ -75,9 +79,16 @@ impl Scheduler<'_> {
             }
             let now = Instant::now();
             self.end_expired(&mut running, &mut free, now);
+            self.end_expired_waiting(&mut waiting, now);
             // Admit into the lowest free slots, so running slots stay together and
-            // the decode step reads the cache in place.
+            // the decode step reads the cache in place. While sequences run, the
+            // prompts run per turn are bounded, so a burst of long prompts delays
+            // the running ones' next token by a bounded amount.
+            let mut prompt_tokens = 0;
             while !free.is_empty() {
+                if !running.is_empty() && prompt_tokens >= PREFILL_TOKENS_PER_STEP {
+                    break;
+                }
                 let Some(work) = waiting.pop_front() else {
                     break;
                 };
@@ -85,13 +96,7 @@ impl Scheduler<'_> {
                     .engine
                     .queued_items
                     .fetch_sub(1, Ordering::Relaxed);
-                if work.sequence.deadline <= now || work.reply.is_closed() {
-                    let waited = work.sequence.received.elapsed();
-                    let _ = work
-                        .reply
-                        .send(Err(GenerateError::DeadlineExceeded { waited }));
-                    continue;
-                }
+                prompt_tokens += work.sequence.prompt.len();
                 let slot = free.pop_first().expect("a free slot");
                 match self.prefill(slot, work) {
                     Ok(Some(sequence)) => running.push(sequence),
@@ -102,19 +107,44 @@ impl Scheduler<'_> {
                 }
             }
             running.sort_by_key(|r| r.slot);
-            self.stats
-                .slots_in_use
-                .store(running.len() as u64, Ordering::Relaxed);
-            if let Some(observer) = &self.observer {
-                observer.slots_in_use(running.len());
-            }
+            self.publish_slots(running.len());
             if running.is_empty() {
                 continue;
             }
             if let Err(fatal) = self.decode(&mut running, &mut free) {
                 return self.fail_all(fatal, running, waiting, queue);
             }
+            // Also after the step that ended the last sequences, before the loop
+            // may block waiting for work.
+            self.publish_slots(running.len());
         }
+    }
+
+    fn publish_slots(&self, in_use: usize) {
+        self.stats
+            .slots_in_use
+            .store(in_use as u64, Ordering::Relaxed);
+        if let Some(observer) = &self.observer {
+            observer.slots_in_use(in_use);
+        }
+    }
+
+    /// Answers queued requests whose caller stopped waiting, so they neither
+    /// wait for a slot nor count against the queue's bound.
+    fn end_expired_waiting(&self, waiting: &mut VecDeque<Work>, now: Instant) {
+        waiting.retain_mut(|work| {
+            let gone = work.sequence.deadline <= now || work.reply.is_closed();
+            if gone {
+                self.stats
+                    .engine
+                    .queued_items
+                    .fetch_sub(1, Ordering::Relaxed);
+                let waited = work.sequence.received.elapsed();
+                let reply = std::mem::replace(&mut work.reply, oneshot::channel().0);
+                let _ = reply.send(Err(GenerateError::DeadlineExceeded { waited }));
+            }
+            !gone
+        });
     }
 
     /// Ends sequences whose caller stopped waiting, freeing their slots.
@@ -279,11 +309,13 @@ impl Scheduler<'_> {
         queue: Receiver<Work>,
     ) {
         let _ = self.fatal.send(Some(why.clone()));
-        let works = running
-            .into_iter()
-            .map(|r| r.work)
-            .chain(waiting)
-            .chain(queue.try_iter());
+        self.publish_slots(0);
+        let queued: Vec<Work> = waiting.into_iter().chain(queue.try_iter()).collect();
+        self.stats
+            .engine
+            .queued_items
+            .fetch_sub(queued.len() as u64, Ordering::Relaxed);
+        let works = running.into_iter().map(|r| r.work).chain(queued);
         for work in works {
             let _ = work
                 .reply

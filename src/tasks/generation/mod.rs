@@ -63,6 +63,7 @@ pub struct GenerationTask {
     tokenizer: Arc<TextTokenizer>,
     defaults: Defaults,
     eos: Vec<u32>,
+    vocab_size: u32,
     /// Counters the serving reads (the queue), kept apart from the model.
     stats: Arc<EngineStats>,
     status: GenerationStatus,
@@ -83,6 +84,13 @@ impl GenerationTask {
             Some(path) => Defaults::parse(&read(path)?).map_err(LoadFailure::permanent)?,
             None => Defaults::default(),
         };
+        if !defaults.unsupported.is_empty() {
+            tracing::warn!(
+                settings = %defaults.unsupported.join(", "),
+                "generation_config.json sets {}, which this node does not apply: answers may differ from transformers' generate",
+                defaults.unsupported.join(", ")
+            );
+        }
         let eos = if defaults.eos_token_ids.is_empty() {
             config.eos_token_ids.clone()
         } else {
@@ -160,6 +168,7 @@ impl GenerationTask {
             tokenizer: Arc::new(tokenizer),
             defaults,
             eos,
+            vocab_size: config.vocab_size.clamp(0, u32::MAX as i64) as u32,
             stats,
             status,
         })
@@ -230,6 +239,14 @@ impl GenerationTask {
         }
         if tokens.ids.is_empty() {
             return Err(bad("the prompt has no tokens".to_string()));
+        }
+        // A tokenizer may know tokens past the model's embedding (added tokens):
+        // one in a prompt would fail the step (on a GPU, the device).
+        if let Some(id) = tokens.ids.iter().find(|&&id| id >= self.vocab_size) {
+            return Err(bad(format!(
+                "the prompt has token id {id}, past the model's vocabulary of {} (an added token the model was not trained with)",
+                self.vocab_size
+            )));
         }
         let sampling_asked =
             o.temperature.is_some() || o.top_p.is_some() || o.top_k.is_some() || o.seed.is_some();
@@ -361,12 +378,24 @@ fn load_failure(err: GenerationLoadError) -> LoadFailure {
     }
 }
 
-/// `MemAvailable` of `/proc/meminfo`, in bytes.
+/// Memory this process may still take, in bytes: `MemAvailable` of
+/// `/proc/meminfo`, or less where a container's cgroup limit says so (a
+/// container sees the host's meminfo).
 fn available_host_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    let host = kib * 1024;
+    let read = |name: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{name}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let cgroup =
+        read("memory.max").map(|max| max.saturating_sub(read("memory.current").unwrap_or(0)));
+    Some(cgroup.map_or(host, |left| left.min(host)))
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -461,15 +490,17 @@ impl Task for GenerationTask {
             let tokenizer = self.tokenizer.clone();
             let ids = finished.tokens.clone();
             let text = off_async(move || tokenizer.decode(&ids), internal).await?;
-            let text = match finished.reason {
-                Finish::Stop => stop::cut_at_first(&text, &stops),
-                _ => text,
+            // The whole text is the judge: a stop string in it ends it there,
+            // whatever ended the generation.
+            let (text, reason) = match stop::cut_at_first(&text, &stops) {
+                Some(cut) => (cut, Finish::Stop),
+                None => (text, finished.reason),
             };
             Ok(Generation {
                 text,
                 generated_tokens: finished.tokens.len() as u32,
                 token_ids: finished.tokens,
-                finish_reason: match finished.reason {
+                finish_reason: match reason {
                     Finish::Eos => FinishReason::Eos,
                     Finish::Stop => FinishReason::Stop,
                     Finish::Length => FinishReason::Length,

@@ -10,10 +10,10 @@ use crate::tasks::tokenizer::TextTokenizer;
 pub struct StopStrings {
     tokenizer: Arc<TextTokenizer>,
     stops: Vec<String>,
-    /// The longest stop string, in bytes: only the text's tail can hold a new one.
-    longest: usize,
-    /// Bytes of text already looked at (no stop string ends within them).
-    seen: usize,
+    /// Tokens decoded per check: enough to hold the longest stop string (a token
+    /// is at least one byte of text, and a few more cover a character split
+    /// across tokens and a word's leading space).
+    window: usize,
 }
 
 impl StopStrings {
@@ -22,37 +22,30 @@ impl StopStrings {
         StopStrings {
             tokenizer,
             stops,
-            longest,
-            seen: 0,
+            window: longest + 4,
         }
     }
 }
 
 impl StopCheck for StopStrings {
+    /// Whether the text of the last few tokens holds a stop string: the newest
+    /// token completes one only within them. Decoding that window (not the whole
+    /// text) keeps each check's cost flat however long the generation, and
+    /// decoding it whole each time sees a string that appears when a character's
+    /// last byte arrives.
     fn stops(&mut self, generated: &[u32]) -> bool {
-        let Ok(text) = self.tokenizer.decode(generated) else {
+        let recent = &generated[generated.len().saturating_sub(self.window)..];
+        let Ok(text) = self.tokenizer.decode(recent) else {
             return false;
         };
-        // A stop string that ends in the new text starts at most `longest` bytes
-        // before it.
-        let mut from = self.seen.saturating_sub(self.longest).min(text.len());
-        while !text.is_char_boundary(from) {
-            from -= 1;
-        }
-        self.seen = text.len();
-        let tail = &text[from..];
-        self.stops.iter().any(|s| tail.contains(s.as_str()))
+        self.stops.iter().any(|s| text.contains(s.as_str()))
     }
 }
 
-/// `text` up to where the first of `stops` begins (all of it when none occurs).
-pub fn cut_at_first(text: &str, stops: &[String]) -> String {
-    let end = stops
-        .iter()
-        .filter_map(|s| text.find(s.as_str()))
-        .min()
-        .unwrap_or(text.len());
-    text[..end].to_string()
+/// `text` up to where the first of `stops` begins, or `None` when none occurs.
+pub fn cut_at_first(text: &str, stops: &[String]) -> Option<String> {
+    let end = stops.iter().filter_map(|s| text.find(s.as_str())).min()?;
+    Some(text[..end].to_string())
 }
 
 #[cfg(test)]
@@ -62,7 +55,7 @@ mod tests {
     #[test]
     fn the_text_ends_before_the_first_stop_string() {
         let stops = vec!["world".to_string(), "lo w".to_string()];
-        assert_eq!(cut_at_first("hello world", &stops), "hel");
-        assert_eq!(cut_at_first("no stop here", &stops), "no stop here");
+        assert_eq!(cut_at_first("hello world", &stops).as_deref(), Some("hel"));
+        assert_eq!(cut_at_first("no stop here", &stops), None);
     }
 }
