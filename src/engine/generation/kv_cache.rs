@@ -54,6 +54,15 @@ impl KvCache {
         }
     }
 
+    /// Copies the first `length` positions of slot `from` into slot `to`.
+    pub fn move_slot(&mut self, from: i64, to: i64, length: i64) {
+        for cache in self.keys.iter().chain(&self.values) {
+            let source = cache.get(from).narrow(1, 0, length);
+            let mut target = cache.get(to).narrow(1, 0, length);
+            target.copy_(&source);
+        }
+    }
+
     /// The rows of `slots`.
     pub fn rows(&self, slots: &[i64]) -> Rows {
         let device = self.keys.first().map_or(Device::Cpu, |k| k.device());

@@ -107,6 +107,9 @@ impl Scheduler<'_> {
                 }
             }
             running.sort_by_key(|r| r.slot);
+            if let Err(err) = self.compact(&mut running, &mut free) {
+                return self.fail_all(err, running, waiting, queue);
+            }
             self.publish_slots(running.len());
             if running.is_empty() {
                 continue;
@@ -117,6 +120,29 @@ impl Scheduler<'_> {
             // Also after the step that ended the last sequences, before the loop
             // may block waiting for work.
             self.publish_slots(running.len());
+        }
+    }
+
+    /// Moves the sequences of the highest slots into the free slots below them,
+    /// so running sequences hold slots `0..n` and every decode step reads their
+    /// cache rows in place: one copy of a sequence's cache when another ends,
+    /// instead of a gather of every row at every step.
+    fn compact(&mut self, running: &mut [Running], free: &mut BTreeSet<i64>) -> Result<(), String> {
+        loop {
+            let (Some(&hole), Some(last)) = (free.first(), running.last_mut()) else {
+                return Ok(());
+            };
+            if last.slot < hole {
+                return Ok(());
+            }
+            let (from, length) = (last.slot, last.position);
+            let cache = &mut self.cache;
+            guarded(|| cache.move_slot(from, hole, length))
+                .map_err(|e| format!("moving a sequence's cache: {e}"))?;
+            free.remove(&hole);
+            free.insert(from);
+            last.slot = hole;
+            running.sort_by_key(|r| r.slot);
         }
     }
 
@@ -327,7 +353,7 @@ impl Scheduler<'_> {
 }
 
 /// Runs `step`, turning a torch error (tch panics on one) into a typed error.
-fn guarded(step: impl FnOnce() -> Tensor) -> Result<Tensor, ForwardError> {
+fn guarded<T>(step: impl FnOnce() -> T) -> Result<T, ForwardError> {
     catch_unwind(AssertUnwindSafe(step)).map_err(|payload| {
         let message = panic_message(payload.as_ref());
         if message.contains("Torch(") || message.contains("torch") {
