@@ -6,7 +6,7 @@
 //! requests, and the peak resident memory of a `harness serve` process loading
 //! the model against the size of its weights.
 //!
-//! The model is written once per machine (a minute) and cached under the cargo
+//! The model is written once per machine (half a minute) and cached under the cargo
 //! target folder, in a folder named after a hash of the script.
 //!
 //! `HARNESS_BENCH_ROUNDS` sets the alternating rounds of the comparison (default
@@ -16,7 +16,7 @@
 //! to 8 requests only.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -314,27 +314,88 @@ async fn serve_all(
     }
 }
 
-/// A `harness serve` process loading the model as the node here does: its peak
-/// resident memory (KiB) once ready, and how long it took to be ready.
-fn peak_rss_serving(model: &Path) -> (u64, u64, Duration) {
-    let started = Instant::now();
-    let node = ServeSettings::model_dir(COOKIE, model)
-        .env("HARNESS_TASK", "generation")
-        .env("HARNESS_MAX_SEQUENCES", SLOTS)
-        .env("HARNESS_MAX_CONTEXT", CONTEXT)
-        .serving("generation_bench_rss")
-        .start();
-    let ready = started.elapsed();
-    (node.peak_rss_kib(), node.rss_kib(), ready)
+/// Memory of a `harness serve` process while it starts, KiB: the kernel's peak
+/// (`VmHWM`) and resident set once ready, and the most anonymous and the most
+/// file-backed pages seen in samples taken every 2 ms until then.
+struct StartRss {
+    peak: u64,
+    ready: Status,
+    most: Status,
+    ready_in: Duration,
 }
 
-/// The same for the demo model (4 floats in): what any `harness serve` process
-/// takes (libtorch's libraries, the runtime), to tell the model's share apart.
-fn peak_rss_demo() -> u64 {
-    let node = ServeSettings::demo(COOKIE)
-        .serving("generation_bench_rss_demo")
-        .start();
-    node.peak_rss_kib()
+/// Resident pages in `/proc/<pid>/status`, KiB.
+#[derive(Default, Clone, Copy)]
+struct Status {
+    anon: u64,
+    file: u64,
+}
+
+impl Status {
+    fn of(pid: u32) -> Status {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        Status {
+            anon: field("RssAnon:"),
+            file: field("RssFile:"),
+        }
+    }
+}
+
+/// Starts `settings` and measures its memory until ready.
+fn start_rss(settings: ServeSettings) -> StartRss {
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = sample_child(done.clone());
+    let started = Instant::now();
+    let node = settings.start();
+    let ready_in = started.elapsed();
+    done.store(true, Ordering::Relaxed);
+    StartRss {
+        peak: node.peak_rss_kib(),
+        ready: Status::of(node.child.id()),
+        most: sampler.join().unwrap(),
+        ready_in,
+    }
+}
+
+/// Samples this process's `harness` child every 2 ms until `done`: the most
+/// anonymous and the most file-backed pages seen (each at its own moment).
+fn sample_child(done: Arc<AtomicBool>) -> std::thread::JoinHandle<Status> {
+    let me = std::process::id();
+    std::thread::spawn(move || {
+        let (mut most, mut child) = (Status::default(), None);
+        while !done.load(Ordering::Relaxed) {
+            child = child.or_else(|| find_child(me));
+            if let Some(pid) = child {
+                let now = Status::of(pid);
+                most.anon = most.anon.max(now.anon);
+                most.file = most.file.max(now.file);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        most
+    })
+}
+
+/// The pid of a child of `parent` named `harness`.
+fn find_child(parent: u32) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // `pid (comm) state ppid ...`; the name may hold spaces and parentheses.
+            let (head, tail) = stat.rsplit_once(')')?;
+            let ppid: u32 = tail.split_whitespace().nth(1)?.parse().ok()?;
+            (head.ends_with("(harness") && ppid == parent).then_some(pid)
+        })
 }
 
 /// Bytes of the KV cache the node allocates: keys and values of every layer for
@@ -344,22 +405,324 @@ fn kv_cache_bytes(model: &Path) -> u64 {
         serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
     let n = |key: &str| config[key].as_u64().unwrap();
     let head_dim = n("hidden_size") / n("num_attention_heads");
-    2 * n("num_hidden_layers") * n("num_key_value_heads") * head_dim * (SLOTS * CONTEXT) as u64 * 4
+    let per_token = 2 * n("num_hidden_layers") * n("num_key_value_heads") * head_dim * 4;
+    per_token * (SLOTS * CONTEXT) as u64
 }
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 20) as f64
 }
 
-fn main() {
-    let rounds = env_or("HARNESS_BENCH_ROUNDS", 1).max(1) as usize;
-    let quick = env_or("HARNESS_BENCH_QUICK", 0) != 0;
-    let (new_tokens, fixed_new, concurrency) = if quick {
-        ((NEW_TOKENS.0 / 4, NEW_TOKENS.1 / 4), 16, &CONCURRENCY[..4])
-    } else {
-        (NEW_TOKENS, 64, &CONCURRENCY[..])
-    };
+/// What the bench sizes from the environment.
+struct Sizes {
+    rounds: usize,
+    new_tokens: (u32, u32),
+    fixed_new: u32,
+    concurrency: &'static [usize],
+}
 
+impl Sizes {
+    fn from_env() -> Sizes {
+        let rounds = env_or("HARNESS_BENCH_ROUNDS", 1).max(1) as usize;
+        match env_or("HARNESS_BENCH_QUICK", 0) {
+            0 => Sizes {
+                rounds,
+                new_tokens: NEW_TOKENS,
+                fixed_new: 64,
+                concurrency: &CONCURRENCY,
+            },
+            _ => Sizes {
+                rounds,
+                new_tokens: (NEW_TOKENS.0 / 4, NEW_TOKENS.1 / 4),
+                fixed_new: 16,
+                concurrency: &CONCURRENCY[..4],
+            },
+        }
+    }
+}
+
+/// The requests of the bench.
+struct Workload {
+    /// The comparison's.
+    mixed: Vec<Request>,
+    /// The concurrency table's, as many as its last row sends.
+    fixed: Vec<Request>,
+    /// The comparison's as transformers reads them.
+    file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Workload {
+    fn new(model: &Path, sizes: &Sizes) -> Workload {
+        let tokenizer = Tokenizer::from_file(model.join("tokenizer.json")).unwrap();
+        let mixed = mixed_requests(&tokenizer, sizes.new_tokens);
+        let mut next = rng(0x9e37_79b9_7f4a_7c15);
+        let fixed = (0..*sizes.concurrency.last().unwrap())
+            .map(|_| {
+                let text = text_of(&tokenizer, FIXED_PROMPT, &mut next);
+                request(&tokenizer, text, sizes.fixed_new)
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("requests.json");
+        let json: Vec<serde_json::Value> = mixed
+            .iter()
+            .map(|r| serde_json::json!({"prompt_ids": r.ids, "max_new_tokens": r.max_new_tokens}))
+            .collect();
+        std::fs::write(&file, serde_json::to_vec(&json).unwrap()).unwrap();
+        Workload {
+            mixed,
+            fixed,
+            file,
+            _dir: dir,
+        }
+    }
+
+    fn prompt_lengths(&self) -> Vec<usize> {
+        self.mixed.iter().map(|r| r.ids.len()).collect()
+    }
+}
+
+/// What the node in this process measured.
+struct Measured {
+    /// The comparison's rounds, and transformers' beside them.
+    ours: Vec<Served>,
+    theirs: Vec<Baseline>,
+    /// The concurrency table's rows.
+    rows: Vec<(usize, Served)>,
+}
+
+/// Serves the model in this process: the comparison's rounds, alternating with
+/// transformers', then the concurrency table.
+async fn measure(model: &Path, work: &Workload, sizes: &Sizes) -> Measured {
+    let config = node_config(&[
+        "--task=generation".to_string(),
+        format!("--model-dir={}", model.display()),
+        format!("--max-sequences={SLOTS}"),
+        format!("--max-context={CONTEXT}"),
+    ]);
+    let (node, serving) = start_ready(config, Duration::from_secs(300)).await;
+    let stats = node.shared().engine_stats().unwrap();
+    // Warm: a few prompts of different lengths, a few tokens each.
+    let warm: Vec<Request> = work.mixed[..4]
+        .iter()
+        .map(|r| Request {
+            max_new_tokens: 4,
+            ..r.clone()
+        })
+        .collect();
+    serve_all(&serving, &stats, &warm).await;
+
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for round in 0..sizes.rounds {
+        let baseline = tokio::task::block_in_place(|| transformers_round(model, &work.file));
+        let served = serve_all(&serving, &stats, &work.mixed).await;
+        eprintln!(
+            "round {}: transformers {} tokens in {:.2}s ({:.1}/s), harness {} in {:.2?} ({:.1}/s)",
+            round + 1,
+            baseline.generated_tokens,
+            baseline.seconds,
+            baseline.rate(),
+            served.generated(),
+            served.wall,
+            served.rate()
+        );
+        theirs.push(baseline);
+        ours.push(served);
+    }
+    let mut rows = Vec::new();
+    for &c in sizes.concurrency {
+        let served = serve_all(&serving, &stats, &work.fixed[..c]).await;
+        eprintln!(
+            "{c} at once: {} tokens in {:.2?}",
+            served.generated(),
+            served.wall
+        );
+        rows.push((c, served));
+    }
+    node.shutdown(Duration::from_secs(5)).await;
+    Measured { ours, theirs, rows }
+}
+
+impl Baseline {
+    fn rate(&self) -> f64 {
+        self.generated_tokens as f64 / self.seconds
+    }
+}
+
+fn print_comparison(work: &Workload, sizes: &Sizes, measured: &mut Measured) {
+    measured.ours.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+    measured
+        .theirs
+        .sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+    let s = &measured.ours[measured.ours.len() / 2];
+    let b = &measured.theirs[measured.theirs.len() / 2];
+    let mut ttfts: Vec<f64> = measured.ours.iter().flat_map(Served::ttfts).collect();
+    ttfts.sort_by(f64::total_cmp);
+    // Every prompt is admitted (prefilled, one at a time) before the first decode
+    // step: the last first token marks the end of the prefills.
+    let prefill_ms = s.ttfts().last().copied().unwrap_or(0.0);
+    let lengths = work.prompt_lengths();
+    let longest = *lengths.iter().max().unwrap();
+    let rounds = match sizes.rounds {
+        1 => "one round".to_string(),
+        n => format!("median of {n} alternating rounds"),
+    };
+    print_table_head(
+        &format!(
+            "{REQUESTS} requests at once, prompts of {}-{longest} tokens ({} in all), \
+             max_new_tokens {}-{}, greedy; random Llama of 125M parameters, f32, on the CPU \
+             ({} threads here, {} in Python); {rounds}",
+            lengths.iter().min().unwrap(),
+            lengths.iter().sum::<usize>(),
+            sizes.new_tokens.0,
+            sizes.new_tokens.1,
+            tch::get_num_threads(),
+            b.threads,
+        ),
+        &[
+            "measure",
+            &format!("harness ({SLOTS} slots, continuous batching)"),
+            &format!(
+                "transformers generate (one batch of {REQUESTS}, left-padded, {} attention)",
+                b.attn_implementation
+            ),
+            "ratio",
+        ],
+    );
+    println!(
+        "| generated tokens/s | {:.1} ({} tokens in {:.2?}) | {:.1} ({} tokens in {:.2}s) \
+         | {:.2} |",
+        s.rate(),
+        s.generated(),
+        s.wall,
+        b.rate(),
+        b.generated_tokens,
+        b.seconds,
+        s.rate() / b.rate()
+    );
+    println!(
+        "| time to first token | p50 {:.0} ms, p99 {:.0} ms (of {}) \
+         | after the padded batch's prefill | |",
+        percentile(&ttfts, 0.5),
+        percentile(&ttfts, 0.99),
+        ttfts.len()
+    );
+    println!(
+        "| prefill | {} prompt tokens, one prompt at a time, in {:.2} s \
+         | {} positions ({REQUESTS} × {longest}) in one batch | |",
+        lengths.iter().sum::<usize>(),
+        prefill_ms / 1000.0,
+        REQUESTS * longest,
+    );
+    println!(
+        "| decode | {} steps of {:.1} sequences on average, {:.1} ms each \
+         | up to {} steps of {REQUESTS} | |",
+        s.steps,
+        s.step_tokens as f64 / s.steps.max(1) as f64,
+        (s.wall.as_secs_f64() * 1000.0 - prefill_ms) / s.steps.max(1) as f64,
+        work.mixed.iter().map(|r| r.max_new_tokens).max().unwrap() - 1,
+    );
+}
+
+fn print_concurrency(sizes: &Sizes, rows: &[(usize, Served)]) {
+    print_table_head(
+        &format!(
+            "Throughput against concurrency: each request a {FIXED_PROMPT}-token prompt and {} \
+             new tokens, greedy, all sent at once",
+            sizes.fixed_new
+        ),
+        &[
+            "requests at once",
+            "tokens/s",
+            "× of 1 request",
+            "wall",
+            "time to first token p50",
+            "per output token after the first, p50",
+        ],
+    );
+    let single = rows[0].1.rate();
+    for (c, served) in rows {
+        let mut per_token: Vec<f64> = served
+            .answers
+            .iter()
+            .map(|(g, at)| {
+                let decoding = at.as_secs_f64() * 1000.0 - g.time_to_first_token_ms;
+                decoding / (g.generated_tokens.max(2) - 1) as f64
+            })
+            .collect();
+        per_token.sort_by(f64::total_cmp);
+        println!(
+            "| {c} | {:.1} | {:.2} | {:.2?} | {:.0} ms | {:.1} ms |",
+            served.rate(),
+            served.rate() / single,
+            served.wall,
+            percentile(&served.ttfts(), 0.5),
+            percentile(&per_token, 0.5),
+        );
+    }
+}
+
+fn print_memory(model: &Path, weights_bytes: u64, served: &StartRss, demo: &StartRss) {
+    let kib = |k: u64| mib(k * 1024);
+    let of_file = |k: u64| format!("{:.2}", (k * 1024) as f64 / weights_bytes as f64);
+    print_table_head(
+        &format!(
+            "Host memory of a `harness serve` process loading the model ({SLOTS} slots × \
+             {CONTEXT} tokens of f32 KV cache; ready in {:.2?})",
+            served.ready_in
+        ),
+        &["measure", "MiB", "÷ model file"],
+    );
+    let row = |what: &str, k: u64, ratio: bool| {
+        let ratio = if ratio { of_file(k) } else { String::new() };
+        println!("| {what} | {:.0} | {ratio} |", kib(k));
+    };
+    println!(
+        "| model file (f32 safetensors) | {:.0} | 1.00 |",
+        mib(weights_bytes)
+    );
+    row("peak RSS (VmHWM once ready)", served.peak, true);
+    row(
+        "peak less the demo model's process's peak",
+        served.peak.saturating_sub(demo.peak),
+        true,
+    );
+    row(
+        "most file-backed pages while loading (libraries, the weights' mapping)",
+        served.most.file,
+        true,
+    );
+    row(
+        "most anonymous pages while loading (weights, KV cache, heap)",
+        served.most.anon,
+        true,
+    );
+    row(
+        "RSS once ready",
+        served.ready.anon + served.ready.file,
+        true,
+    );
+    println!(
+        "| of which anonymous + file-backed | {:.0} + {:.0} | |",
+        kib(served.ready.anon),
+        kib(served.ready.file)
+    );
+    println!(
+        "| KV cache (allocated after the weights) | {:.0} | |",
+        mib(kv_cache_bytes(model))
+    );
+    println!(
+        "| the demo model's process: peak (most anonymous, most file-backed) \
+         | {:.0} ({:.0}, {:.0}) | |",
+        kib(demo.peak),
+        kib(demo.most.anon),
+        kib(demo.most.file)
+    );
+}
+
+fn main() {
+    let sizes = Sizes::from_env();
     let model = model_dir();
     let weights_bytes: u64 = std::fs::read_dir(&model)
         .unwrap()
@@ -367,40 +730,32 @@ fn main() {
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .map(|p| p.metadata().unwrap().len())
         .sum();
-    let tokenizer = Tokenizer::from_file(model.join("tokenizer.json")).unwrap();
-    let requests = mixed_requests(&tokenizer, new_tokens);
-    let mut next = rng(0x9e37_79b9_7f4a_7c15);
-    let fixed: Vec<Request> = (0..*concurrency.last().unwrap())
-        .map(|_| {
-            let text = text_of(&tokenizer, FIXED_PROMPT, &mut next);
-            request(&tokenizer, text, fixed_new)
-        })
-        .collect();
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("requests.json");
-    let json: Vec<serde_json::Value> = requests
-        .iter()
-        .map(|r| serde_json::json!({"prompt_ids": r.ids, "max_new_tokens": r.max_new_tokens}))
-        .collect();
-    std::fs::write(&file, serde_json::to_vec(&json).unwrap()).unwrap();
-    let prompt_lengths: Vec<usize> = requests.iter().map(|r| r.ids.len()).collect();
-    let prompt_total: usize = prompt_lengths.iter().sum();
+    let work = Workload::new(&model, &sizes);
     eprintln!(
-        "{REQUESTS} requests: prompts of {:?} tokens ({prompt_total} in all), max_new_tokens {:?}",
-        prompt_lengths,
-        requests
+        "{REQUESTS} requests: prompts of {:?} tokens, max_new_tokens {:?}",
+        work.prompt_lengths(),
+        work.mixed
             .iter()
             .map(|r| r.max_new_tokens)
             .collect::<Vec<_>>()
     );
 
-    // Peak RSS first, with nothing else of ours in memory.
-    let (peak_kib, ready_kib, ready_in) = peak_rss_serving(&model);
-    let demo_peak_kib = peak_rss_demo();
+    // Memory first, with nothing else of ours in memory: the model as the node
+    // here serves it, then the demo model (what any `harness serve` process takes:
+    // libtorch's libraries, the runtime), to tell the model's share apart.
+    let served_rss = start_rss(
+        ServeSettings::model_dir(COOKIE, &model)
+            .env("HARNESS_TASK", "generation")
+            .env("HARNESS_MAX_SEQUENCES", SLOTS)
+            .env("HARNESS_MAX_CONTEXT", CONTEXT)
+            .serving("generation_bench_rss"),
+    );
+    let demo_rss = start_rss(ServeSettings::demo(COOKIE).serving("generation_bench_rss_demo"));
     eprintln!(
-        "harness serve: peak RSS {:.0} MiB (demo model {:.0} MiB), ready in {ready_in:.2?}",
-        peak_kib as f64 / 1024.0,
-        demo_peak_kib as f64 / 1024.0
+        "harness serve: peak RSS {:.0} MiB (the demo model's {:.0} MiB), ready in {:.2?}",
+        kib_to_mib(served_rss.peak),
+        kib_to_mib(demo_rss.peak),
+        served_rss.ready_in
     );
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -408,136 +763,16 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let config = node_config(&[
-        "--task=generation".to_string(),
-        format!("--model-dir={}", model.display()),
-        format!("--max-sequences={SLOTS}"),
-        format!("--max-context={CONTEXT}"),
-    ]);
-    runtime.block_on(async move {
-        let (node, serving) = start_ready(config, Duration::from_secs(300)).await;
-        let stats = node.shared().engine_stats().unwrap();
-        // Warm: a few prompts of different lengths, a few tokens each.
-        let warm: Vec<Request> = requests.iter().take(4).map(|r| Request { max_new_tokens: 4, ..r.clone() }).collect();
-        serve_all(&serving, &stats, &warm).await;
+    let mut measured = runtime.block_on(measure(&model, &work, &sizes));
 
-        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-        for round in 0..rounds {
-            let baseline = tokio::task::block_in_place(|| transformers_round(&model, &file));
-            let served = serve_all(&serving, &stats, &requests).await;
-            eprintln!(
-                "round {}: transformers {} tokens in {:.2}s ({:.1}/s), harness {} tokens in {:.2?} ({:.1}/s)",
-                round + 1,
-                baseline.generated_tokens,
-                baseline.seconds,
-                baseline.generated_tokens as f64 / baseline.seconds,
-                served.generated(),
-                served.wall,
-                served.rate()
-            );
-            theirs.push(baseline);
-            ours.push(served);
-        }
-        ours.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
-        theirs.sort_by(|a, b| (a.generated_tokens as f64 / a.seconds).total_cmp(&(b.generated_tokens as f64 / b.seconds)));
-        let (s, b) = (&ours[ours.len() / 2], &theirs[theirs.len() / 2]);
-        let b_rate = b.generated_tokens as f64 / b.seconds;
-        let ttfts: Vec<f64> = {
-            let mut all: Vec<f64> = ours.iter().flat_map(Served::ttfts).collect();
-            all.sort_by(f64::total_cmp);
-            all
-        };
-        // Every prompt is admitted (prefilled, one at a time) before the first
-        // decode step: the last first token marks the end of the prefills.
-        let prefill_ms = s.ttfts().last().copied().unwrap_or(0.0);
+    println!();
+    print_comparison(&work, &sizes, &mut measured);
+    println!();
+    print_concurrency(&sizes, &measured.rows);
+    println!();
+    print_memory(&model, weights_bytes, &served_rss, &demo_rss);
+}
 
-        // Throughput against concurrency.
-        let mut rows = Vec::new();
-        for &c in concurrency {
-            let served = serve_all(&serving, &stats, &fixed[..c]).await;
-            eprintln!("{c} at once: {} tokens in {:.2?}", served.generated(), served.wall);
-            rows.push((c, served));
-        }
-        node.shutdown(Duration::from_secs(5)).await;
-
-        println!();
-        print_table_head(
-            &format!(
-                "{REQUESTS} requests at once, prompts of {}-{} tokens ({prompt_total} in all), max_new_tokens {}-{}, greedy; random Llama of 125M parameters, f32, on the CPU ({} threads here, {} in Python); {}",
-                prompt_lengths.iter().min().unwrap(),
-                prompt_lengths.iter().max().unwrap(),
-                new_tokens.0,
-                new_tokens.1,
-                tch::get_num_threads(),
-                b.threads,
-                if rounds == 1 { "one round".to_string() } else { format!("median of {rounds} alternating rounds") },
-            ),
-            &["measure", &format!("harness ({SLOTS} slots, continuous batching)"), &format!("transformers generate (batch of {REQUESTS}, left-padded, {} attention)", b.attn_implementation), "ratio"],
-        );
-        println!(
-            "| generated tokens/s | {:.1} ({} tokens in {:.2?}) | {:.1} ({} tokens in {:.2}s) | {:.2} |",
-            s.rate(), s.generated(), s.wall, b_rate, b.generated_tokens, b.seconds, s.rate() / b_rate
-        );
-        println!(
-            "| time to first token | p50 {:.0} ms, p99 {:.0} ms (of {}) | the whole batch's prefill, then all first tokens together | |",
-            percentile(&ttfts, 0.5),
-            percentile(&ttfts, 0.99),
-            ttfts.len()
-        );
-        println!(
-            "| prefills (one prompt at a time) | {prompt_total} prompt tokens in {:.2} s | {} padded positions | |",
-            prefill_ms / 1000.0,
-            REQUESTS * prompt_lengths.iter().max().unwrap()
-        );
-        println!(
-            "| decode steps | {} steps of {:.1} sequences on average, {:.1} ms each | {} steps of {REQUESTS} | |",
-            s.steps,
-            s.step_tokens as f64 / s.steps.max(1) as f64,
-            (s.wall.as_secs_f64() * 1000.0 - prefill_ms) / s.steps.max(1) as f64,
-            requests.iter().map(|r| r.max_new_tokens).max().unwrap() - 1,
-        );
-
-        println!();
-        print_table_head(
-            &format!("Throughput against concurrency: each request a {FIXED_PROMPT}-token prompt and {fixed_new} new tokens, greedy, all sent at once"),
-            &["requests at once", "tokens/s", "× of 1 request", "wall", "time to first token p50", "per output token after the first, p50"],
-        );
-        let single = rows[0].1.rate();
-        for (c, served) in &rows {
-            let mut per_token: Vec<f64> = served
-                .answers
-                .iter()
-                .map(|(g, at)| (at.as_secs_f64() * 1000.0 - g.time_to_first_token_ms) / (g.generated_tokens.max(2) - 1) as f64)
-                .collect();
-            per_token.sort_by(f64::total_cmp);
-            println!(
-                "| {c} | {:.1} | {:.2} | {:.2?} | {:.0} ms | {:.1} ms |",
-                served.rate(),
-                served.rate() / single,
-                served.wall,
-                percentile(&served.ttfts(), 0.5),
-                percentile(&per_token, 0.5),
-            );
-        }
-
-        println!();
-        let kv = kv_cache_bytes(&model);
-        let peak = peak_kib * 1024;
-        let process = demo_peak_kib * 1024;
-        print_table_head(
-            &format!("Peak host RSS of a `harness serve` process loading the model (VmHWM once ready, {SLOTS} slots × {CONTEXT} tokens, ready in {ready_in:.2?})"),
-            &["measure", "MiB", "÷ model file"],
-        );
-        println!("| model file (f32 safetensors) | {:.0} | 1.00 |", mib(weights_bytes));
-        println!("| peak RSS | {:.0} | {:.2} |", mib(peak), peak as f64 / weights_bytes as f64);
-        println!("| RSS once ready | {:.0} | {:.2} |", mib(ready_kib * 1024), (ready_kib * 1024) as f64 / weights_bytes as f64);
-        println!("| peak RSS of the demo model's process (libtorch, runtime) | {:.0} | |", mib(process));
-        println!("| KV cache | {:.0} | |", mib(kv));
-        let weights_share = peak.saturating_sub(process + kv);
-        println!(
-            "| peak less the demo process and the KV cache | {:.0} | {:.2} |",
-            mib(weights_share),
-            weights_share as f64 / weights_bytes as f64
-        );
-    });
+fn kib_to_mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
 }

@@ -228,20 +228,27 @@ fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} not in the metrics:\n{text}"))
 }
 
-/// Another architecture is refused at load with its name and the supported
-/// list, and the node stops at once with exit 2: no restart can help.
-#[test]
-fn an_unsupported_architecture_fails_the_load_naming_it() {
-    let model = TinyLlm::get(Arch::Unsupported);
+/// `harness serve` of `arch` from its folder with `extra` settings, which must
+/// stop at once with exit 2 (a failure no restart fixes); its log.
+fn serve_until_exit_2(arch: Arch, extra: &[(&str, &str)]) -> String {
+    let model = TinyLlm::get(arch);
     let out = ServeSettings::model_dir("a-generation-test-cookie", &model.dir)
         .env("HARNESS_TASK", "generation")
-        .env("HARNESS_DEVICE", "cpu")
+        .envs(extra)
         .command()
         .stderr(std::process::Stdio::piped())
         .output()
         .expect("running harness serve");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(2), "{stderr}");
+    stderr
+}
+
+/// Another architecture is refused at load with its name and the supported
+/// list, and the node stops at once with exit 2: no restart can help.
+#[test]
+fn an_unsupported_architecture_fails_the_load_naming_it() {
+    let stderr = serve_until_exit_2(Arch::Unsupported, &[]);
     assert!(
         stderr.contains("GPT2LMHeadModel")
             && stderr.contains("LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"),
@@ -340,17 +347,13 @@ async fn harness_call_generate_prints_the_text_and_why_it_ended() {
 /// the sizes and what to lower, and the node stops with exit 2.
 #[test]
 fn a_cache_too_large_for_the_machine_fails_the_load_saying_what_to_lower() {
-    let model = TinyLlm::get(Arch::Llama);
-    let out = ServeSettings::model_dir("a-generation-test-cookie", &model.dir)
-        .env("HARNESS_TASK", "generation")
-        .env("HARNESS_MAX_SEQUENCES", "4096")
-        .env("HARNESS_MAX_CONTEXT", "100000000")
-        .command()
-        .stderr(std::process::Stdio::piped())
-        .output()
-        .expect("running harness serve");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let stderr = serve_until_exit_2(
+        Arch::Llama,
+        &[
+            ("HARNESS_MAX_SEQUENCES", "4096"),
+            ("HARNESS_MAX_CONTEXT", "100000000"),
+        ],
+    );
     for says in [
         "GiB of KV cache",
         "4096 sequences",

@@ -134,6 +134,18 @@ impl Checkpoint {
                 let info = &shard.tensors[name];
                 let tensor = read_tensor(&map, shard, name, info, kind, device)?;
                 out.insert(name.clone(), tensor);
+                // The tensor has its own copy: its pages of the file need not stay
+                // resident until the shard's end (the load's peak would be twice
+                // the weights). Safety: nothing refers into the mapping now, and a
+                // read-only file mapping's dropped pages read back from the file.
+                let (start, end) = info.data_offsets;
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        shard.header_len + start,
+                        end - start,
+                    )
+                };
             }
             // The mapping ends here: its pages are no longer the process's.
             drop(map);
