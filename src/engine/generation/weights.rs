@@ -1,7 +1,7 @@
 //! A checkpoint's safetensors files, memory-mapped and read shard by shard straight
-//! into tensors on the device, in the serving's dtype. Each shard's mapping is let
-//! go once its tensors are on the device, so host memory holds at most one shard's
-//! pages besides the model itself (which, on the CPU, is the model).
+//! into tensors on the device, in the serving's dtype. Each tensor's pages of the
+//! mapping are let go once it is copied, so host memory holds at most one tensor's
+//! pages of the files besides the model itself (which, on the CPU, is the model).
 
 use std::collections::HashMap;
 use std::fs::File;
