@@ -281,7 +281,31 @@ fn harness_call_and_harness_client_take_the_same_client_options_and_exit_codes()
                 "--{server_only}: {listed:?}"
             );
         }
-        assert!(listed.len() <= 14, "{listed:?}");
+        // call: the client's options, what to send, and generation's options.
+        let generation = [
+            "generate",
+            "max-new-tokens",
+            "temperature",
+            "top-p",
+            "top-k",
+            "seed",
+            "stop",
+            "greedy",
+        ];
+        if verb == "call" {
+            for option in generation {
+                assert!(
+                    listed.contains(&option.to_string()),
+                    "--{option}: {listed:?}"
+                );
+            }
+        }
+        let bound = if verb == "call" {
+            14 + generation.len()
+        } else {
+            14
+        };
+        assert!(listed.len() <= bound, "{listed:?}");
         for env in [
             "HARNESS_COOKIE",
             "HARNESS_SERVING_NAME",
