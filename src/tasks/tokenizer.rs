@@ -84,6 +84,23 @@ impl TextTokenizer {
         })
     }
 
+    /// The ids of byte-fallback tokens (`<0x0A>`, `<0xE2>`...), which
+    /// SentencePiece-style tokenizers (Llama 2, Mistral) use for bytes outside
+    /// their vocabulary: a character may take several of them.
+    pub fn byte_token_ids(&self) -> std::collections::HashSet<u32> {
+        self.inner
+            .get_vocab(true)
+            .into_iter()
+            .filter(|(token, _)| {
+                token.len() == 6
+                    && token.starts_with("<0x")
+                    && token.ends_with('>')
+                    && token[3..5].chars().all(|c| c.is_ascii_hexdigit())
+            })
+            .map(|(_, id)| id)
+            .collect()
+    }
+
     /// The pad token id the tokenizer declares, if it declares one.
     pub fn pad_id(&self) -> Option<u32> {
         self.pad_id

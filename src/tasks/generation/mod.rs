@@ -64,6 +64,8 @@ pub struct GenerationTask {
     defaults: Defaults,
     eos: Vec<u32>,
     vocab_size: u32,
+    /// The tokenizer's byte-fallback tokens (for stop strings).
+    byte_tokens: Arc<std::collections::HashSet<u32>>,
     /// Counters the serving reads (the queue), kept apart from the model.
     stats: Arc<EngineStats>,
     status: GenerationStatus,
@@ -165,6 +167,7 @@ impl GenerationTask {
         };
         Ok(GenerationTask {
             engine,
+            byte_tokens: Arc::new(tokenizer.byte_token_ids()),
             tokenizer: Arc::new(tokenizer),
             defaults,
             eos,
@@ -269,8 +272,11 @@ impl GenerationTask {
                 .map(|l| (l as usize).saturating_sub(prompt_tokens).max(1)))
             .unwrap_or(room);
         let stop = (!o.stop.is_empty()).then(|| {
-            Box::new(StopStrings::new(self.tokenizer.clone(), o.stop.clone()))
-                as Box<dyn engine::StopCheck>
+            Box::new(StopStrings::new(
+                self.tokenizer.clone(),
+                o.stop.clone(),
+                self.byte_tokens.clone(),
+            )) as Box<dyn engine::StopCheck>
         });
         let sequence = Sequence {
             prompt: tokens.ids,
@@ -393,8 +399,22 @@ fn available_host_memory() -> Option<u64> {
             .parse()
             .ok()
     };
-    let cgroup =
-        read("memory.max").map(|max| max.saturating_sub(read("memory.current").unwrap_or(0)));
+    // memory.current counts the page cache (the weights just downloaded among
+    // it), which the kernel reclaims before refusing memory: left out.
+    let file_cache = std::fs::read_to_string("/sys/fs/cgroup/memory.stat")
+        .ok()
+        .and_then(|stat| {
+            stat.lines()
+                .find_map(|l| l.strip_prefix("file "))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    let cgroup = read("memory.max").map(|max| {
+        let used = read("memory.current")
+            .unwrap_or(0)
+            .saturating_sub(file_cache);
+        max.saturating_sub(used)
+    });
     Some(cgroup.map_or(host, |left| left.min(host)))
 }
 

@@ -1,6 +1,7 @@
 //! Stop strings: a generation ends when its text contains one, and its answer's
 //! text ends where the first one begins.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::engine::generation::StopCheck;
@@ -14,16 +15,40 @@ pub struct StopStrings {
     /// is at least one byte of text, and a few more cover a character split
     /// across tokens and a word's leading space).
     window: usize,
+    /// Byte-fallback tokens: a run of them decodes only whole, so the window
+    /// starts where the run it cuts into starts.
+    byte_tokens: Arc<HashSet<u32>>,
 }
 
+/// Byte tokens the window reaches back over at most (a run longer than this is
+/// not text a stop string ends in).
+const MAX_BYTE_RUN: usize = 256;
+
 impl StopStrings {
-    pub fn new(tokenizer: Arc<TextTokenizer>, stops: Vec<String>) -> StopStrings {
+    pub fn new(
+        tokenizer: Arc<TextTokenizer>,
+        stops: Vec<String>,
+        byte_tokens: Arc<HashSet<u32>>,
+    ) -> StopStrings {
         let longest = stops.iter().map(String::len).max().unwrap_or(0);
         StopStrings {
             tokenizer,
             stops,
             window: longest + 4,
+            byte_tokens,
         }
+    }
+
+    /// Where the window of the last tokens starts: `window` tokens back, then
+    /// back to the start of a run of byte tokens it would cut (a byte-fallback
+    /// decoder turns a run that is not whole UTF-8 into U+FFFD, stop string and all).
+    fn window_start(&self, generated: &[u32]) -> usize {
+        let mut start = generated.len().saturating_sub(self.window);
+        let floor = start.saturating_sub(MAX_BYTE_RUN);
+        while start > floor && self.byte_tokens.contains(&generated[start - 1]) {
+            start -= 1;
+        }
+        start
     }
 }
 
@@ -34,7 +59,7 @@ impl StopCheck for StopStrings {
     /// decoding it whole each time sees a string that appears when a character's
     /// last byte arrives.
     fn stops(&mut self, generated: &[u32]) -> bool {
-        let recent = &generated[generated.len().saturating_sub(self.window)..];
+        let recent = &generated[self.window_start(generated)..];
         let Ok(text) = self.tokenizer.decode(recent) else {
             return false;
         };
@@ -51,6 +76,43 @@ pub fn cut_at_first(text: &str, stops: &[String]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A SentencePiece-style tokenizer with byte fallback, as Llama 2's and
+    /// Mistral's: "\n" and "✅" exist only as byte tokens.
+    fn byte_fallback_tokenizer() -> (tempfile::TempDir, Arc<TextTokenizer>) {
+        let json = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
+                "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                "fuse_unk": true, "byte_fallback": true,
+                "vocab": {"<unk>": 0, "<0x0A>": 1, "<0xE2>": 2, "<0x9C>": 3, "<0x85>": 4, "Done": 5},
+                "merges": []}}"#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, json).unwrap();
+        (dir, Arc::new(TextTokenizer::from_file(&path, 64).unwrap()))
+    }
+
+    #[test]
+    fn a_stop_string_after_multi_byte_characters_of_byte_tokens_is_seen_at_once() {
+        let (_dir, tokenizer) = byte_fallback_tokenizer();
+        let bytes = Arc::new(tokenizer.byte_token_ids());
+        assert_eq!(bytes.len(), 4);
+        // "Done✅✅\n✅✅": each ✅ is three byte tokens.
+        let generated = [5, 2, 3, 4, 2, 3, 4, 1, 2, 3, 4, 2, 3, 4];
+        assert_eq!(tokenizer.decode(&generated).unwrap(), "Done✅✅\n✅✅");
+        let stops = vec!["\n".to_string()];
+        let mut stop = StopStrings::new(tokenizer.clone(), stops.clone(), bytes);
+        let first = (1..=generated.len()).find(|&n| stop.stops(&generated[..n]));
+        assert_eq!(first, Some(8), "seen when the newline's token arrives");
+        // A window that cuts into the run decodes it as U+FFFD, newline and all.
+        let mut blind = StopStrings::new(tokenizer, stops, Arc::new(HashSet::new()));
+        assert!(!blind.stops(&generated[..8]));
+    }
 
     #[test]
     fn the_text_ends_before_the_first_stop_string() {
