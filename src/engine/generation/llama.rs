@@ -190,18 +190,6 @@ impl Llama {
         })
     }
 
-    pub fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    pub fn kind(&self) -> Kind {
-        self.kind
-    }
-
-    pub fn device(&self) -> Device {
-        self.device
-    }
-
     /// Runs `tokens` (one sequence's prompt) into slot `slot` of the cache from
     /// position 0, and returns the logits of its last position, `[vocab]`.
     pub fn prefill(&self, cache: &mut KvCache, slot: i64, tokens: &[i64]) -> Tensor {

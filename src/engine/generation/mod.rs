@@ -255,14 +255,17 @@ impl GenerationEngine {
         answer.await.unwrap_or(Err(ForwardError::Stopped.into()))
     }
 
+    /// How the engine is sized.
     pub fn settings(&self) -> GenerationSettings {
         self.settings
     }
 
+    /// What the model and its cache take on the device.
     pub fn plan_used(&self) -> MemoryPlan {
         self.plan
     }
 
+    /// The engine's counters.
     pub fn stats(&self) -> &Arc<GenerationStats> {
         &self.stats
     }
@@ -321,8 +324,6 @@ fn load_on_thread(
         device,
     )
     .map_err(|e| too_large("allocating the KV cache", e.to_string()))?;
-    debug_assert_eq!(model.device(), device);
-    let _ = (model.kind(), model.config());
     Ok((model, cache))
 }
 
