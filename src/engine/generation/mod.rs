@@ -152,41 +152,56 @@ pub struct GenerationEngine {
     stats: Arc<GenerationStats>,
     fatal: watch::Receiver<Option<String>>,
     settings: GenerationSettings,
-    plan: MemoryPlan,
+    memory: MemoryPlan,
+}
+
+/// A load read from the checkpoint's headers, before anything is allocated:
+/// what it will take, and what the engine thread loads.
+pub struct LoadPlan {
+    config: ModelConfig,
+    checkpoint: Checkpoint,
+    settings: GenerationSettings,
+    /// What the weights and the KV cache take on the device.
+    pub memory: MemoryPlan,
 }
 
 impl GenerationEngine {
-    /// What loading `config` from `files` with `settings` takes on the device.
+    /// Reads the headers of `files` (safetensors) and computes what loading
+    /// `config` from them with `settings` takes on the device.
     pub fn plan(
-        config: &ModelConfig,
+        config: ModelConfig,
         files: &[PathBuf],
-        settings: &GenerationSettings,
-    ) -> Result<MemoryPlan, GenerationLoadError> {
+        settings: GenerationSettings,
+    ) -> Result<LoadPlan, GenerationLoadError> {
         let checkpoint =
             Checkpoint::open(files).map_err(|e| GenerationLoadError::Checkpoint(e.to_string()))?;
-        let names = llama::tensor_names(config, &checkpoint);
-        Ok(MemoryPlan {
+        let names = llama::tensor_names(&config, &checkpoint);
+        let memory = MemoryPlan {
             weight_bytes: llama::weight_bytes(&checkpoint, &names, settings.kind),
             kv_cache_bytes: KvCache::bytes(
-                config,
+                &config,
                 settings.slots as i64,
                 settings.context as i64,
                 settings.kind,
             ),
             parameters: config.parameters() as u64,
+        };
+        Ok(LoadPlan {
+            config,
+            checkpoint,
+            settings,
+            memory,
         })
     }
 
-    /// Starts the engine thread, which loads the model from `files` (safetensors)
-    /// onto `device` and allocates the cache, and waits for that.
+    /// Starts the engine thread, which loads the planned model onto `device` and
+    /// allocates the cache, and waits for that.
     pub async fn load(
-        config: ModelConfig,
-        files: Vec<PathBuf>,
+        plan: LoadPlan,
         device: DeviceChoice,
-        settings: GenerationSettings,
         observer: Option<Arc<dyn GenerationObserver>>,
     ) -> Result<GenerationEngine, GenerationLoadError> {
-        let plan = Self::plan(&config, &files, &settings)?;
+        let (settings, memory) = (plan.settings, plan.memory);
         let (work, queue) = std::sync::mpsc::channel();
         let (loaded_tx, loaded_rx) = oneshot::channel();
         let (fatal_tx, fatal) = watch::channel(None);
@@ -197,8 +212,7 @@ impl GenerationEngine {
             .spawn(move || {
                 // Grad mode is per thread: nothing here builds autograd graphs.
                 let _no_grad = tch::no_grad_guard();
-                let loaded =
-                    catch_unwind_load(|| load_on_thread(&config, &files, device, &settings, &plan));
+                let loaded = catch_unwind_load(|| load_on_thread(&plan, device));
                 let (model, cache) = match loaded {
                     Ok(loaded) => {
                         let _ = loaded_tx.send(Ok(()));
@@ -228,7 +242,7 @@ impl GenerationEngine {
                 stats,
                 fatal,
                 settings,
-                plan,
+                memory,
             }),
             Ok(Err(err)) => Err(err),
             Err(_) => Err(GenerationLoadError::Device(
@@ -261,8 +275,8 @@ impl GenerationEngine {
     }
 
     /// What the model and its cache take on the device.
-    pub fn plan_used(&self) -> MemoryPlan {
-        self.plan
+    pub fn memory(&self) -> MemoryPlan {
+        self.memory
     }
 
     /// The engine's counters.
@@ -288,26 +302,22 @@ fn catch_unwind_load<T>(
 }
 
 fn load_on_thread(
-    config: &ModelConfig,
-    files: &[PathBuf],
+    plan: &LoadPlan,
     device: DeviceChoice,
-    settings: &GenerationSettings,
-    plan: &MemoryPlan,
 ) -> Result<(Llama, KvCache), GenerationLoadError> {
+    let (config, settings) = (&plan.config, &plan.settings);
     let device = device.tch();
     let too_large = |what: &str, message: String| {
         let lower = message.to_ascii_lowercase();
         if lower.contains("out of memory") || lower.contains("alloc") {
-            GenerationLoadError::TooLarge(too_large_message(plan, settings, what, &message))
+            GenerationLoadError::TooLarge(too_large_message(&plan.memory, settings, what, &message))
         } else {
             GenerationLoadError::Device(format!("{what}: {message}"))
         }
     };
-    let checkpoint =
-        Checkpoint::open(files).map_err(|e| GenerationLoadError::Checkpoint(e.to_string()))?;
     let model = Llama::load(
         config,
-        &checkpoint,
+        &plan.checkpoint,
         settings.kind,
         device,
         settings.context as i64,

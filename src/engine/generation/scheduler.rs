@@ -31,6 +31,21 @@ pub(super) struct Work {
     pub reply: oneshot::Sender<Result<Finished, GenerateError>>,
 }
 
+impl Work {
+    /// Its caller stopped waiting: the deadline passed, or it went away.
+    fn abandoned(&self, now: Instant) -> bool {
+        self.sequence.deadline <= now || self.reply.is_closed()
+    }
+
+    /// Answers that the deadline passed.
+    fn expire(self) {
+        let waited = self.sequence.received.elapsed();
+        let _ = self
+            .reply
+            .send(Err(GenerateError::DeadlineExceeded { waited }));
+    }
+}
+
 /// A sequence in a slot.
 struct Running {
     slot: i64,
@@ -158,33 +173,27 @@ impl Scheduler<'_> {
     /// Answers queued requests whose caller stopped waiting, so they neither
     /// wait for a slot nor count against the queue's bound.
     fn end_expired_waiting(&self, waiting: &mut VecDeque<Work>, now: Instant) {
-        waiting.retain_mut(|work| {
-            let gone = work.sequence.deadline <= now || work.reply.is_closed();
-            if gone {
-                self.stats
-                    .engine
-                    .queued_items
-                    .fetch_sub(1, Ordering::Relaxed);
-                let waited = work.sequence.received.elapsed();
-                let reply = std::mem::replace(&mut work.reply, oneshot::channel().0);
-                let _ = reply.send(Err(GenerateError::DeadlineExceeded { waited }));
-            }
-            !gone
-        });
+        let (gone, kept): (VecDeque<Work>, _) = std::mem::take(waiting)
+            .into_iter()
+            .partition(|work| work.abandoned(now));
+        *waiting = kept;
+        self.stats
+            .engine
+            .queued_items
+            .fetch_sub(gone.len() as u64, Ordering::Relaxed);
+        gone.into_iter().for_each(Work::expire);
     }
 
     /// Ends sequences whose caller stopped waiting, freeing their slots.
     fn end_expired(&self, running: &mut Vec<Running>, free: &mut BTreeSet<i64>, now: Instant) {
-        running.retain_mut(|r| {
-            let gone = r.work.sequence.deadline <= now || r.work.reply.is_closed();
-            if gone {
-                free.insert(r.slot);
-                let waited = r.work.sequence.received.elapsed();
-                let reply = std::mem::replace(&mut r.work.reply, oneshot::channel().0);
-                let _ = reply.send(Err(GenerateError::DeadlineExceeded { waited }));
-            }
-            !gone
-        });
+        let (gone, kept): (Vec<Running>, _) = std::mem::take(running)
+            .into_iter()
+            .partition(|r| r.work.abandoned(now));
+        *running = kept;
+        for r in gone {
+            free.insert(r.slot);
+            r.work.expire();
+        }
     }
 
     /// The prompt into `slot` and the first token: the sequence, still running,
@@ -217,10 +226,13 @@ impl Scheduler<'_> {
             admitted,
             first_token,
         };
-        Ok(self
-            .advance(&mut sequence, token)
-            .is_none()
-            .then_some(sequence))
+        match self.advance(&mut sequence, token) {
+            Some(finish) => {
+                self.answer(sequence, finish);
+                Ok(None)
+            }
+            None => Ok(Some(sequence)),
+        }
     }
 
     /// One token for every running sequence.
@@ -265,8 +277,9 @@ impl Scheduler<'_> {
         for (mut sequence, token) in running.drain(..).zip(chosen) {
             sequence.position += 1;
             match self.advance(&mut sequence, token) {
-                Some(_) => {
+                Some(finish) => {
                     free.insert(sequence.slot);
+                    self.answer(sequence, finish);
                 }
                 None => kept.push(sequence),
             }
@@ -275,12 +288,12 @@ impl Scheduler<'_> {
         Ok(())
     }
 
-    /// Takes `token` into the sequence; answers and returns why when it ends.
+    /// Takes `token` into the sequence; why it ends, when it does.
     fn advance(&self, sequence: &mut Running, token: u32) -> Option<Finish> {
         sequence.generated.push(token);
         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
         let work = &mut sequence.work;
-        let finish = if work.sequence.eos.contains(&token) {
+        if work.sequence.eos.contains(&token) {
             Some(Finish::Eos)
         } else if work
             .sequence
@@ -295,18 +308,21 @@ impl Scheduler<'_> {
             Some(Finish::Length)
         } else {
             None
-        }?;
+        }
+    }
+
+    /// Answers a sequence that ended with `finish`.
+    fn answer(&self, sequence: Running, finish: Finish) {
         if let Some(observer) = &self.observer {
             observer.finished(sequence.generated.len());
         }
-        let reply = std::mem::replace(&mut work.reply, oneshot::channel().0);
-        let _ = reply.send(Ok(Finished {
-            tokens: std::mem::take(&mut sequence.generated),
+        let work = sequence.work;
+        let _ = work.reply.send(Ok(Finished {
+            tokens: sequence.generated,
             reason: finish,
             queued: sequence.admitted - work.sequence.received,
             first_token: sequence.first_token,
         }));
-        Some(finish)
     }
 
     /// Answers `works` with `err`; a device failure is fatal to the engine.

@@ -24,6 +24,7 @@ pub use files::DEFAULT_FILES;
 use super::tokenizer::TextTokenizer;
 use super::{internal, off_async, LoadContext, LoadFailure, Task, Timing};
 use crate::config::DTypeChoice;
+use crate::engine::generation::config::Architecture;
 use crate::engine::generation::{
     self as engine, fresh_seed, Finish, GenerateError, GenerationEngine, GenerationLoadError,
     GenerationSettings, ModelConfig, SamplingParams, Sequence,
@@ -63,12 +64,10 @@ pub struct GenerationTask {
     tokenizer: Arc<TextTokenizer>,
     defaults: Defaults,
     eos: Vec<u32>,
+    architecture: Architecture,
     vocab_size: u32,
     /// The tokenizer's byte-fallback tokens (for stop strings).
     byte_tokens: Arc<std::collections::HashSet<u32>>,
-    /// Counters the serving reads (the queue), kept apart from the model.
-    stats: Arc<EngineStats>,
-    status: GenerationStatus,
 }
 
 impl GenerationTask {
@@ -114,30 +113,32 @@ impl GenerationTask {
         .await
         .map_err(|e| LoadFailure::permanent(e.to_string()))?;
 
+        let (architecture, vocab_size) = (config.architecture, config.vocab_size);
         let plan =
-            GenerationEngine::plan(&config, &files.weights, &settings).map_err(load_failure)?;
+            GenerationEngine::plan(config, &files.weights, settings).map_err(load_failure)?;
+        let memory = plan.memory;
         tracing::info!(
-            architecture = ?config.architecture,
-            parameters = plan.parameters,
+            architecture = ?architecture,
+            parameters = memory.parameters,
             dtype = engine::kind_name(kind),
-            weights_gib = plan.weight_bytes as f64 / GIB,
-            kv_cache_gib = plan.kv_cache_bytes as f64 / GIB,
+            weights_gib = memory.weight_bytes as f64 / GIB,
+            kv_cache_gib = memory.kv_cache_bytes as f64 / GIB,
             sequences = settings.slots,
             context = settings.context,
             "the model needs {} of weights and {} of KV cache ({} sequences × {} tokens) on {}",
-            engine::gib(plan.weight_bytes),
-            engine::gib(plan.kv_cache_bytes),
+            engine::gib(memory.weight_bytes),
+            engine::gib(memory.kv_cache_bytes),
             settings.slots,
             settings.context,
             context.device,
         );
         if context.device == DeviceChoice::Cpu {
             if let Some(available) = available_host_memory() {
-                let needed = plan.weight_bytes + plan.kv_cache_bytes;
+                let needed = memory.weight_bytes + memory.kv_cache_bytes;
                 if needed > available {
                     let cause = format!("{} of memory available", engine::gib(available));
                     return Err(LoadFailure::permanent(engine::too_large_message(
-                        &plan,
+                        &memory,
                         &settings,
                         "on the CPU",
                         &cause,
@@ -145,35 +146,18 @@ impl GenerationTask {
                 }
             }
         }
-        let engine = GenerationEngine::load(
-            config.clone(),
-            files.weights.clone(),
-            context.device,
-            settings,
-            Some(context.generations.clone()),
-        )
-        .await
-        .map_err(load_failure)?;
-        let stats = engine.stats().engine.clone();
-        let status = GenerationStatus {
-            architecture: format!("{:?}", config.architecture),
-            parameters: plan.parameters,
-            dtype: engine::kind_name(kind),
-            max_sequences: settings.slots,
-            sequences_running: 0,
-            max_context: settings.context,
-            weights_gib: round2(plan.weight_bytes as f64 / GIB),
-            kv_cache_gib: round2(plan.kv_cache_bytes as f64 / GIB),
-        };
+        let engine =
+            GenerationEngine::load(plan, context.device, Some(context.generations.clone()))
+                .await
+                .map_err(load_failure)?;
         Ok(GenerationTask {
             engine,
             byte_tokens: Arc::new(tokenizer.byte_token_ids()),
             tokenizer: Arc::new(tokenizer),
             defaults,
             eos,
-            vocab_size: config.vocab_size.clamp(0, u32::MAX as i64) as u32,
-            stats,
-            status,
+            architecture,
+            vocab_size: vocab_size.clamp(0, u32::MAX as i64) as u32,
         })
     }
 
@@ -183,7 +167,7 @@ impl GenerationTask {
         &self,
         request: GenerateRequest,
         timing: Timing,
-    ) -> Result<(Sequence, usize, Vec<String>), ServingError> {
+    ) -> Result<(Sequence, Vec<String>), ServingError> {
         let o = &request.options;
         let bad = |reason: String| ServingError::BadInput { reason };
         if let Some(t) = o.temperature.filter(|t| !t.is_finite() || *t < 0.0) {
@@ -287,7 +271,7 @@ impl GenerationTask {
             received: timing.received,
             deadline: timing.deadline,
         };
-        Ok((sequence, prompt_tokens, request.options.stop))
+        Ok((sequence, request.options.stop))
     }
 }
 
@@ -482,7 +466,7 @@ impl Task for GenerationTask {
     }
 
     fn stats(&self) -> Arc<EngineStats> {
-        self.stats.clone()
+        self.engine.stats().engine.clone()
     }
 
     fn failure(&self) -> watch::Receiver<Option<String>> {
@@ -490,9 +474,17 @@ impl Task for GenerationTask {
     }
 
     fn generation_status(&self) -> Option<GenerationStatus> {
-        let mut status = self.status.clone();
-        status.sequences_running = self.engine.stats().slots_in_use.load(Ordering::Relaxed);
-        Some(status)
+        let (settings, memory) = (self.engine.settings(), self.engine.memory());
+        Some(GenerationStatus {
+            architecture: format!("{:?}", self.architecture),
+            parameters: memory.parameters,
+            dtype: engine::kind_name(settings.kind),
+            max_sequences: settings.slots,
+            sequences_running: self.engine.stats().slots_in_use.load(Ordering::Relaxed),
+            max_context: settings.context,
+            weights_gib: round2(memory.weight_bytes as f64 / GIB),
+            kv_cache_gib: round2(memory.kv_cache_bytes as f64 / GIB),
+        })
     }
 
     fn generate(
@@ -501,7 +493,8 @@ impl Task for GenerationTask {
         timing: Timing,
     ) -> BoxFuture<'static, GenerateReply> {
         Box::pin(async move {
-            let (sequence, prompt_tokens, stops) = self.sequence(request, timing).await?;
+            let (sequence, stops) = self.sequence(request, timing).await?;
+            let prompt_tokens = sequence.prompt.len();
             let finished = self
                 .engine
                 .generate(sequence)
