@@ -20,16 +20,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use harness_client::{GenerateOptions, Generation, ServingMessage};
+use harness_client::{Generation, ServingMessage};
 use ractor::ActorRef;
 use tokenizers::Tokenizer;
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use support::llm::greedy;
 use support::measure::{all_at_once, env_or, percentile, print_table_head};
 use support::node::ServeSettings;
-use support::python::{run_python, stdout_of, torch_python};
+use support::python::{made_once, run_python, stdout_of, torch_python};
 use support::serving::{generate, node_config, start_ready};
 
 /// The Python side: writes the model, runs transformers' `generate`.
@@ -154,53 +155,9 @@ fn shuffle<T>(items: &mut [T], next: &mut impl FnMut() -> u64) {
 
 /// The model, written by the script the first time on this machine.
 fn model_dir() -> PathBuf {
-    let cache = cache_dir();
-    let done = cache.join(format!("{:016x}", fnv1a(SCRIPT.as_bytes())));
-    if done.join("model.safetensors").is_file() {
-        return done;
-    }
-    std::fs::create_dir_all(&cache).unwrap();
-    let tmp = tempfile::Builder::new()
-        .prefix("making-")
-        .tempdir_in(&cache)
-        .unwrap();
-    eprintln!(
-        "writing the random ~125M-parameter Llama (once) into {}",
-        done.display()
-    );
-    run_python(SCRIPT, &[Path::new("write-model"), tmp.path()]);
-    let tmp = tmp.keep();
-    // Another run may have renamed its folder into place meanwhile: ours goes.
-    if std::fs::rename(&tmp, &done).is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    assert!(
-        done.join("model.safetensors").is_file(),
-        "no model in {}",
-        done.display()
-    );
-    done
-}
-
-/// `<target>/generation-bench`, where `<target>` holds the bench executable's
-/// profile folder (`<target>/release/deps/...`); the temp folder's otherwise.
-fn cache_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let target = exe
-        .parent()
-        .filter(|deps| deps.file_name().is_some_and(|n| n == "deps"))
-        .and_then(Path::parent)
-        .and_then(Path::parent);
-    match target {
-        Some(target) => target.join("generation-bench"),
-        None => std::env::temp_dir().join("harness-generation-bench"),
-    }
-}
-
-/// 64-bit FNV-1a.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325, |hash, &b| {
-        (hash ^ b as u64).wrapping_mul(0x100000001b3)
+    made_once("generation-bench", SCRIPT, "model.safetensors", |out| {
+        eprintln!("writing the random ~125M-parameter Llama (once)");
+        run_python(SCRIPT, &[Path::new("write-model"), out]);
     })
 }
 
@@ -228,14 +185,6 @@ fn transformers_round(model: &Path, file: &Path) -> Baseline {
         "generation_baseline.py run",
     );
     serde_json::from_str(out.lines().last().unwrap()).unwrap()
-}
-
-fn greedy(max_new_tokens: u32) -> GenerateOptions {
-    GenerateOptions {
-        max_new_tokens: Some(max_new_tokens),
-        do_sample: Some(false),
-        ..GenerateOptions::default()
-    }
 }
 
 /// One served pass: every request sent at once.

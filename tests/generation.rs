@@ -10,7 +10,7 @@ use harness_client::{FinishReason, GenerateOptions, Generation, ServingError};
 
 mod support;
 
-use support::llm::{as_published, Arch, TinyLlm};
+use support::llm::{as_published, greedy, Arch, TinyLlm};
 use support::model_repo::ModelRepo;
 use support::node::ServeSettings;
 use support::serving::{generate, start_ready};
@@ -36,14 +36,6 @@ async fn serve(
     let config = repo.node_config(serving, &args);
     let (node, actor) = start_ready(config, READY_WITHIN).await;
     (repo, node, actor)
-}
-
-fn greedy(max_new_tokens: u32) -> GenerateOptions {
-    GenerateOptions {
-        max_new_tokens: Some(max_new_tokens),
-        do_sample: Some(false),
-        ..GenerateOptions::default()
-    }
 }
 
 /// Every reference prompt at once, through 4 slots: prompts queue for slots,

@@ -132,16 +132,10 @@ async fn cuda_token_batches_pool_like_the_cpu() {
 #[ignore = "needs a CUDA GPU: run by scripts/gpu-check"]
 async fn generation_on_cuda_matches_the_cpu_and_scales() {
     use futures_util::future::join_all;
-    use harness_client::GenerateOptions;
     use std::time::{Duration, Instant};
-    use support::llm::{Arch, TinyLlm};
+    use support::llm::{greedy, Arch, TinyLlm};
     use support::serving::{generate, node_config, start_ready};
 
-    let greedy = |n| GenerateOptions {
-        max_new_tokens: Some(n),
-        do_sample: Some(false),
-        ..GenerateOptions::default()
-    };
     let ready = Duration::from_secs(300);
     for arch in Arch::SUPPORTED {
         let model = TinyLlm::get(arch);

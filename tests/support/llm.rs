@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use super::python::run_python;
+use super::python::{made_once, run_python};
 
 /// The script that writes the fixtures (`python llm_fixtures.py OUT_DIR`).
 const SCRIPT: &str = include_str!("llm_fixtures.py");
@@ -171,6 +171,15 @@ fn collect(root: &Path, dir: &Path, into: &mut Vec<(String, Vec<u8>, bool)>) {
     }
 }
 
+/// Greedy generation of at most `max_new_tokens`, as the references were made.
+pub fn greedy(max_new_tokens: u32) -> harness_client::GenerateOptions {
+    harness_client::GenerateOptions {
+        max_new_tokens: Some(max_new_tokens),
+        do_sample: Some(false),
+        ..harness_client::GenerateOptions::default()
+    }
+}
+
 /// The fixtures' root folder (holding `manifest.json` and one folder per
 /// [`Arch`]), made by the script the first time on this machine; or
 /// `HARNESS_LLM_FIXTURES`, a copy made elsewhere (the GPU machine has no
@@ -181,53 +190,9 @@ pub fn root() -> PathBuf {
         if let Some(made) = std::env::var_os("HARNESS_LLM_FIXTURES") {
             return PathBuf::from(made);
         }
-        let cache = cache_dir();
-        let done = cache.join(format!("{:016x}", fnv1a(SCRIPT.as_bytes())));
-        if done.join("manifest.json").is_file() {
-            return done;
-        }
-        std::fs::create_dir_all(&cache).unwrap();
-        let tmp = tempfile::Builder::new()
-            .prefix("making-")
-            .tempdir_in(&cache)
-            .unwrap();
-        run_python(SCRIPT, &[tmp.path()]);
-        assert!(tmp.path().join("manifest.json").is_file());
-        // Another test binary may have renamed its folder into place meanwhile:
-        // then the rename fails (the target is not empty) and ours goes.
-        let tmp = tmp.keep();
-        if std::fs::rename(&tmp, &done).is_err() {
-            let _ = std::fs::remove_dir_all(&tmp);
-            assert!(
-                done.join("manifest.json").is_file(),
-                "could not move the fixtures into {}",
-                done.display()
-            );
-        }
-        done
+        made_once("llm-fixtures", SCRIPT, "manifest.json", |out| {
+            run_python(SCRIPT, &[out])
+        })
     })
     .clone()
-}
-
-/// `<target>/llm-fixtures`, where `<target>` holds the test executable's profile
-/// folder (`<target>/debug/deps/...`); the temp folder's `harness-llm-fixtures`
-/// otherwise.
-fn cache_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let target = exe
-        .parent()
-        .filter(|deps| deps.file_name().is_some_and(|n| n == "deps"))
-        .and_then(Path::parent)
-        .and_then(Path::parent);
-    match target {
-        Some(target) => target.join("llm-fixtures"),
-        None => std::env::temp_dir().join("harness-llm-fixtures"),
-    }
-}
-
-/// 64-bit FNV-1a.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325, |hash, &b| {
-        (hash ^ b as u64).wrapping_mul(0x100000001b3)
-    })
 }

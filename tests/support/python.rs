@@ -43,3 +43,62 @@ pub fn run_python(script: &str, args: &[&Path]) {
         "python",
     );
 }
+
+/// A folder `make` writes once per machine and script: kept under
+/// `<target>/<name>/<hash of script>` (the temp folder's `harness-<name>` when
+/// not run from cargo's target folder), written into a temporary folder beside it
+/// and renamed into place, so test binaries (or benches) running at once never
+/// see a half-written one. `marker` is a file `make` must write; it tells a made
+/// folder from none.
+pub fn made_once(name: &str, script: &str, marker: &str, make: impl FnOnce(&Path)) -> PathBuf {
+    let cache = target_folder(name);
+    let done = cache.join(format!("{:016x}", fnv1a(script.as_bytes())));
+    if done.join(marker).is_file() {
+        return done;
+    }
+    std::fs::create_dir_all(&cache).unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("making-")
+        .tempdir_in(&cache)
+        .unwrap();
+    make(tmp.path());
+    assert!(
+        tmp.path().join(marker).is_file(),
+        "{marker} was not written"
+    );
+    // Another process may have renamed its folder into place meanwhile: then the
+    // rename fails (the target is not empty) and ours goes.
+    let tmp = tmp.keep();
+    if std::fs::rename(&tmp, &done).is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        assert!(
+            done.join(marker).is_file(),
+            "could not move {} into place",
+            done.display()
+        );
+    }
+    done
+}
+
+/// `<target>/<name>`, where `<target>` holds the running executable's profile
+/// folder (`<target>/<profile>/deps/...`); the temp folder's `harness-<name>`
+/// otherwise.
+fn target_folder(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let target = exe
+        .parent()
+        .filter(|deps| deps.file_name().is_some_and(|n| n == "deps"))
+        .and_then(Path::parent)
+        .and_then(Path::parent);
+    match target {
+        Some(target) => target.join(name),
+        None => std::env::temp_dir().join(format!("harness-{name}")),
+    }
+}
+
+/// 64-bit FNV-1a.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325, |hash, &b| {
+        (hash ^ b as u64).wrapping_mul(0x100000001b3)
+    })
+}
