@@ -10,12 +10,16 @@
 //!   remote nodes connect to.
 //! - [`serving`]: the `DelayedServing` actor. `serving/mod.rs` takes each message,
 //!   `serving/request.rs` checks it (version, readiness, deadline) and answers it
-//!   exactly once, `serving/boot.rs` brings the serving through its phases
-//!   (device, download, load, warm-up, ready), `serving/shared.rs` holds what
-//!   outlives a restart (phase, counters, progress).
+//!   exactly once, `serving/streams.rs` keeps the open streams of `OpenStream`
+//!   for their pulls, `serving/caller.rs` tells when a caller's session closed,
+//!   `serving/boot.rs` brings the serving through its phases (device, download,
+//!   load, warm-up, ready), `serving/shared.rs` holds what outlives a restart
+//!   (phase, counters, progress).
 //! - [`tasks`]: what a request means: one type per task implementing
 //!   [`tasks::Task`] (`tasks/tensor.rs` for `Run`, `tasks/embedding.rs` for
-//!   `Embed`, with `tasks/tokenizer.rs` and `tasks/pooling.rs`).
+//!   `Embed`, with `tasks/tokenizer.rs` and `tasks/pooling.rs`;
+//!   `tasks/generation/` for `Generate` and streams: chat templates, stop
+//!   strings, the text of a stream's tokens).
 //! - [`engine`]: the model on its device and the one thread that runs it.
 //!   `engine/mod.rs` is the handle (`Engine::run`), `engine/batcher.rs` the dynamic
 //!   batching, `engine/collate.rs` how requests join into one forward and split
@@ -34,7 +38,8 @@
 //! Each outside library stays in one place: `tch` in [`engine`] and [`tasks`]
 //! (tensors built from requests, pooling), `hf-hub` and `reqwest` in [`fetch`],
 //! `ractor_cluster` in [`cluster`] (and `harness-client`), `hyper` in [`http`],
-//! `tokenizers` in `tasks/tokenizer.rs`, `prometheus-client` in [`metrics`].
+//! `tokenizers` in `tasks/tokenizer.rs`, `minijinja` in
+//! `tasks/generation/chat.rs`, `prometheus-client` in [`metrics`].
 
 pub mod cli;
 pub mod cluster;

@@ -12,13 +12,22 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::engine::generation::GenerationObserver;
+use crate::engine::generation::{Finish, GenerationObserver};
 use crate::engine::BatchObserver;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
     outcome: String,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FinishLabel {
+    finish_reason: String,
+}
+
+/// Every way a generation ends (the `finish_reason` label of
+/// `harness_generations_total`), all shown from the start at 0.
+pub const FINISH_REASONS: [&str; 4] = ["eos", "stop", "length", "cancelled"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
@@ -39,7 +48,7 @@ const PHASES: [&str; 8] = [
 
 /// Every request outcome (the `outcome` label of `harness_requests_total`), all
 /// shown from the start at 0, so that a rate never misses its first increment.
-pub const OUTCOMES: [&str; 7] = [
+pub const OUTCOMES: [&str; 8] = [
     "ok",
     "not_ready",
     "overloaded",
@@ -47,6 +56,7 @@ pub const OUTCOMES: [&str; 7] = [
     "model",
     "deadline_exceeded",
     "internal",
+    "cancelled",
 ];
 
 /// The metrics, recorded as things happen and rendered on `/metrics`.
@@ -222,6 +232,7 @@ struct GenerationMetrics {
     time_to_first_token: Histogram,
     time_per_output_token: Histogram,
     slots_in_use: Gauge,
+    generations: Family<FinishLabel, Counter>,
 }
 
 impl GenerationMetrics {
@@ -233,7 +244,18 @@ impl GenerationMetrics {
             time_to_first_token: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             time_per_output_token: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             slots_in_use: Gauge::default(),
+            generations: Family::default(),
         };
+        for reason in FINISH_REASONS {
+            let _ = m.generations.get_or_create(&FinishLabel {
+                finish_reason: reason.to_string(),
+            });
+        }
+        registry.register(
+            "harness_generations",
+            "Generations ended, by why: eos, stop, length, or cancelled (the caller cancelled, went away or let its deadline pass; its slot was freed)",
+            m.generations.clone(),
+        );
         registry.register(
             "harness_generated_tokens",
             "Tokens generated",
@@ -282,7 +304,20 @@ impl GenerationObserver for Metrics {
         self.batch_size.observe(sequences as f64);
     }
 
-    fn finished(&self, _generated: usize) {}
+    fn finished(&self, _generated: usize, reason: Finish) {
+        let reason = match reason {
+            Finish::Eos => "eos",
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+            Finish::Cancelled => "cancelled",
+        };
+        self.generation
+            .generations
+            .get_or_create(&FinishLabel {
+                finish_reason: reason.to_string(),
+            })
+            .inc();
+    }
 
     fn slots_in_use(&self, slots: usize) {
         self.generation.slots_in_use.set(slots as i64);

@@ -284,6 +284,8 @@ fn harness_call_and_harness_client_take_the_same_client_options_and_exit_codes()
         // call: the client's options, what to send, and generation's options.
         let generation = [
             "generate",
+            "chat",
+            "system",
             "max-new-tokens",
             "temperature",
             "top-p",

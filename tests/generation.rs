@@ -10,33 +10,11 @@ use harness_client::{FinishReason, GenerateOptions, Generation, ServingError};
 
 mod support;
 
-use support::llm::{as_published, greedy, Arch, TinyLlm};
-use support::model_repo::ModelRepo;
+use support::llm::{greedy, serve, Arch, TinyLlm};
 use support::node::ServeSettings;
-use support::serving::{generate, start_ready};
+use support::serving::{generate, http_get, metric};
 
-const READY_WITHIN: Duration = Duration::from_secs(120);
 const TIMEOUT_MS: u64 = 60_000;
-
-/// A node in this process serving `arch` from the test Hub with `extra` settings.
-async fn serve(
-    arch: Arch,
-    serving: &str,
-    extra: &[&str],
-) -> (
-    ModelRepo,
-    harness::node::Node,
-    ractor::ActorRef<harness_client::ServingMessage>,
-) {
-    let model = TinyLlm::get(arch);
-    let files = model.files();
-    let repo = ModelRepo::publish(&format!("tiny/{}", arch.folder()), &as_published(&files)).await;
-    let mut args = vec!["--task=generation"];
-    args.extend_from_slice(extra);
-    let config = repo.node_config(serving, &args);
-    let (node, actor) = start_ready(config, READY_WITHIN).await;
-    (repo, node, actor)
-}
 
 /// Every reference prompt at once, through 4 slots: prompts queue for slots,
 /// join the running batch as others finish, and each answer is transformers'.
@@ -202,24 +180,6 @@ async fn sampling_stop_strings_limits_and_metrics() {
     node.shutdown(Duration::from_secs(5)).await;
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    reqwest::get(format!("http://{addr}{path}"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("{name} not in the metrics:\n{text}"))
-}
-
 /// `harness serve` of `arch` from its folder with `extra` settings, which must
 /// stop at once with exit 2 (a failure no restart fixes); its log.
 fn serve_until_exit_2(arch: Arch, extra: &[(&str, &str)]) -> String {
@@ -249,9 +209,9 @@ fn an_unsupported_architecture_fails_the_load_naming_it() {
 }
 
 /// A `harness serve` process of the Llama checkpoint from a local folder, called
-/// through `HarnessClient::generate` and `harness call --generate`: the same
-/// text as transformers', the finish line on stderr, seeds that repeat, and the
-/// wrong request kind refused.
+/// through `HarnessClient::generate` and `harness call --generate` / `--chat`
+/// (`--system`): the same text as transformers', the finish line on stderr,
+/// seeds that repeat, and the wrong request kind refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn harness_call_generate_prints_the_text_and_why_it_ended() {
     const COOKIE: &str = "a-generation-cli-cookie";
@@ -330,6 +290,44 @@ async fn harness_call_generate_prints_the_text_and_why_it_ended() {
     assert_eq!(code, Some(0));
     assert_eq!(call(&sampled).1, first, "the same seed gives the same text");
 
+    // A chat: the user's message through Llama 2's template, streamed to stdout.
+    let single = model
+        .chats
+        .iter()
+        .find(|c| c.messages.len() == 1)
+        .expect("a one-message chat reference");
+    let max = single.max_new_tokens.to_string();
+    let (code, stdout, stderr) = call(&[
+        "--chat",
+        &single.messages[0].content,
+        "--greedy",
+        "--max-new-tokens",
+        &max,
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, format!("{}\n", single.greedy_text));
+    assert!(
+        stderr.contains(&format!("({} prompt tokens,", single.ids.len())),
+        "{stderr}"
+    );
+    // With a system message: what the client gets for the same two messages.
+    let (code, stdout, stderr) = call(&[
+        "--system",
+        "Answer briefly.",
+        "--chat",
+        "Where is Köln?",
+        "--greedy",
+        "--max-new-tokens",
+        "12",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let messages = vec![
+        harness_client::ChatMessage::system("Answer briefly."),
+        harness_client::ChatMessage::user("Where is Köln?"),
+    ];
+    let expected = client.generate(messages, greedy(12), None).await.unwrap();
+    assert_eq!(stdout, format!("{}\n", expected.text));
+
     let (code, _, stderr) = call(&["--embed", "hello"]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("send Generate"), "{stderr}");
@@ -401,5 +399,70 @@ async fn a_queued_request_is_answered_at_its_deadline_while_slots_are_busy() {
         status.queue_depth, 0,
         "nothing is left counted in the queue"
     );
+    node.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Chat messages through a node that fetched the repo as published: rendered
+/// with the repo's own template (Llama's in tokenizer_config.json, Qwen2's in
+/// chat_template.jinja), tokenized as `apply_chat_template` does, continued as
+/// transformers continues those ids. A template's refusal (Mistral's of a
+/// system message) and a repo without a template are `BadInput` saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chat_messages_generate_as_transformers_with_the_repos_template() {
+    use harness_client::Prompt;
+    use support::serving::generate_request;
+    async fn chat(
+        actor: &ractor::ActorRef<harness_client::ServingMessage>,
+        messages: Vec<harness_client::ChatMessage>,
+        max_new_tokens: u32,
+    ) -> Result<Generation, ServingError> {
+        let request = generate_request(Prompt::Chat(messages), greedy(max_new_tokens), TIMEOUT_MS);
+        support::serving::generate_with(actor, request).await
+    }
+    for arch in [Arch::Llama, Arch::Qwen2, Arch::Mistral] {
+        let model = TinyLlm::get(arch);
+        assert!(!model.chats.is_empty(), "{arch:?} has no chat references");
+        let (_repo, node, actor) = serve(arch, &format!("chat_{}", arch.folder()), &[]).await;
+        for reference in &model.chats {
+            let answer = chat(&actor, reference.messages.clone(), reference.max_new_tokens)
+                .await
+                .unwrap_or_else(|e| panic!("{arch:?} {:?}: {e}", reference.messages));
+            assert_eq!(
+                answer.prompt_tokens as usize,
+                reference.ids.len(),
+                "{arch:?}"
+            );
+            assert_eq!(answer.token_ids, reference.greedy_ids, "{arch:?}");
+            assert_eq!(answer.text, reference.greedy_text, "{arch:?}");
+        }
+        if let Some(refusal) = &model.chat_refusal {
+            match chat(&actor, refusal.messages.clone(), 4).await {
+                Err(ServingError::BadInput { reason }) => {
+                    assert!(reason.contains(&refusal.error), "{reason}")
+                }
+                other => panic!("{arch:?}: {other:?}"),
+            }
+        }
+        node.shutdown(Duration::from_secs(5)).await;
+    }
+    // Qwen2's repo without its chat_template.jinja has no template at all.
+    let files: Vec<_> = TinyLlm::get(Arch::Qwen2)
+        .files()
+        .into_iter()
+        .filter(|(name, _, _)| name != "chat_template.jinja")
+        .collect();
+    let (_repo, node, actor) =
+        support::llm::serve_files(Arch::Qwen2, files, "chat_none", &[]).await;
+    let messages = vec![harness_client::ChatMessage::user("Hi")];
+    match chat(&actor, messages, 4).await {
+        Err(ServingError::BadInput { reason }) => {
+            assert!(reason.contains("no chat template"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // A prompt still works.
+    assert!(generate(&actor, "Hello", greedy(2), TIMEOUT_MS)
+        .await
+        .is_ok());
     node.shutdown(Duration::from_secs(5)).await;
 }

@@ -126,7 +126,7 @@ async fn cuda_token_batches_pool_like_the_cpu() {
 }
 
 /// The generation task on CUDA: each tiny checkpoint's greedy tokens equal the
-/// CPU's (f32 exactly; bf16 within what its rounding allows), and tokens/s of a
+/// CPU's (f32 exactly, streamed too; bf16 within what its rounding allows), and tokens/s of a
 /// random ~1B-parameter Llama at 1, 8 and 32 requests at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs a CUDA GPU: run by scripts/gpu-check"]
@@ -134,7 +134,7 @@ async fn generation_on_cuda_matches_the_cpu_and_scales() {
     use futures_util::future::join_all;
     use std::time::{Duration, Instant};
     use support::llm::{greedy, Arch, TinyLlm};
-    use support::serving::{generate, node_config, start_ready};
+    use support::serving::{generate, generate_request, node_config, start_ready, stream_whole};
 
     let ready = Duration::from_secs(300);
     for arch in Arch::SUPPORTED {
@@ -161,6 +161,18 @@ async fn generation_on_cuda_matches_the_cpu_and_scales() {
             .into_iter()
             .map(|g| g.expect("a generation").token_ids)
             .collect();
+            if (device, dtype) == ("cuda", "f32") {
+                // Streamed on CUDA: the same tokens and text as whole answers.
+                for (r, whole) in model.references.iter().zip(&tokens) {
+                    let request = generate_request(r.prompt.as_str(), greedy(16), 60_000);
+                    let (ids, text, _) = stream_whole(&actor, request).await.expect("a stream");
+                    assert_eq!(&ids, whole, "{arch:?}: streamed on CUDA");
+                    let answer = generate(&actor, &r.prompt, greedy(16), 60_000)
+                        .await
+                        .unwrap();
+                    assert_eq!(text, answer.text, "{arch:?}: streamed text on CUDA");
+                }
+            }
             answers.push(tokens);
             node.shutdown(Duration::from_secs(5)).await;
         }

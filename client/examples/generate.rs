@@ -1,5 +1,6 @@
 //! Generates text from a prompt, as a node serving a causal language model does
-//! (`HARNESS_TASK=generation`): prints the text, then why it ended.
+//! (`HARNESS_TASK=generation`): prints the text as it is made
+//! ([`HarnessClient::generate_stream`]), then why it ended.
 //!
 //! ```sh
 //! HARNESS_NODES=127.0.0.1:9000 HARNESS_COOKIE=dev-cookie-change-me \
@@ -9,8 +10,10 @@
 //! `MAX_NEW_TOKENS` (default 32) bounds the answer; the generation is greedy, so
 //! the same prompt gives the same text.
 
+use std::io::Write;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use harness_client::{ClientConfig, GenerateOptions, HarnessClient};
 
 #[tokio::main]
@@ -41,16 +44,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         do_sample: Some(false),
         ..GenerateOptions::default()
     };
-    let generation = client
-        .generate(prompt.clone(), options, Some(Duration::from_secs(120)))
+    let mut stream = client
+        .generate_stream(prompt.clone(), options, Some(Duration::from_secs(120)))
         .await?;
-    println!("{prompt}{}", generation.text);
+    print!("{prompt}");
+    std::io::stdout().flush()?;
+    while let Some(delta) = stream.next().await {
+        print!("{}", delta?.text);
+        std::io::stdout().flush()?;
+    }
+    println!();
+    let end = stream.end().ok_or("the stream ended without its end")?;
     println!(
         "finish: {} ({} prompt tokens, {} generated, first token after {:.0} ms)",
-        generation.finish_reason.as_str(),
-        generation.prompt_tokens,
-        generation.generated_tokens,
-        generation.time_to_first_token_ms
+        end.finish_reason.as_str(),
+        end.prompt_tokens,
+        end.generated_tokens,
+        end.time_to_first_token_ms
     );
     Ok(())
 }

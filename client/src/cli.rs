@@ -14,7 +14,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::{
-    ClientConfig, ClientError, ClientTls, GenerateOptions, Generation, HarnessClient, WireTensor,
+    ChatMessage, ClientConfig, ClientError, ClientTls, GenerateOptions, GenerationEnd,
+    GenerationStream, HarnessClient, Prompt, WireTensor,
 };
 
 /// The exit code of an error that needs a change before trying again.
@@ -197,11 +198,12 @@ impl ClientArgs {
     }
 }
 
-/// `call`: send one `Run` (`--tensor`), `Embed` (`--embed`) or `Generate`
-/// (`--generate`) and print the answer.
+/// `call`: send one `Run` (`--tensor`), `Embed` (`--embed`) or streamed
+/// generation (`--generate`, `--chat`) and print the answer.
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    group(clap::ArgGroup::new("input").required(true).args(["tensors", "texts", "prompt"])),
+    group(clap::ArgGroup::new("input").required(true).args(["tensors", "texts", "prompt", "chat"])),
+    group(clap::ArgGroup::new("generation_input").args(["prompt", "chat"])),
     after_help = EXIT_CODES_HELP
 )]
 pub struct CallArgs {
@@ -219,12 +221,22 @@ pub struct CallArgs {
     #[arg(long = "embed")]
     pub texts: Vec<String>,
 
-    /// A prompt to continue (a node with HARNESS_TASK=generation). Sends a
-    /// `Generate`; prints the generated text on stdout, then on stderr why it
+    /// A prompt to continue (a node with HARNESS_TASK=generation). Streams the
+    /// generated text to stdout as it is made, then writes on stderr why it
     /// ended, the token counts and the time to the first token. The deadline
     /// covers the whole generation.
     #[arg(long = "generate", value_name = "PROMPT")]
     pub prompt: Option<String>,
+
+    /// A user message to answer, rendered with the model's chat template (a
+    /// node with HARNESS_TASK=generation whose model has one). Streams the
+    /// answer as --generate does.
+    #[arg(long = "chat", value_name = "MESSAGE")]
+    pub chat: Option<String>,
+
+    /// With --chat: a system message before the user's.
+    #[arg(long, value_name = "TEXT", requires = "chat", conflicts_with_all = ["tensors", "texts", "prompt"])]
+    pub system: Option<String>,
 
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -236,45 +248,60 @@ pub struct CallArgs {
     pub deadline_ms: u64,
 }
 
-/// The options of `call --generate`; refused with `--tensor` or `--embed`. Those
-/// not given take the model's `generation_config.json`, then `transformers`'
-/// defaults.
+impl CallArgs {
+    /// The prompt of `--generate` (a text) or `--chat` (the `--system` message,
+    /// if any, then the user's); `None` for the other requests.
+    pub fn generation_prompt(&self) -> Option<Prompt> {
+        if let Some(prompt) = &self.prompt {
+            return Some(Prompt::Text(prompt.clone()));
+        }
+        let user = self.chat.as_ref()?;
+        let system = self.system.iter().map(ChatMessage::system);
+        Some(Prompt::Chat(
+            system.chain([ChatMessage::user(user.clone())]).collect(),
+        ))
+    }
+}
+
+/// The options of `call --generate` and `call --chat`; refused with `--tensor`
+/// or `--embed`. Those not given take the model's `generation_config.json`,
+/// then `transformers`' defaults.
 #[derive(Debug, Clone, Default, PartialEq, clap::Args)]
 pub struct GenerateArgs {
-    /// With --generate: tokens to generate at most (the prompt not counted).
-    #[arg(long, value_name = "N", requires = "prompt", conflicts_with_all = ["tensors", "texts"],
+    /// With --generate or --chat: tokens to generate at most (the prompt not counted).
+    #[arg(long, value_name = "N", requires = "generation_input", conflicts_with_all = ["tensors", "texts"],
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_new_tokens: Option<u32>,
 
-    /// With --generate: sample, dividing the logits by F (0: greedy).
-    #[arg(long, value_name = "F", requires = "prompt", conflicts_with_all = ["tensors", "texts"],
+    /// With --generate or --chat: sample, dividing the logits by F (0: greedy).
+    #[arg(long, value_name = "F", requires = "generation_input", conflicts_with_all = ["tensors", "texts"],
           value_parser = parse_temperature)]
     pub temperature: Option<f32>,
 
-    /// With --generate: sample from the smallest set of tokens whose probability
+    /// With --generate or --chat: sample from the smallest set of tokens whose probability
     /// reaches F (0 < F <= 1).
-    #[arg(long, value_name = "F", requires = "prompt", conflicts_with_all = ["tensors", "texts"],
+    #[arg(long, value_name = "F", requires = "generation_input", conflicts_with_all = ["tensors", "texts"],
           value_parser = parse_top_p)]
     pub top_p: Option<f32>,
 
-    /// With --generate: sample among the N most likely tokens only (0: all).
-    #[arg(long, value_name = "N", requires = "prompt", conflicts_with_all = ["tensors", "texts"])]
+    /// With --generate or --chat: sample among the N most likely tokens only (0: all).
+    #[arg(long, value_name = "N", requires = "generation_input", conflicts_with_all = ["tensors", "texts"])]
     pub top_k: Option<u32>,
 
-    /// With --generate: sample with this seed; the same seed and request give
+    /// With --generate or --chat: sample with this seed; the same seed and request give
     /// the same text.
-    #[arg(long, value_name = "N", requires = "prompt", conflicts_with_all = ["tensors", "texts"])]
+    #[arg(long, value_name = "N", requires = "generation_input", conflicts_with_all = ["tensors", "texts"])]
     pub seed: Option<u64>,
 
-    /// With --generate: end the generation where TEXT first occurs, leaving it
+    /// With --generate or --chat: end the generation where TEXT first occurs, leaving it
     /// out of the answer (repeat for several).
-    #[arg(long = "stop", value_name = "TEXT", requires = "prompt", conflicts_with_all = ["tensors", "texts"],
+    #[arg(long = "stop", value_name = "TEXT", requires = "generation_input", conflicts_with_all = ["tensors", "texts"],
           value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub stop: Vec<String>,
 
-    /// With --generate: take the most likely token at each step (no sampling),
+    /// With --generate or --chat: take the most likely token at each step (no sampling),
     /// whatever the model's generation_config.json says.
-    #[arg(long, requires = "prompt", conflicts_with_all = ["tensors", "texts", "temperature", "top_p", "top_k", "seed"])]
+    #[arg(long, requires = "generation_input", conflicts_with_all = ["tensors", "texts", "temperature", "top_p", "top_k", "seed"])]
     pub greedy: bool,
 }
 
@@ -311,26 +338,24 @@ fn parse_top_p(text: &str) -> Result<f32, String> {
     }
 }
 
-/// The line `call --generate` writes on stderr after the text: why the
-/// generation ended, its token counts, and the time to its first token, e.g.
+/// The line `call --generate` and `call --chat` write on stderr after the
+/// text: why the generation ended, its token counts, and the time to its first
+/// token, e.g.
 /// `finish: length (12 prompt tokens, 32 generated, first token after 41 ms)`.
-pub fn finish_line(generation: &Generation) -> String {
-    let prompt = match generation.prompt_tokens {
+pub fn finish_line(end: &GenerationEnd) -> String {
+    let prompt = match end.prompt_tokens {
         1 => "1 prompt token".to_string(),
         n => format!("{n} prompt tokens"),
     };
-    let first = if generation.generated_tokens == 0 {
+    let first = if end.generated_tokens == 0 {
         String::new()
     } else {
-        format!(
-            ", first token after {:.0} ms",
-            generation.time_to_first_token_ms
-        )
+        format!(", first token after {:.0} ms", end.time_to_first_token_ms)
     };
     format!(
         "finish: {} ({prompt}, {} generated{first})",
-        generation.finish_reason.as_str(),
-        generation.generated_tokens
+        end.finish_reason.as_str(),
+        end.generated_tokens
     )
 }
 
@@ -356,6 +381,9 @@ pub enum CliError {
     /// The call failed.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// The answer could not be written to stdout.
+    #[error("cannot write the answer: {0}")]
+    Output(std::io::Error),
     /// The async runtime could not start.
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[from] std::io::Error),
@@ -395,10 +423,11 @@ fn finish(program: &str, result: Result<(), CliError>) -> ExitCode {
 }
 
 /// Connects a client and runs `work` with it on a runtime of its own.
-fn with_client<T, F, Fut>(args: &ClientArgs, work: F) -> Result<T, CliError>
+fn with_client<T, E, F, Fut>(args: &ClientArgs, work: F) -> Result<T, CliError>
 where
     F: FnOnce(HarnessClient) -> Fut,
-    Fut: std::future::Future<Output = Result<T, ClientError>>,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    CliError: From<E>,
 {
     let config = args.config()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -448,14 +477,15 @@ pub fn parse_tensor(text: &str) -> Result<WireTensor, CliError> {
 
 fn try_call(args: &CallArgs) -> Result<(), CliError> {
     let deadline = Some(Duration::from_millis(args.deadline_ms));
-    if let Some(prompt) = &args.prompt {
-        let (prompt, options) = (prompt.clone(), args.generation.options());
-        let generation = with_client(&args.client, |client| async move {
-            client.generate(prompt, options, deadline).await
+    if let Some(prompt) = args.generation_prompt() {
+        let options = args.generation.options();
+        let end = with_client(&args.client, |client| async move {
+            let stream = client.generate_stream(prompt, options, deadline).await?;
+            print_stream(stream, &mut std::io::stdout()).await
         })?;
-        // The text alone on stdout, ready for a pipe; the rest for the person.
-        println!("{}", generation.text);
-        eprintln!("{}", finish_line(&generation));
+        if let Some(end) = end {
+            eprintln!("{}", finish_line(&end));
+        }
         return Ok(());
     }
     if !args.texts.is_empty() {
@@ -496,6 +526,47 @@ fn try_call(args: &CallArgs) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// Writes each delta's text to `out` as it comes, flushing after each, then a
+/// newline: the text alone on stdout, ready for a pipe (the finish line is for
+/// the person, on stderr). Returns the stream's end, or `None` when the reader
+/// of `out` went away (a closed pipe: the generation is cancelled as the
+/// stream is dropped). After an error, the line of text begun is ended first.
+async fn print_stream(
+    mut stream: GenerationStream,
+    out: &mut impl std::io::Write,
+) -> Result<Option<GenerationEnd>, CliError> {
+    use futures_core::Stream;
+    let mut line_open = false;
+    let written = loop {
+        let next = std::future::poll_fn(|cx| std::pin::Pin::new(&mut stream).poll_next(cx)).await;
+        let delta = match next {
+            None => break out.write_all(b"\n").and_then(|()| out.flush()),
+            Some(Ok(delta)) => delta,
+            Some(Err(err)) => {
+                if line_open {
+                    let _ = out.write_all(b"\n").and_then(|()| out.flush());
+                }
+                return Err(err.into());
+            }
+        };
+        if delta.text.is_empty() {
+            continue;
+        }
+        line_open = !delta.text.ends_with('\n');
+        if let Err(err) = out
+            .write_all(delta.text.as_bytes())
+            .and_then(|()| out.flush())
+        {
+            break Err(err);
+        }
+    };
+    match written {
+        Ok(()) => Ok(stream.end().cloned()),
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(None),
+        Err(err) => Err(CliError::Output(err)),
+    }
 }
 
 fn try_status(args: &StatusArgs) -> Result<(), CliError> {
@@ -591,6 +662,99 @@ mod tests {
     }
 
     #[test]
+    fn chat_parses_into_messages_with_the_same_options() {
+        let args =
+            parse_call(&["--chat", "Hi there", "--greedy", "--max-new-tokens", "8"]).unwrap();
+        assert_eq!(args.prompt, None);
+        assert_eq!(
+            args.generation_prompt(),
+            Some(Prompt::Chat(vec![ChatMessage::user("Hi there")]))
+        );
+        assert_eq!(
+            args.generation.options(),
+            GenerateOptions {
+                max_new_tokens: Some(8),
+                do_sample: Some(false),
+                ..GenerateOptions::default()
+            }
+        );
+        let args = parse_call(&[
+            "--system",
+            "Be brief.",
+            "--chat",
+            "Why?",
+            "--temperature",
+            "0.5",
+            "--seed",
+            "3",
+            "--stop",
+            "\n",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.generation_prompt(),
+            Some(Prompt::Chat(vec![
+                ChatMessage::system("Be brief."),
+                ChatMessage::user("Why?")
+            ]))
+        );
+        let options = args.generation.options();
+        assert_eq!(
+            (options.temperature, options.seed, options.stop),
+            (Some(0.5), Some(3), vec!["\n".to_string()])
+        );
+        // --generate is a text prompt; the other requests have none.
+        let args = parse_call(&["--generate", "Once"]).unwrap();
+        assert_eq!(
+            args.generation_prompt(),
+            Some(Prompt::Text("Once".to_string()))
+        );
+        let args = parse_call(&["--embed", "hi"]).unwrap();
+        assert_eq!(args.generation_prompt(), None);
+    }
+
+    #[test]
+    fn chat_is_refused_with_generate_and_system_alone() {
+        // One generation per call.
+        let err = parse_call(&["--generate", "a", "--chat", "b"]).unwrap_err();
+        assert_eq!(
+            err.kind(),
+            clap::error::ErrorKind::ArgumentConflict,
+            "{err}"
+        );
+        let err = parse_call(&["--chat", "b", "--embed", "c"]).unwrap_err();
+        assert_eq!(
+            err.kind(),
+            clap::error::ErrorKind::ArgumentConflict,
+            "{err}"
+        );
+        // --system belongs to a chat.
+        let err = parse_call(&["--system", "x"]).unwrap_err();
+        assert_eq!(
+            err.kind(),
+            clap::error::ErrorKind::MissingRequiredArgument,
+            "{err}"
+        );
+        assert!(err.to_string().contains("--chat"), "{err}");
+        for line in [
+            &["--generate", "a", "--system", "x"][..],
+            &["--embed", "a", "--system", "x"],
+            &["--tensor", "1,1:0", "--system", "x"],
+        ] {
+            let err = parse_call(line).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{line:?}: {err}"
+            );
+            assert!(err.to_string().contains("--system"), "{line:?}: {err}");
+        }
+        // The sampling flags with --chat follow the same rules.
+        assert!(parse_call(&["--chat", "a", "--greedy", "--seed", "1"]).is_err());
+        assert!(parse_call(&["--chat", "a", "--top-p", "0"]).is_err());
+    }
+
+    #[test]
     fn generate_options_are_refused_with_embed_and_tensor() {
         for (line, option, input) in [
             (
@@ -626,6 +790,7 @@ mod tests {
         // Alone, with no input: the verb asks for one.
         let err = parse_call(&["--seed", "1"]).unwrap_err();
         assert!(err.to_string().contains("--generate"), "{err}");
+        assert!(err.to_string().contains("--chat"), "{err}");
         // One request per call.
         let err = parse_call(&["--generate", "a", "--embed", "b"]).unwrap_err();
         assert_eq!(
@@ -675,9 +840,7 @@ mod tests {
 
     #[test]
     fn the_finish_line_tells_reason_counts_and_first_token() {
-        let mut generation = Generation {
-            text: "Paris.".to_string(),
-            token_ids: vec![3; 32],
+        let mut generation = GenerationEnd {
             finish_reason: crate::FinishReason::Length,
             prompt_tokens: 12,
             generated_tokens: 32,
@@ -699,11 +862,109 @@ mod tests {
         generation.finish_reason = crate::FinishReason::Length;
         generation.prompt_tokens = 4096;
         generation.generated_tokens = 0;
-        generation.token_ids.clear();
         assert_eq!(
             finish_line(&generation),
             "finish: length (4096 prompt tokens, 0 generated)"
         );
+    }
+
+    fn chunk(text: &str, end: bool) -> Result<crate::StreamChunk, ClientError> {
+        Ok(crate::StreamChunk {
+            delta: crate::GenerationDelta {
+                text: text.to_string(),
+                token_ids: vec![1; text.len().min(1)],
+            },
+            end: end.then_some(GenerationEnd {
+                finish_reason: crate::FinishReason::Stop,
+                prompt_tokens: 2,
+                generated_tokens: 3,
+                time_to_first_token_ms: 5.0,
+            }),
+        })
+    }
+
+    /// A writer that keeps what it is given and counts its flushes, or fails.
+    #[derive(Default)]
+    struct Out {
+        text: Vec<u8>,
+        flushes: usize,
+        fail: Option<std::io::ErrorKind>,
+    }
+
+    impl std::io::Write for Out {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            match self.fail {
+                Some(kind) => Err(kind.into()),
+                None => {
+                    self.text.extend_from_slice(buf);
+                    Ok(buf.len())
+                }
+            }
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.flushes += 1;
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_prints_each_delta_flushed_then_a_newline_and_its_end() {
+        let stream = GenerationStream::scripted(vec![
+            chunk("Par", false),
+            chunk("", false),
+            chunk("is", false),
+            chunk(".", true),
+        ]);
+        let mut out = Out::default();
+        let end = print_stream(stream, &mut out).await.unwrap().unwrap();
+        assert_eq!(String::from_utf8(out.text).unwrap(), "Paris.\n");
+        assert_eq!(out.flushes, 4, "one flush per delta and one at the end");
+        assert_eq!(
+            finish_line(&end),
+            "finish: stop (2 prompt tokens, 3 generated, first token after 5 ms)"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_error_mid_stream_ends_the_line_and_is_returned() {
+        let stream = GenerationStream::scripted(vec![
+            chunk("Half a", false),
+            Err(ClientError::StreamLost {
+                reason: "the serving's node went away".to_string(),
+            }),
+        ]);
+        let mut out = Out::default();
+        let err = print_stream(stream, &mut out).await.unwrap_err();
+        assert_eq!(err.exit_code(), EXIT_TEMPORARY, "{err}");
+        assert_eq!(String::from_utf8(out.text).unwrap(), "Half a\n");
+        // A line already ended is not ended twice.
+        let stream = GenerationStream::scripted(vec![
+            chunk("line\n", false),
+            Err(ClientError::Serving(crate::ServingError::Model {
+                message: "boom".to_string(),
+            })),
+        ]);
+        let mut out = Out::default();
+        let err = print_stream(stream, &mut out).await.unwrap_err();
+        assert_eq!(err.exit_code(), EXIT_PERMANENT, "{err}");
+        assert_eq!(String::from_utf8(out.text).unwrap(), "line\n");
+    }
+
+    #[tokio::test]
+    async fn a_closed_pipe_stops_quietly_and_other_write_errors_fail() {
+        let stream = GenerationStream::scripted(vec![chunk("a", false), chunk("b", true)]);
+        let mut out = Out {
+            fail: Some(std::io::ErrorKind::BrokenPipe),
+            ..Out::default()
+        };
+        assert!(print_stream(stream, &mut out).await.unwrap().is_none());
+        let stream = GenerationStream::scripted(vec![chunk("a", false), chunk("b", true)]);
+        let mut out = Out {
+            fail: Some(std::io::ErrorKind::StorageFull),
+            ..Out::default()
+        };
+        let err = print_stream(stream, &mut out).await.unwrap_err();
+        assert!(matches!(err, CliError::Output(_)), "{err}");
     }
 
     #[test]

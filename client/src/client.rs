@@ -1,6 +1,6 @@
 //! `HarnessClient`: join the mesh, find the servings, call them with a deadline.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,9 +9,11 @@ use ractor::{Actor, ActorRef, BytesConvertable, RpcReplyPort};
 use ractor_cluster::{NodeServer, NodeServerMessage};
 
 use crate::protocol::{
-    EmbedRequest, Embedding, GenerateOptions, GenerateRequest, Generation, Payload, RunRequest,
-    ServingError, ServingMessage, ServingStatus, StatusRequest, WireTensor, PROTOCOL_VERSION,
+    caller_group, CallerMessage, EmbedRequest, Embedding, GenerateOptions, GenerateRequest,
+    Generation, OpenReply, Payload, Prompt, RunRequest, ServingError, ServingMessage,
+    ServingStatus, StatusRequest, StreamOpened, WireTensor, PROTOCOL_VERSION,
 };
+use crate::stream::GenerationStream;
 
 /// How a client joins the mesh.
 #[derive(Clone)]
@@ -141,9 +143,17 @@ pub enum ClientError {
         last: Option<String>,
     },
     /// The serving answered with an error retrying cannot fix (`BadInput`,
-    /// `Model`, `DeadlineExceeded`).
+    /// `Model`, `DeadlineExceeded`), or, for a stream, any error of its pulls.
     #[error(transparent)]
     Serving(#[from] ServingError),
+    /// A [`GenerationStream`] was cut off: its serving's node went away (its
+    /// session closed) or stopped answering. The text it delivered is all
+    /// there is; generate again to retry.
+    #[error("the stream was cut off: {reason}; the text it delivered is all there is, generate again to retry")]
+    StreamLost {
+        /// What happened.
+        reason: String,
+    },
     /// The client's own node could not start, or is gone.
     #[error("the client node could not start: {0}")]
     Internal(String),
@@ -164,6 +174,7 @@ impl ClientError {
             ClientError::Unreachable { .. }
                 | ClientError::Deadline { .. }
                 | ClientError::NoServing { .. }
+                | ClientError::StreamLost { .. }
                 | ClientError::Serving(
                     ServingError::NotReady { .. }
                         | ServingError::Overloaded { .. }
@@ -254,6 +265,28 @@ impl Request for GenerateRequest {
     }
 }
 
+/// `OpenStream`: a [`GenerateRequest`] whose answer is a stream's id.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+struct OpenStream(GenerateRequest);
+
+impl Request for OpenStream {
+    type Answer = OpenReply;
+    type Output = StreamOpened;
+    fn with_timeout(&self, timeout_ms: u64) -> Self {
+        OpenStream(self.0.with_timeout(timeout_ms))
+    }
+    fn message(
+        payload: Payload<Self>,
+        port: RpcReplyPort<Payload<Self::Answer>>,
+    ) -> ServingMessage {
+        ServingMessage::OpenStream(Payload(payload.0.map(|open| open.0)), port)
+    }
+    fn output(answer: Self::Answer) -> Result<Self::Output, ServingError> {
+        answer
+    }
+}
+
 impl Request for StatusRequest {
     type Answer = ServingStatus;
     type Output = ServingStatus;
@@ -282,6 +315,80 @@ pub struct HarnessClient {
     owns_server: bool,
     sessions: Arc<crate::sessions::Sessions>,
     pool: Arc<crate::pool::Pool>,
+    /// This client's member of its caller group.
+    caller: CallerMember,
+}
+
+/// A client's member of its [`caller_group`], stopped when this is dropped (and
+/// so when a client being started fails or is cancelled).
+struct CallerMember {
+    actor: ActorRef<CallerMessage>,
+    /// [`caller_group`] of this client's id.
+    group: String,
+}
+
+impl CallerMember {
+    /// Spawns the member and joins it to a new caller group.
+    async fn start() -> Result<Self, ClientError> {
+        let group = caller_group(&unique_caller_id());
+        let (actor, _) = Actor::spawn(None, Caller, group.clone())
+            .await
+            .map_err(|e| ClientError::Internal(format!("cannot start the caller actor: {e}")))?;
+        Ok(CallerMember { actor, group })
+    }
+}
+
+impl Drop for CallerMember {
+    fn drop(&mut self) {
+        // Stopping it leaves the group, here and, through each session, on the nodes.
+        self.actor.stop(None);
+    }
+}
+
+/// The actor a client keeps in its [`caller_group`] while it lives: nodes
+/// cancel the generations of a caller whose group is empty on them.
+struct Caller;
+
+impl Actor for Caller {
+    type Msg = CallerMessage;
+    type State = ();
+    type Arguments = String;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        group: String,
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        ractor::pg::join(group, vec![myself.get_cell()]);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<Self::Msg>,
+        _: Self::Msg,
+        _: &mut (),
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        Ok(())
+    }
+}
+
+/// An id no other client has: this process, the time, a count within the
+/// process, and std's per-process random hash keys.
+fn unique_caller_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    format!(
+        "{}-{nanos:x}-{}-{random:016x}",
+        std::process::id(),
+        COUNT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 impl HarnessClient {
@@ -360,6 +467,9 @@ impl HarnessClient {
                 ))
             }
         };
+        // In the caller group before any session opens, so that every node
+        // sees the member before this client's first request.
+        let caller = CallerMember::start().await?;
         let sessions = crate::sessions::Sessions::start(server.clone(), tls)?;
         // A name may stand for several nodes (Fly's `<app>.internal`): use them all.
         let firsts: Vec<_> = config
@@ -406,7 +516,16 @@ impl HarnessClient {
             owns_server,
             sessions,
             pool,
+            caller,
         })
+    }
+
+    /// This client's presence group, `harness.caller.<id>` ([`caller_group`]),
+    /// which its generation requests name: the client keeps one member in it
+    /// while it lives, and a node cancels the generations of a caller whose
+    /// group has emptied (its session closed).
+    pub fn caller_group(&self) -> &str {
+        &self.caller.group
     }
 
     /// Runs the model on `inputs`, retrying `NotReady`, `Overloaded`, `Internal`
@@ -441,12 +560,16 @@ impl HarnessClient {
     }
 
     /// Continues `prompt` (a node serving the generation task,
-    /// `HARNESS_TASK=generation`): the generated text, its token ids, why it
+    /// `HARNESS_TASK=generation`): a text, or chat messages
+    /// ([`ChatMessage`](crate::ChatMessage)s, which the node renders with the
+    /// model's chat template). Answers the generated text, its token ids, why it
     /// ended, the token counts and the time to the first token. The whole
     /// generation is answered at once, so `deadline` must cover all of it, not
-    /// only its first token. `options` left at their defaults take the model's
+    /// only its first token; [`HarnessClient::generate_stream`] gives the text
+    /// as it is made. `options` left at their defaults take the model's
     /// `generation_config.json`. Retries as [`HarnessClient::run`] does (a retried
-    /// generation starts over; with sampling and no `seed` it may differ).
+    /// generation starts over; with sampling and no `seed` it may differ). The
+    /// node stops the generation if this client goes away first.
     ///
     /// ```no_run
     /// use std::time::Duration;
@@ -470,17 +593,86 @@ impl HarnessClient {
     /// ```
     pub async fn generate(
         &self,
-        prompt: impl Into<String>,
+        prompt: impl Into<Prompt>,
         options: GenerateOptions,
         deadline: Option<Duration>,
     ) -> Result<Generation, ClientError> {
-        let request = GenerateRequest {
+        let request = self.generate_request(prompt.into(), options);
+        self.call(request, deadline).await
+    }
+
+    /// Continues `prompt` as [`HarnessClient::generate`] does, but gives its
+    /// text as the node makes it: a [`GenerationStream`] of deltas, then its end
+    /// ([`GenerationStream::end`]). The stream is opened on the least busy ready
+    /// serving, retrying as [`HarnessClient::run`] does; once open, it reads
+    /// from that serving only and is never retried (its text was delivered): an
+    /// error ends it. `deadline` (the default when `None`) covers the whole
+    /// stream, from its opening to its last delta. Dropping the stream before
+    /// its end cancels the generation on the node.
+    ///
+    /// A slow reader costs nothing here: what the node makes while the reader
+    /// is busy comes in its next delta, at most one delta waiting in the client.
+    /// Reading it takes a `Stream` combinator crate such as `futures-util`:
+    ///
+    /// ```no_run
+    /// use std::io::Write;
+    /// use std::time::Duration;
+    /// use futures_util::StreamExt;
+    /// use harness_client::{ChatMessage, ClientConfig, GenerateOptions, HarnessClient};
+    ///
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config = ClientConfig::new(vec!["127.0.0.1:9000".into()], std::env::var("HARNESS_COOKIE")?);
+    /// let client = HarnessClient::connect(config).await?;
+    /// let chat = vec![
+    ///     ChatMessage::system("You answer in one sentence."),
+    ///     ChatMessage::user("Why is the sky blue?"),
+    /// ];
+    /// let options = GenerateOptions {
+    ///     max_new_tokens: Some(128),
+    ///     ..GenerateOptions::default()
+    /// };
+    /// let mut stream = client
+    ///     .generate_stream(chat, options, Some(Duration::from_secs(120)))
+    ///     .await?;
+    /// while let Some(delta) = stream.next().await {
+    ///     print!("{}", delta?.text);
+    ///     std::io::stdout().flush()?;
+    /// }
+    /// if let Some(end) = stream.end() {
+    ///     println!("\n({}, {} tokens)", end.finish_reason, end.generated_tokens);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn generate_stream(
+        &self,
+        prompt: impl Into<Prompt>,
+        options: GenerateOptions,
+        deadline: Option<Duration>,
+    ) -> Result<GenerationStream, ClientError> {
+        let deadline = deadline.unwrap_or(self.config.default_deadline);
+        let deadline_at = tokio::time::Instant::now() + deadline;
+        let request = OpenStream(self.generate_request(prompt.into(), options));
+        let (opened, serving, member) = self.call_on(request, Some(deadline)).await?;
+        Ok(GenerationStream::open(
+            serving,
+            member,
+            self.pool.clone(),
+            opened,
+            deadline,
+            deadline_at,
+        ))
+    }
+
+    /// A generation request naming this client's caller group.
+    fn generate_request(&self, prompt: Prompt, options: GenerateOptions) -> GenerateRequest {
+        GenerateRequest {
             version: PROTOCOL_VERSION,
-            prompt: prompt.into(),
+            prompt,
             options,
             timeout_ms: 0,
-        };
-        self.call(request, deadline).await
+            caller: Some(self.caller.group.clone()),
+        }
     }
 
     /// The status of a ready serving (the least busy). Retries as
@@ -499,6 +691,25 @@ impl HarnessClient {
         request: R,
         deadline: Option<Duration>,
     ) -> Result<R::Output, ClientError> {
+        self.call_on(request, deadline)
+            .await
+            .map(|(output, _, _)| output)
+    }
+
+    /// [`HarnessClient::call`], also telling which serving answered (and its
+    /// count of calls in flight).
+    async fn call_on<R: Request>(
+        &self,
+        request: R,
+        deadline: Option<Duration>,
+    ) -> Result<
+        (
+            R::Output,
+            ActorRef<ServingMessage>,
+            Arc<crate::pool::Member>,
+        ),
+        ClientError,
+    > {
         let deadline = deadline.unwrap_or(self.config.default_deadline);
         // Checked once, at the largest budget an attempt can carry.
         let largest = request.with_timeout(deadline.as_millis() as u64);
@@ -560,7 +771,7 @@ impl HarnessClient {
                     continue;
                 };
                 match outcome::<R>(answer) {
-                    Step::Done(value) => return Ok(value),
+                    Step::Done(value) => return Ok((value, serving, member)),
                     Step::Fail(err) => return Err(err),
                     Step::Retry(reason) => last = Some(reason),
                 }
@@ -621,5 +832,291 @@ impl Drop for HarnessClient {
         if self.owns_server {
             self.server.stop(None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A client against a fake serving in this process (a local member of the
+    //! serving's group): the requests it sends and what it makes of the answers.
+    //! The real node's side is the server crate's tests.
+
+    use super::*;
+    use crate::protocol::{
+        serving_group, ChatMessage, FinishReason, GenerationDelta, GenerationEnd, PullReply,
+        PullRequest, StreamChunk,
+    };
+    use futures_util::StreamExt;
+    use std::sync::Mutex;
+
+    /// What the fake serving was sent.
+    #[derive(Default)]
+    struct Log {
+        requests: Vec<GenerateRequest>,
+        pulls: Vec<PullRequest>,
+        cancelled: Vec<u64>,
+        /// Whether `OpenStream` was refused once already (the first is, as a
+        /// serving still warming does).
+        refused: bool,
+    }
+
+    /// A serving whose stream 7 makes `words` one per pull, then ends (or never
+    /// ends when `words` is empty: a word per pull forever).
+    struct Fake;
+
+    struct FakeState {
+        log: Arc<Mutex<Log>>,
+        words: Vec<&'static str>,
+    }
+
+    impl Actor for Fake {
+        type Msg = ServingMessage;
+        type State = FakeState;
+        type Arguments = (String, Arc<Mutex<Log>>, Vec<&'static str>);
+
+        async fn pre_start(
+            &self,
+            myself: ActorRef<Self::Msg>,
+            (group, log, words): Self::Arguments,
+        ) -> Result<FakeState, ractor::ActorProcessingErr> {
+            ractor::pg::join(group, vec![myself.get_cell()]);
+            Ok(FakeState { log, words })
+        }
+
+        async fn handle(
+            &self,
+            _: ActorRef<Self::Msg>,
+            message: Self::Msg,
+            state: &mut FakeState,
+        ) -> Result<(), ractor::ActorProcessingErr> {
+            let mut log = state.log.lock().unwrap();
+            match message {
+                ServingMessage::OpenStream(Payload(Ok(request)), port) => {
+                    log.requests.push(request);
+                    let reply = if std::mem::replace(&mut log.refused, true) {
+                        Ok(StreamOpened {
+                            stream: 7,
+                            prompt_tokens: 3,
+                        })
+                    } else {
+                        Err(ServingError::NotReady {
+                            phase: "warming".to_string(),
+                        })
+                    };
+                    let _ = port.send(Payload::new(reply));
+                }
+                ServingMessage::PullStream(Payload(Ok(request)), port) => {
+                    log.pulls.push(request.clone());
+                    let n = log.pulls.len();
+                    let reply: PullReply = if request.stream != 7 {
+                        Err(ServingError::BadInput {
+                            reason: "no such stream".to_string(),
+                        })
+                    } else if state.words.is_empty() {
+                        Ok(chunk("word ", n as u32, false))
+                    } else {
+                        let word = state.words.get(n - 1).copied().unwrap_or("");
+                        Ok(chunk(word, n as u32, n >= state.words.len()))
+                    };
+                    let _ = port.send(Payload::new(reply));
+                }
+                ServingMessage::CancelStream(Payload(Ok(cancel))) => {
+                    log.cancelled.push(cancel.stream)
+                }
+                ServingMessage::Generate(Payload(Ok(request)), port) => {
+                    let text = format!("{:?}", request.prompt);
+                    log.requests.push(request);
+                    let _ = port.send(Payload::new(Ok(Generation {
+                        text,
+                        token_ids: vec![1],
+                        finish_reason: FinishReason::Eos,
+                        prompt_tokens: 3,
+                        generated_tokens: 1,
+                        time_to_first_token_ms: 1.0,
+                    })));
+                }
+                ServingMessage::Status(_, port) => {
+                    let _ = port.send(Payload::new(ServingStatus {
+                        phase: "ready".to_string(),
+                        message: None,
+                        serving: "fake".to_string(),
+                        device: None,
+                        queue_depth: 0,
+                        restarts: 0,
+                        model: None,
+                        server_version: "0".to_string(),
+                        protocol_version: PROTOCOL_VERSION,
+                        in_flight: 0,
+                        uptime_s: 0,
+                        max_message_bytes: 0,
+                    }));
+                }
+                _ => {}
+            }
+            Ok(())
+        }
+    }
+
+    fn chunk(text: &str, id: u32, end: bool) -> StreamChunk {
+        StreamChunk {
+            delta: GenerationDelta {
+                text: text.to_string(),
+                token_ids: vec![id],
+            },
+            end: end.then_some(GenerationEnd {
+                finish_reason: FinishReason::Length,
+                prompt_tokens: 3,
+                generated_tokens: id,
+                time_to_first_token_ms: 2.0,
+            }),
+        }
+    }
+
+    /// A client of a fake serving named `name` (this process's only member of
+    /// its group), with no node to connect to.
+    async fn client_of_fake(
+        name: &str,
+        words: Vec<&'static str>,
+    ) -> (HarnessClient, ActorRef<ServingMessage>, Arc<Mutex<Log>>) {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let (fake, _) = Actor::spawn(None, Fake, (serving_group(name), log.clone(), words))
+            .await
+            .unwrap();
+        let mut config = ClientConfig::new(vec![], "a-test-cookie");
+        config.serving = name.to_string();
+        let client = HarnessClient::connect(config).await.unwrap();
+        (client, fake, log)
+    }
+
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        for _ in 0..100 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{what} did not happen");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_opens_with_retries_names_the_caller_and_ends_without_a_cancel() {
+        let (client, fake, log) =
+            client_of_fake("stream_ends", vec!["Hello", "", " world", "!"]).await;
+        let group = client.caller_group().to_string();
+        assert!(group.starts_with("harness.caller."), "{group}");
+        let members = ractor::pg::get_members(&group);
+        assert_eq!(members.len(), 1);
+        assert!(
+            members[0].supports_remoting(),
+            "ractor_cluster syncs only members that support remoting"
+        );
+
+        let chat = vec![ChatMessage::user("Hi")];
+        let mut stream = client
+            .generate_stream(chat.clone(), GenerateOptions::default(), None)
+            .await
+            .unwrap();
+        assert_eq!(stream.prompt_tokens(), 3);
+        let mut text = String::new();
+        let mut ids = Vec::new();
+        while let Some(delta) = stream.next().await {
+            let delta = delta.unwrap();
+            text.push_str(&delta.text);
+            ids.extend(delta.token_ids);
+        }
+        assert_eq!(text, "Hello world!");
+        assert_eq!(ids, [1, 2, 3, 4], "a delta with ids and no text is yielded");
+        assert_eq!(stream.end().unwrap().generated_tokens, 4);
+        drop(stream);
+        {
+            let log = log.lock().unwrap();
+            // Refused once (not ready), then opened: both named this client.
+            assert_eq!(log.requests.len(), 2);
+            for request in &log.requests {
+                assert_eq!(request.caller.as_deref(), Some(group.as_str()));
+                assert_eq!(request.prompt, Prompt::Chat(chat.clone()));
+                assert!(request.timeout_ms > 0 && request.timeout_ms <= 30_000);
+            }
+            assert!(log
+                .pulls
+                .iter()
+                .all(|p| p.stream == 7 && p.wait_ms <= 3_000));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(log.lock().unwrap().cancelled.is_empty(), "ended: no cancel");
+
+        // The whole answer names the caller too.
+        let generation = client
+            .generate("Once", GenerateOptions::default(), None)
+            .await
+            .unwrap();
+        assert_eq!(generation.text, format!("{:?}", Prompt::from("Once")));
+        let last = log.lock().unwrap().requests.pop().unwrap();
+        assert_eq!(last.caller.as_deref(), Some(group.as_str()));
+
+        // The caller's member leaves its group with the client.
+        drop(client);
+        until("the caller group emptied", || {
+            ractor::pg::get_members(&group).is_empty()
+        })
+        .await;
+        fake.stop(None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_a_stream_before_its_end_cancels_it_and_collect_reads_the_rest() {
+        let (client, fake, log) = client_of_fake("stream_dropped", vec![]).await;
+        let mut stream = client
+            .generate_stream("Once", GenerateOptions::default(), None)
+            .await
+            .unwrap();
+        assert_eq!(stream.next().await.unwrap().unwrap().text, "word ");
+        drop(stream);
+        until("the cancel", || log.lock().unwrap().cancelled == [7]).await;
+
+        let (client2, fake2, _) = client_of_fake("stream_collected", vec!["a", "b", "c"]).await;
+        let mut stream = client2
+            .generate_stream("Once", GenerateOptions::default(), None)
+            .await
+            .unwrap();
+        assert_eq!(stream.next().await.unwrap().unwrap().text, "a");
+        let rest = stream.collect().await.unwrap();
+        assert_eq!(
+            (rest.text.as_str(), &rest.token_ids[..]),
+            ("bc", &[2, 3][..])
+        );
+        assert_eq!(rest.finish_reason, FinishReason::Length);
+        drop((client, client2));
+        fake.stop(None);
+        fake2.stop(None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_serving_lost_mid_stream_ends_it_with_a_clear_error() {
+        let (client, fake, _) = client_of_fake("stream_lost", vec![]).await;
+        let mut stream = client
+            .generate_stream("Once", GenerateOptions::default(), None)
+            .await
+            .unwrap();
+        assert!(stream.next().await.unwrap().is_ok());
+        // Read no further for now: the pull task holds one chunk ahead and waits.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        fake.stop(None);
+        let mut error = None;
+        while let Some(item) = stream.next().await {
+            if let Err(err) = item {
+                error = Some(err);
+            }
+        }
+        let error = error.expect("an error after the serving stopped");
+        assert!(matches!(&error, ClientError::StreamLost { .. }), "{error}");
+        assert!(error.to_string().contains("went away"), "{error}");
+        drop(client);
+    }
+
+    #[test]
+    fn caller_ids_differ() {
+        let ids: std::collections::HashSet<_> = (0..100).map(|_| unique_caller_id()).collect();
+        assert_eq!(ids.len(), 100);
     }
 }

@@ -46,10 +46,10 @@
 //! ```
 //!
 //! Generating text (a node with `HARNESS_TASK=generation`, a causal language
-//! model): the whole generation comes back at once, with why it ended
-//! ([`FinishReason`]), its token counts and the time to its first token. Options
-//! left unset take the model's `generation_config.json`; see
-//! `client/examples/generate.rs`.
+//! model): [`HarnessClient::generate`] answers the whole generation at once,
+//! with why it ended ([`FinishReason`]), its token counts and the time to its
+//! first token. Options left unset take the model's `generation_config.json`;
+//! see `client/examples/generate.rs`.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -72,6 +72,47 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! A prompt is a text or a chat: [`ChatMessage`]s, which the node renders with
+//! the model's chat template (a model without one refuses a chat).
+//! [`HarnessClient::generate_stream`] gives the text as the node makes it: a
+//! [`GenerationStream`], a `futures` `Stream` of [`GenerationDelta`]s whose
+//! [`end`](GenerationStream::end) tells why it ended once it has. The deadline
+//! covers the whole stream; a slow reader gets fewer, larger deltas (the node
+//! keeps what is not read yet); dropping the stream before its end cancels the
+//! generation on the node. Read it with a `Stream` crate such as `futures-util`
+//! (`StreamExt::next`), or whole with [`GenerationStream::collect`]; see
+//! `client/examples/chat.rs`.
+//!
+//! ```no_run
+//! use std::io::Write;
+//! use futures_util::StreamExt;
+//! use harness_client::{ChatMessage, ClientConfig, GenerateOptions, HarnessClient};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = ClientConfig::new(vec!["127.0.0.1:9000".into()], std::env::var("HARNESS_COOKIE")?);
+//! let client = HarnessClient::connect(config).await?;
+//! let chat = vec![
+//!     ChatMessage::system("You are a terse assistant."),
+//!     ChatMessage::user("Name three primary colours."),
+//! ];
+//! let mut stream = client.generate_stream(chat, GenerateOptions::default(), None).await?;
+//! while let Some(delta) = stream.next().await {
+//!     print!("{}", delta?.text);
+//!     std::io::stdout().flush()?;
+//! }
+//! println!();
+//! if let Some(end) = stream.end() {
+//!     eprintln!("{} ({} tokens)", end.finish_reason, end.generated_tokens);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Each client keeps one member in a process group of its own
+//! ([`caller_group`], [`HarnessClient::caller_group`]) and names it in its
+//! generation requests: a node cancels the generations of a client whose
+//! session has closed, so a client that dies frees its sequence slots at once.
 //!
 //! On Fly.io, a name such as `my-harness.internal:9000` stands for every machine
 //! of the app, and the client connects to all of them:
@@ -114,9 +155,10 @@
 //!
 //! With the `cli` feature the crate also builds the `harness-client` binary
 //! (`harness-client call`, `harness-client status`): `cargo install --path client
-//! --features cli`. `call --generate PROMPT` prints the generated text, with
-//! `--max-new-tokens`, `--temperature`, `--top-p`, `--top-k`, `--seed`, `--stop`
-//! and `--greedy`.
+//! --features cli`. `call --generate PROMPT` prints the generated text as it is
+//! made, and `call --chat MESSAGE` (with `--system TEXT`) the answer to a user
+//! message; both take `--max-new-tokens`, `--temperature`, `--top-p`, `--top-k`,
+//! `--seed`, `--stop` and `--greedy`.
 
 #![warn(missing_docs)]
 
@@ -126,13 +168,16 @@ mod client;
 mod pool;
 pub mod protocol;
 mod sessions;
+mod stream;
 pub mod tls;
 
 pub use client::{ClientConfig, ClientError, ClientTls, HarnessClient};
+pub use stream::GenerationStream;
 
 pub use protocol::{
-    serving_group, DType, EmbedReply, EmbedRequest, Embedding, Fault, FaultRequest, FinishReason,
-    GenerateOptions, GenerateReply, GenerateRequest, Generation, Payload, RunReply, RunRequest,
-    ServingError, ServingMessage, ServingStatus, StatusModel, StatusRequest, WireTensor,
-    PROTOCOL_VERSION,
+    caller_group, serving_group, CallerMessage, CancelRequest, ChatMessage, DType, EmbedReply,
+    EmbedRequest, Embedding, Fault, FaultRequest, FinishReason, GenerateOptions, GenerateReply,
+    GenerateRequest, Generation, GenerationDelta, GenerationEnd, OpenReply, Payload, Prompt,
+    PullReply, PullRequest, RunReply, RunRequest, ServingError, ServingMessage, ServingStatus,
+    StatusModel, StatusRequest, StreamChunk, StreamOpened, WireTensor, PROTOCOL_VERSION,
 };

@@ -16,11 +16,22 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// Version 3: [`ServingStatus`] carries the model, the node's versions, the
 /// requests in flight and the uptime, as HTTP `/status` does.
 /// Version 4: `Generate` (the generation task).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// Version 5: streamed generation (`OpenStream`, `PullStream`, `CancelStream`),
+/// chat prompts ([`Prompt::Chat`]), the caller's presence group
+/// ([`GenerateRequest::caller`]), [`FinishReason::Cancelled`].
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The process group of the serving named `name`: `harness.serving.<name>`.
 pub fn serving_group(name: &str) -> String {
     format!("harness.serving.{name}")
+}
+
+/// The process group a caller keeps one member in while it lives:
+/// `harness.caller.<id>`. A node sees the group empty once the caller's session
+/// closes (ractor_cluster removes a lost peer's members), and cancels the
+/// generations that named it in [`GenerateRequest::caller`].
+pub fn caller_group(id: &str) -> String {
+    format!("harness.caller.{id}")
 }
 
 /// A postcard-encoded value, or why it could not be decoded.
@@ -204,19 +215,90 @@ pub struct Embedding {
     pub truncated: bool,
 }
 
-/// `Generate`: a prompt in, the model's continuation out (the generation task).
-/// The whole generation is answered at once.
+/// `Generate` (the whole generation in one answer) and `OpenStream` (its text as
+/// it is made, by `PullStream`): a prompt in, the model's continuation out (the
+/// generation task).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerateRequest {
     /// [`PROTOCOL_VERSION`].
     pub version: u32,
-    /// The text to continue, tokenized as `transformers`' tokenizer does by default
-    /// (with the model's special tokens, such as Llama's `<s>`).
-    pub prompt: String,
+    /// What to continue: a text, or chat messages.
+    pub prompt: Prompt,
     /// How to choose tokens and when to stop.
     pub options: GenerateOptions,
-    /// How long the caller will wait, in milliseconds (see [`RunRequest::timeout_ms`]).
+    /// How long the caller will wait, in milliseconds (see [`RunRequest::timeout_ms`]):
+    /// for a stream, until its last pull.
     pub timeout_ms: u64,
+    /// The caller's presence group ([`caller_group`]); once it has no member on
+    /// the node (the caller's session closed), the generation is cancelled and
+    /// its sequence slot freed. `None`: only the deadline ends it early.
+    pub caller: Option<String>,
+}
+
+/// What a generation continues.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Prompt {
+    /// A text, tokenized as `transformers`' tokenizer does by default (with the
+    /// model's special tokens, such as Llama's `<s>`).
+    Text(String),
+    /// Chat messages, rendered with the model's chat template (its repo's
+    /// `chat_template.jinja`, or the `chat_template` of `tokenizer_config.json`)
+    /// with the assistant's turn opened, then tokenized as it is (the template
+    /// writes the special tokens): the ids `transformers`' `apply_chat_template`
+    /// gives. A model without a template answers `BadInput`.
+    Chat(Vec<ChatMessage>),
+}
+
+impl From<&str> for Prompt {
+    fn from(text: &str) -> Self {
+        Prompt::Text(text.to_string())
+    }
+}
+
+impl From<String> for Prompt {
+    fn from(text: String) -> Self {
+        Prompt::Text(text)
+    }
+}
+
+impl From<Vec<ChatMessage>> for Prompt {
+    fn from(messages: Vec<ChatMessage>) -> Self {
+        Prompt::Chat(messages)
+    }
+}
+
+/// One message of a chat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant` (what the model's template knows).
+    pub role: String,
+    /// The message's text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message of `role`.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    /// A `system` message.
+    pub fn system(content: impl Into<String>) -> Self {
+        ChatMessage::new("system", content)
+    }
+
+    /// A `user` message.
+    pub fn user(content: impl Into<String>) -> Self {
+        ChatMessage::new("user", content)
+    }
+
+    /// An `assistant` message.
+    pub fn assistant(content: impl Into<String>) -> Self {
+        ChatMessage::new("assistant", content)
+    }
 }
 
 /// How a generation chooses its tokens and when it stops. Unset fields take the
@@ -254,6 +336,9 @@ pub enum FinishReason {
     Stop,
     /// `max_new_tokens` (or the node's context, `HARNESS_MAX_CONTEXT`) was reached.
     Length,
+    /// The caller cancelled it, went away or let its deadline pass; its slot was
+    /// freed at the next step.
+    Cancelled,
 }
 
 impl std::fmt::Display for FinishReason {
@@ -263,12 +348,13 @@ impl std::fmt::Display for FinishReason {
 }
 
 impl FinishReason {
-    /// `eos`, `stop` or `length`.
+    /// `eos`, `stop`, `length` or `cancelled`.
     pub fn as_str(self) -> &'static str {
         match self {
             FinishReason::Eos => "eos",
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
         }
     }
 }
@@ -295,6 +381,77 @@ pub struct Generation {
     pub time_to_first_token_ms: f64,
 }
 
+/// The answer to `OpenStream`: the generation is queued; its text comes by
+/// `PullStream` with this id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamOpened {
+    /// The stream's id on this serving.
+    pub stream: u64,
+    /// Tokens in the prompt (after the chat template, for a chat).
+    pub prompt_tokens: u32,
+}
+
+/// `PullStream`: what the stream made since the last pull. The node answers as
+/// soon as there is something (at once if there is already), or after
+/// `wait_ms` with an empty delta; what a caller has not pulled yet waits on the
+/// node, so a slow caller gets fewer, larger deltas.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullRequest {
+    /// [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// [`StreamOpened::stream`].
+    pub stream: u64,
+    /// How long to wait for a token, in milliseconds (the node takes at most 10 s).
+    pub wait_ms: u32,
+}
+
+/// `CancelStream` (a cast: nothing answers it): end the stream's generation and
+/// free its slot at the next step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelRequest {
+    /// [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// [`StreamOpened::stream`].
+    pub stream: u64,
+}
+
+/// The answer to a pull: new tokens and their text, and, in the last answer,
+/// the end. Concatenated, the deltas' texts and ids are the [`Generation`]'s.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamChunk {
+    /// What was made since the last pull (possibly nothing).
+    pub delta: GenerationDelta,
+    /// Set in the last chunk: why the generation ended, and its counts. The
+    /// stream is gone from the node once this is answered.
+    pub end: Option<GenerationEnd>,
+}
+
+/// Part of a generation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationDelta {
+    /// Text that is now final: whole characters (a character whose bytes span
+    /// tokens waits for its last byte), never text a stop string could still
+    /// take back.
+    pub text: String,
+    /// The tokens made since the last delta (their text may lag behind them by a
+    /// character or a stop string's length).
+    pub token_ids: Vec<u32>,
+}
+
+/// How a streamed generation ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationEnd {
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Tokens in the prompt.
+    pub prompt_tokens: u32,
+    /// Tokens generated.
+    pub generated_tokens: u32,
+    /// From the node receiving the request to its first generated token, in
+    /// milliseconds.
+    pub time_to_first_token_ms: f64,
+}
+
 /// `Status`: ask for the serving's status.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusRequest {
@@ -308,6 +465,10 @@ pub type RunReply = Result<Vec<WireTensor>, ServingError>;
 pub type EmbedReply = Result<Vec<Embedding>, ServingError>;
 /// The answer to `Generate`.
 pub type GenerateReply = Result<Generation, ServingError>;
+/// The answer to `OpenStream`.
+pub type OpenReply = Result<StreamOpened, ServingError>;
+/// The answer to `PullStream`.
+pub type PullReply = Result<StreamChunk, ServingError>;
 
 /// The serving's state, as `Status` and `/status` report it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -433,6 +594,15 @@ pub enum ServingMessage {
         Payload<GenerateRequest>,
         RpcReplyPort<Payload<GenerateReply>>,
     ),
+    /// Generate text as it is made (the generation task): answered at once
+    /// with the stream's id; the text comes by `PullStream`.
+    #[rpc]
+    OpenStream(Payload<GenerateRequest>, RpcReplyPort<Payload<OpenReply>>),
+    /// The next part of a stream (long-polled).
+    #[rpc]
+    PullStream(Payload<PullRequest>, RpcReplyPort<Payload<PullReply>>),
+    /// End a stream now (its caller dropped it).
+    CancelStream(Payload<CancelRequest>),
     /// The serving's status.
     #[rpc]
     Status(Payload<StatusRequest>, RpcReplyPort<Payload<ServingStatus>>),
@@ -442,6 +612,17 @@ pub enum ServingMessage {
         Payload<FaultRequest>,
         RpcReplyPort<Payload<Result<(), ServingError>>>,
     ),
+}
+
+/// What the member a client keeps in its [`caller_group`] takes. The member
+/// exists only to be seen: while the group has it, a node knows the caller is
+/// still there. It derives `RactorClusterMessage` because ractor_cluster syncs
+/// only the process-group members of actors that support remoting.
+#[derive(RactorClusterMessage)]
+pub enum CallerMessage {
+    /// Nothing sends it today; a caller's member ignores it (kept so the type
+    /// has a variant a node could cast).
+    Presence(Payload<()>),
 }
 
 /// Decodes `bytes` as every payload a node or a client receives, and checks that
@@ -470,11 +651,15 @@ pub fn decode_everything(bytes: &[u8]) {
     one::<RunRequest>(bytes);
     one::<EmbedRequest>(bytes);
     one::<GenerateRequest>(bytes);
+    one::<PullRequest>(bytes);
+    one::<CancelRequest>(bytes);
     one::<StatusRequest>(bytes);
     one::<FaultRequest>(bytes);
     one::<RunReply>(bytes);
     one::<EmbedReply>(bytes);
     one::<GenerateReply>(bytes);
+    one::<OpenReply>(bytes);
+    one::<PullReply>(bytes);
     one::<ServingStatus>(bytes);
     one::<Result<(), ServingError>>(bytes);
     // What a node does first with a decoded request's tensors must not panic either.

@@ -50,7 +50,8 @@ pub enum Command {
     /// failure no restart fixes.
     Serve(Box<Config>),
     /// Send a request to a remote node and print the answer: `--tensor` (Run),
-    /// `--embed` (Embed) or `--generate` (Generate).
+    /// `--embed` (Embed), or `--generate` / `--chat` (a generation, printed as
+    /// it is made).
     Call(CallArgs),
     /// Print a remote node's serving status as one JSON object.
     Status(StatusArgs),

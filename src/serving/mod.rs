@@ -5,8 +5,10 @@
 //! outlives restarts.
 
 mod boot;
+mod caller;
 mod request;
 mod shared;
+mod streams;
 
 use std::sync::Arc;
 
@@ -39,6 +41,9 @@ pub struct ServingState {
     /// then answered `Internal` at once.
     stopped: watch::Sender<bool>,
     boot: Option<AbortOnDrop>,
+    /// This life's open streams: dropped with the life (a panic too), which
+    /// ends their generations.
+    streams: Arc<streams::Streams>,
 }
 
 /// Aborts the boot task when this life of the actor ends, however it ends.
@@ -62,7 +67,10 @@ impl Actor for DelayedServing {
     ) -> Result<ServingState, ActorProcessingErr> {
         // Nothing slow here: a failure in pre_start is not a supervision event.
         args.shared.set_phase(Phase::Starting, None);
+        let streams = Arc::default();
+        args.shared.set_streams(&streams);
         Ok(ServingState {
+            streams,
             config: args.config,
             shared: args.shared,
             loaded: Arc::new(boot::Loaded::default()),
@@ -115,8 +123,31 @@ impl Actor for DelayedServing {
                 state.loaded.get(),
                 &state.shared,
                 state.stopped.subscribe(),
-                |task, request, timing| task.generate(request, timing),
+                |task, request, timing| {
+                    let caller = caller::named(request.caller.as_deref());
+                    task.generate(request, timing, caller)
+                },
             ),
+            ServingMessage::OpenStream(payload, port) => streams::open(
+                payload,
+                port,
+                state.loaded.get(),
+                &state.shared,
+                state.stopped.subscribe(),
+                &state.streams,
+                (state.config.serving.max_queue + state.config.serving.generation.max_sequences)
+                    as usize,
+            ),
+            ServingMessage::PullStream(payload, port) => streams::pull(
+                payload,
+                port,
+                &state.shared,
+                state.stopped.subscribe(),
+                &state.streams,
+            ),
+            ServingMessage::CancelStream(payload) => {
+                streams::cancel(payload, &state.shared, &state.streams)
+            }
             ServingMessage::Status(_, port) => {
                 let _ = port.send(Payload::new(state.shared.status()));
             }
@@ -163,6 +194,8 @@ impl Actor for DelayedServing {
     ) -> Result<(), ActorProcessingErr> {
         state.stopped.send_replace(true);
         state.boot.take();
+        // This life's streams end with it (their generations with the model).
+        state.streams.clear();
         // This life's model goes now, before the supervisor loads the next one.
         state.loaded.release();
         state.shared.set_running(None);

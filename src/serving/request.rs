@@ -66,48 +66,65 @@ pub fn spawn<C, T, W, F>(
     Payload<Result<T, ServingError>>: ractor::Message,
 {
     let received = Instant::now();
-    shared.touch();
     let metrics = shared.metrics.clone();
     let reply = move |port: RpcReplyPort<Payload<Result<T, ServingError>>>,
                       answer: Result<T, ServingError>| {
         metrics.request(outcome(&answer), received.elapsed());
         let _ = port.send(Payload::new(answer));
     };
-    let request = match payload.0 {
-        Ok(request) => request,
-        Err(reason) => return reply(port, Err(ServingError::BadInput { reason })),
-    };
-    if let Err(err) = check_version(request.version()) {
-        return reply(port, Err(err));
-    }
-    let phase = shared.phase().phase;
-    let Some(ready) = ready.filter(|_| phase == Phase::Ready) else {
-        let phase = phase.as_str().to_string();
-        return reply(port, Err(ServingError::NotReady { phase }));
-    };
-    if request.timeout_ms() == 0 {
-        let reason = "timeout_ms is 0: give the request time to run".to_string();
-        return reply(port, Err(ServingError::BadInput { reason }));
-    }
-    let timing = Timing {
-        received,
-        deadline: received + Duration::from_millis(request.timeout_ms()),
+    let (request, ready, timing) = match admit(payload, ready, shared, received) {
+        Ok(admitted) => admitted,
+        Err(err) => return reply(port, Err(err)),
     };
     let in_flight = shared.request_started();
     tokio::spawn(async move {
         let _in_flight = in_flight;
         let answer = tokio::select! {
             answer = work(ready, request, timing) => answer,
-            () = until_stopped(stopped) => Err(ServingError::Internal {
-                message: "the serving stopped while the request was in flight".to_string(),
-            }),
+            () = until_stopped(stopped) => Err(stopped_error()),
         };
         reply(port, answer);
     });
 }
 
+/// The request, the task to take it and its timing; or why it is refused at
+/// once (it does not decode, another protocol version, not ready, no time).
+pub fn admit<C: Call>(
+    payload: Payload<C>,
+    ready: Option<Arc<dyn Task>>,
+    shared: &ServingShared,
+    received: Instant,
+) -> Result<(C, Arc<dyn Task>, Timing), ServingError> {
+    shared.touch();
+    let request = payload
+        .0
+        .map_err(|reason| ServingError::BadInput { reason })?;
+    check_version(request.version())?;
+    let phase = shared.phase().phase;
+    let Some(ready) = ready.filter(|_| phase == Phase::Ready) else {
+        let phase = phase.as_str().to_string();
+        return Err(ServingError::NotReady { phase });
+    };
+    if request.timeout_ms() == 0 {
+        let reason = "timeout_ms is 0: give the request time to run".to_string();
+        return Err(ServingError::BadInput { reason });
+    }
+    let timing = Timing {
+        received,
+        deadline: received + Duration::from_millis(request.timeout_ms()),
+    };
+    Ok((request, ready, timing))
+}
+
+/// The answer to a request in flight when the serving stopped.
+pub fn stopped_error() -> ServingError {
+    ServingError::Internal {
+        message: "the serving stopped while the request was in flight".to_string(),
+    }
+}
+
 /// The `outcome` label of an answer.
-fn outcome<T>(answer: &Result<T, ServingError>) -> &'static str {
+pub fn outcome<T>(answer: &Result<T, ServingError>) -> &'static str {
     match answer {
         Ok(_) => "ok",
         Err(ServingError::NotReady { .. }) => "not_ready",
@@ -132,7 +149,7 @@ pub fn check_version(version: u32) -> Result<(), ServingError> {
 }
 
 /// Resolves when the actor that took the request has stopped (or died).
-async fn until_stopped(mut stopped: watch::Receiver<bool>) {
+pub async fn until_stopped(mut stopped: watch::Receiver<bool>) {
     loop {
         if *stopped.borrow() {
             return;
@@ -170,6 +187,8 @@ mod tests {
         ];
         let mut labels: Vec<_> = errors.into_iter().map(|e| outcome::<()>(&Err(e))).collect();
         labels.push(outcome(&Ok(())));
+        // A stream its caller cancelled.
+        labels.push("cancelled");
         for label in &labels {
             assert!(crate::metrics::OUTCOMES.contains(label), "{label}");
         }

@@ -107,6 +107,8 @@ pub struct ServingShared {
     panic_next_warm_up: AtomicBool,
     /// The latest phase changes, oldest first (the watch channel keeps only the last).
     history: Mutex<std::collections::VecDeque<Phase>>,
+    /// The streams open on the current life (which owns them: they go with it).
+    streams: Mutex<std::sync::Weak<super::streams::Streams>>,
 }
 
 /// Phase changes remembered for [`ServingShared::history`].
@@ -135,6 +137,7 @@ impl ServingShared {
             for_good: Mutex::new(None),
             panic_next_warm_up: AtomicBool::new(false),
             history: Mutex::new(std::collections::VecDeque::new()),
+            streams: Mutex::default(),
         })
     }
 
@@ -304,9 +307,21 @@ impl ServingShared {
         self.running.lock().ok().and_then(|r| r.clone())
     }
 
-    /// What a generation serving reports of its slots and memory.
+    /// What a generation serving reports of its slots, memory and streams.
     pub fn generation_status(&self) -> Option<crate::tasks::generation::GenerationStatus> {
-        self.running()?.task.upgrade()?.generation_status()
+        let mut status = self.running()?.task.upgrade()?.generation_status()?;
+        if let Some(streams) = self.streams.lock().ok().and_then(|s| s.upgrade()) {
+            status.streams_open = streams.count() as u64;
+            status.stream_tokens_unpulled = streams.unpulled_tokens() as u64;
+        }
+        Some(status)
+    }
+
+    /// The streams of the life now starting.
+    pub fn set_streams(&self, streams: &Arc<super::streams::Streams>) {
+        if let Ok(mut current) = self.streams.lock() {
+            *current = Arc::downgrade(streams);
+        }
     }
 
     /// Items waiting in the engine's queue.

@@ -38,6 +38,12 @@ pub struct Timing {
     pub deadline: Instant,
 }
 
+/// A request's caller, as the node sees it: gone once its session closed.
+pub trait Caller: Send + Sync {
+    /// Whether the caller has gone (asked at each engine step: cheap).
+    fn gone(&self) -> bool;
+}
+
 /// What a task is loaded with.
 pub struct LoadContext {
     /// The model's files by name (as `HARNESS_MODEL_FILES` lists them), fetched.
@@ -94,12 +100,26 @@ pub trait Task: Send + Sync + 'static {
         Box::pin(async move { Err(refusal) })
     }
 
-    /// `Generate`: a prompt in, its continuation out.
+    /// `Generate`: a prompt in, its continuation out. `caller`, where the
+    /// request named one, ends the generation early once it is gone.
     fn generate(
         self: Arc<Self>,
         _request: GenerateRequest,
         _timing: Timing,
+        _caller: Option<Arc<dyn Caller>>,
     ) -> BoxFuture<'static, GenerateReply> {
+        let refusal = self.refuse("Generate");
+        Box::pin(async move { Err(refusal) })
+    }
+
+    /// `OpenStream`: the generation queued, its text to be pulled from the
+    /// stream as it is made.
+    fn open_stream(
+        self: Arc<Self>,
+        _request: GenerateRequest,
+        _timing: Timing,
+        _caller: Option<Arc<dyn Caller>>,
+    ) -> BoxFuture<'static, Result<Arc<generation::TextStream>, ServingError>> {
         let refusal = self.refuse("Generate");
         Box::pin(async move { Err(refusal) })
     }

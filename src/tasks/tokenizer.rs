@@ -113,20 +113,34 @@ impl TextTokenizer {
     /// `encode_batch` hands them to rayon's pool, more threads on the cores
     /// libtorch's threads compute on, for no gain the embedding benchmark saw.
     pub fn encode_one(&self, text: &str) -> Result<Tokens, String> {
+        self.encode_with(text, true)
+    }
+
+    /// Tokenizes one text as it is, adding no special tokens (`transformers`'
+    /// `tokenizer(text, add_special_tokens=False)`): for a text that already
+    /// holds them, such as a rendered chat template. Special tokens written in
+    /// the text (`<s>`, `<|im_start|>`) are still recognized as such. Truncated
+    /// to the limit as [`Self::encode_one`] is.
+    pub fn encode_plain(&self, text: &str) -> Result<Tokens, String> {
+        self.encode_with(text, false)
+    }
+
+    fn encode_with(&self, text: &str, special: bool) -> Result<Tokens, String> {
         let mut cut = self.max_tokens.saturating_mul(BYTES_PER_TOKEN).max(MIN_CUT);
         while cut < text.len() {
             let prefix = word_prefix(text, cut);
-            if !prefix.is_empty() && self.count(prefix)? > self.max_tokens {
-                let e = self.tokenize(prefix)?;
+            if !prefix.is_empty() && self.count_with(prefix, special)? > self.max_tokens {
+                let e = self.tokenize(prefix, special)?;
                 return Ok(tokens(&e, true));
             }
             // Few, long tokens (or no word boundary): look further in.
             cut = cut.saturating_mul(4);
         }
-        let e = self.tokenize(text)?;
+        let e = self.tokenize(text, special)?;
         // Only a text that fills the limit can have been cut.
         let truncated = e.len() >= self.max_tokens
-            && (!e.get_overflowing().is_empty() || self.count(text)? > self.max_tokens);
+            && (!e.get_overflowing().is_empty()
+                || self.count_with(text, special)? > self.max_tokens);
         Ok(tokens(&e, truncated))
     }
 
@@ -138,16 +152,21 @@ impl TextTokenizer {
             .map_err(|e| format!("cannot decode tokens: {e}"))
     }
 
-    fn tokenize(&self, text: &str) -> Result<tokenizers::Encoding, String> {
+    fn tokenize(&self, text: &str, special: bool) -> Result<tokenizers::Encoding, String> {
         self.inner
-            .encode(text, true)
+            .encode(text, special)
             .map_err(|e| format!("cannot tokenize: {e}"))
     }
 
     /// Tokens in `text` with nothing cut, special tokens included.
     pub fn count(&self, text: &str) -> Result<usize, String> {
+        self.count_with(text, true)
+    }
+
+    /// Tokens in `text` with nothing cut, special tokens added when `special`.
+    fn count_with(&self, text: &str, special: bool) -> Result<usize, String> {
         self.untruncated
-            .encode(text, true)
+            .encode(text, special)
             .map(|e| e.len())
             .map_err(|e| format!("cannot tokenize: {e}"))
     }
@@ -188,6 +207,24 @@ mod tests {
         // The cut is at a word boundary within the first few KB.
         let prefix = word_prefix(&huge, (8 * BYTES_PER_TOKEN).max(MIN_CUT));
         assert!(prefix.len() <= MIN_CUT && prefix.ends_with("world"));
+    }
+
+    #[test]
+    fn a_plain_text_gets_no_special_tokens_but_keeps_those_it_holds() {
+        let (_dir, tok) = tokenizer(4);
+        let plain = tok.encode_plain("hello world").unwrap();
+        assert_eq!((plain.ids, plain.truncated), (vec![1, 2], false));
+        assert_eq!(plain.attention_mask, vec![1, 1]);
+        // Special tokens written in the text are recognized, not added.
+        let written = tok.encode_plain("[CLS] hello [SEP]").unwrap();
+        assert_eq!(written.ids, vec![3, 1, 4]);
+        // Truncated to the limit like encode_one, the cut long text too.
+        let over = tok.encode_plain("hello world hello world hello").unwrap();
+        assert_eq!((over.ids, over.truncated), (vec![1, 2, 1, 2], true));
+        let fits = tok.encode_plain("hello world hello world").unwrap();
+        assert_eq!((fits.ids.len(), fits.truncated), (4, false));
+        let huge = tok.encode_plain(&"hello world ".repeat(100_000)).unwrap();
+        assert_eq!((huge.ids, huge.truncated), (vec![1, 2, 1, 2], true));
     }
 
     #[test]

@@ -79,6 +79,40 @@ pub struct Reference {
     pub min_logit_gap: f64,
 }
 
+/// A conversation rendered with the checkpoint's chat template by transformers,
+/// and the greedy generation (as [`Reference`]'s) that continues it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ChatReference {
+    pub messages: Vec<harness_client::ChatMessage>,
+    /// `apply_chat_template(messages, add_generation_prompt=True, tokenize=False)`
+    /// with the template of the checkpoint's folder.
+    pub rendered: String,
+    /// `tokenizer(rendered, add_special_tokens=False).input_ids`, what
+    /// `apply_chat_template(..., tokenize=True)` gives: the template writes the
+    /// special tokens (for llama and mistral `<s>` (0) first, and `</s>` (1)
+    /// after an assistant's answer; none for qwen2's ChatML).
+    pub ids: Vec<u32>,
+    /// The new ids only; the last is an EOS id when generation stopped on one.
+    pub greedy_ids: Vec<u32>,
+    /// `tokenizer.decode(greedy_ids, skip_special_tokens=True)`.
+    pub greedy_text: String,
+    pub max_new_tokens: u32,
+    /// Whether generation stopped on an EOS id.
+    pub stopped_on_eos: bool,
+    /// The smallest gap between the best and the second-best logit over the
+    /// greedy steps (the script keeps it >= 1e-3).
+    pub min_logit_gap: f64,
+}
+
+/// A conversation the checkpoint's chat template refuses, and the message of
+/// the `raise_exception` transformers raised for it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ChatRefusal {
+    pub messages: Vec<harness_client::ChatMessage>,
+    /// `str(e)` of the `jinja2.exceptions.TemplateError`: the template's own text.
+    pub error: String,
+}
+
 /// One checkpoint of the fixtures: a Hub repo's files in `dir`, and its
 /// references (none for [`Arch::Unsupported`]).
 #[derive(Debug, Clone)]
@@ -88,6 +122,16 @@ pub struct TinyLlm {
     /// The ids generation stops on (generation_config.json's `eos_token_id`).
     pub eos_ids: Vec<u32>,
     pub references: Vec<Reference>,
+    /// Conversations through the folder's chat template: llama's
+    /// (Llama-2-chat's, in tokenizer_config.json) and qwen2's (ChatML, in
+    /// chat_template.jinja) a system, user, assistant, user one and a single
+    /// non-ASCII user message; mistral's (Mistral-7B-Instruct-v0.2's, in
+    /// tokenizer_config.json) the same without the system message. None for
+    /// [`Arch::Unsupported`], which has no template.
+    pub chats: Vec<ChatReference>,
+    /// For mistral: the system, user, assistant, user conversation its template
+    /// refuses, and transformers' error.
+    pub chat_refusal: Option<ChatRefusal>,
 }
 
 /// The file of the script's own, next to the checkpoint's files, that
@@ -99,23 +143,31 @@ impl TinyLlm {
     pub fn get(arch: Arch) -> TinyLlm {
         let dir = root().join(arch.folder());
         assert!(dir.is_dir(), "no fixture folder {}", dir.display());
-        let (eos_ids, references) = match std::fs::read(dir.join(REFERENCE_FILE)) {
-            Ok(bytes) => {
-                #[derive(serde::Deserialize)]
-                struct File {
-                    eos_token_ids: Vec<u32>,
-                    references: Vec<Reference>,
-                }
-                let file: File = serde_json::from_slice(&bytes).unwrap();
-                (file.eos_token_ids, file.references)
-            }
-            Err(_) => (vec![1], Vec::new()),
+        #[derive(serde::Deserialize)]
+        struct File {
+            eos_token_ids: Vec<u32>,
+            references: Vec<Reference>,
+            #[serde(default)]
+            chats: Vec<ChatReference>,
+            #[serde(default)]
+            chat_refusal: Option<ChatRefusal>,
+        }
+        let file = match std::fs::read(dir.join(REFERENCE_FILE)) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap(),
+            Err(_) => File {
+                eos_token_ids: vec![1],
+                references: Vec::new(),
+                chats: Vec::new(),
+                chat_refusal: None,
+            },
         };
         TinyLlm {
             arch,
             dir,
-            eos_ids,
-            references,
+            eos_ids: file.eos_token_ids,
+            references: file.references,
+            chats: file.chats,
+            chat_refusal: file.chat_refusal,
         }
     }
 
@@ -169,6 +221,86 @@ fn collect(root: &Path, dir: &Path, into: &mut Vec<(String, Vec<u8>, bool)>) {
         let lfs = name.ends_with(".safetensors");
         into.push((name, std::fs::read(&path).unwrap(), lfs));
     }
+}
+
+/// How long a node in this process has to become ready with a tiny model.
+pub const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A node in this process serving `arch` from the test Hub with `extra` settings
+/// (`--task=generation` given), under the serving name `serving`.
+pub async fn serve(
+    arch: Arch,
+    serving: &str,
+    extra: &[&str],
+) -> (
+    super::model_repo::ModelRepo,
+    harness::node::Node,
+    ractor::ActorRef<harness_client::ServingMessage>,
+) {
+    serve_files(arch, TinyLlm::get(arch).files(), serving, extra).await
+}
+
+/// As [`serve`], with the checkpoint's end-of-sequence id set to one past its
+/// vocabulary: its generations never stop on their own before their
+/// `max_new_tokens` or the context (for streams that must still run when the
+/// test acts on them).
+pub async fn serve_endless(
+    arch: Arch,
+    serving: &str,
+    extra: &[&str],
+) -> (
+    super::model_repo::ModelRepo,
+    harness::node::Node,
+    ractor::ActorRef<harness_client::ServingMessage>,
+) {
+    serve_files(arch, endless(TinyLlm::get(arch).files()), serving, extra).await
+}
+
+/// `files` with the end-of-sequence id set past the vocabulary (see
+/// [`serve_endless`]).
+pub fn endless(mut files: Vec<(String, Vec<u8>, bool)>) -> Vec<(String, Vec<u8>, bool)> {
+    for (name, bytes, _) in &mut files {
+        if name == "config.json" || name == "generation_config.json" {
+            let mut json: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+            json["eos_token_id"] = serde_json::json!(1_000_000);
+            *bytes = serde_json::to_vec_pretty(&json).unwrap();
+        }
+    }
+    files
+}
+
+/// The checkpoint `arch` as [`endless`] makes it, in a folder of its own (for a
+/// `harness serve` process with `HARNESS_MODEL_DIR`).
+pub fn endless_dir(arch: Arch) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes, _) in endless(TinyLlm::get(arch).files()) {
+        let path = dir.path().join(&name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+    dir
+}
+
+pub async fn serve_files(
+    arch: Arch,
+    files: Vec<(String, Vec<u8>, bool)>,
+    serving: &str,
+    extra: &[&str],
+) -> (
+    super::model_repo::ModelRepo,
+    harness::node::Node,
+    ractor::ActorRef<harness_client::ServingMessage>,
+) {
+    let repo = super::model_repo::ModelRepo::publish(
+        &format!("tiny/{}", arch.folder()),
+        &as_published(&files),
+    )
+    .await;
+    let mut args = vec!["--task=generation"];
+    args.extend_from_slice(extra);
+    let config = repo.node_config(serving, &args);
+    let (node, actor) = super::serving::start_ready(config, READY_WITHIN).await;
+    (repo, node, actor)
 }
 
 /// Greedy generation of at most `max_new_tokens`, as the references were made.

@@ -17,8 +17,17 @@ tokenizer.json, tokenizer_config.json):
 - `qwen2/`: Qwen2ForCausalLM, bias on q/k/v, tied embeddings, rope_theta 1e6.
 - `unsupported/`: GPT2LMHeadModel, for the refusal.
 
-and, for each supported folder, `reference.json`: transformers' greedy
-generation (f32, eager attention, each prompt alone) for a dozen prompts. Each
+Each supported folder has a chat template, kept as the repos it stands for keep
+it: llama's (Llama-2-chat's) and mistral's (Mistral-7B-Instruct-v0.2's) under the
+`chat_template` key of tokenizer_config.json, qwen2's (ChatML) in
+chat_template.jinja; `unsupported/` has none.
+
+And, for each supported folder, `reference.json`: transformers' greedy
+generation (f32, eager attention, each prompt alone) for a dozen prompts; under
+`chats`, for a few conversations, the template rendered by transformers
+(`apply_chat_template(add_generation_prompt=True)`), its ids and the greedy
+continuation of them; mistral's also holds under `chat_refusal` the error its
+template raises for a system message. Each
 model's EOS rows of `lm_head` are a scaled copy of the row of a token its greedy
 paths emit, so some generations stop on an EOS id (for llama, on either of its
 two) and others run to `max_new_tokens`. OUT_DIR/manifest.json lists the folders.
@@ -32,12 +41,14 @@ import random
 import shutil
 import sys
 
+import jinja2
 import torch
 
 torch.set_num_threads(1)  # tiny matrices: more threads only contend
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 from transformers import (  # noqa: E402
+    AutoTokenizer,
     GenerationConfig,
     GPT2Config,
     GPT2LMHeadModel,
@@ -84,6 +95,68 @@ PROMPTS = [
     "By noon the market was full of people, "
     "and the café served coffee to travellers from 日本.",
 ]
+
+
+# Chat templates, verbatim from the Hub repos (the same texts as the unit tests of
+# src/tasks/generation/chat.rs). The fixtures keep them where those repos do:
+# llama's and mistral's in tokenizer_config.json (key `chat_template`), qwen2's in
+# chat_template.jinja (transformers 5's layout).
+# meta-llama/Llama-2-7b-chat-hf: <<SYS>> in the first turn, `.strip()`.
+LLAMA_2_CHAT_TEMPLATE = (
+    r"{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    r"{% set system_message = messages[0]['content'] %}{% else %}"
+    r"{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    r"{% for message in loop_messages %}"
+    r"{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    r"{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    r"{% endif %}{% if loop.index0 == 0 and system_message != false %}"
+    r"{% set content = '<<SYS>>\n' + system_message + '\n<</SYS>>\n\n' + message['content'] %}"
+    r"{% else %}{% set content = message['content'] %}{% endif %}"
+    r"{% if message['role'] == 'user' %}"
+    r"{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    r"{% elif message['role'] == 'assistant' %}"
+    r"{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+# mistralai/Mistral-7B-Instruct-v0.2 as released: refuses a system message.
+MISTRAL_CHAT_TEMPLATE = (
+    r"{{ bos_token }}{% for message in messages %}"
+    r"{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    r"{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    r"{% endif %}{% if message['role'] == 'user' %}"
+    r"{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    r"{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    r"{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}"
+    r"{% endif %}{% endfor %}"
+)
+# Qwen/Qwen2-7B-Instruct: ChatML, a default system message.
+QWEN2_CHAT_TEMPLATE = (
+    r"{% for message in messages %}"
+    r"{% if loop.first and messages[0]['role'] != 'system' %}"
+    r"{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    r"{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    r"{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    r"{% endif %}"
+)
+CHAT_TEMPLATES = {
+    "llama": ("tokenizer_config.json", LLAMA_2_CHAT_TEMPLATE),
+    "mistral": ("tokenizer_config.json", MISTRAL_CHAT_TEMPLATE),
+    "qwen2": ("chat_template.jinja", QWEN2_CHAT_TEMPLATE),
+}
+SYSTEM = {"role": "system", "content": "You are a helpful assistant who answers briefly."}
+MULTI_TURN = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris is the capital of France."},
+    {"role": "user", "content": "And the capital of 日本?"},
+]
+NON_ASCII = [{"role": "user", "content": "Grüße aus Köln — 日本語?"}]
+# The conversations of each supported folder's `chats`; and the one mistral's
+# template refuses (`chat_refusal`).
+CHATS = {
+    "llama": [[SYSTEM] + MULTI_TURN, NON_ASCII],
+    "mistral": [MULTI_TURN, NON_ASCII],
+    "qwen2": [[SYSTEM] + MULTI_TURN, NON_ASCII],
+}
+CHAT_REFUSALS = {"mistral": [SYSTEM] + MULTI_TURN}
 
 
 def training_sentences():
@@ -298,6 +371,7 @@ def build(arch, tokenizer, out_dir, seed):
     tokenizer.save_pretrained(folder)
     if arch == "llama":
         legacy_llama_config(folder)
+    add_chat_template(arch, folder)
 
     # The references, from the folder as saved (what the engine will read).
     saved = cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
@@ -316,6 +390,8 @@ def build(arch, tokenizer, out_dir, seed):
             "min_logit_gap": gap,
         })
     check(arch, refs, eos_ids)
+    chats, refusal = chat_references(arch, folder, saved, tokenizer, eos_ids)
+    extra = {"chat_refusal": refusal} if refusal else {}
     json.dump(
         {
             "architecture": cls.__name__,
@@ -328,6 +404,8 @@ def build(arch, tokenizer, out_dir, seed):
             "dtype": "float32",
             "attn_implementation": "eager",
             "references": refs,
+            "chats": chats,
+            **extra,
         },
         open(os.path.join(folder, "reference.json"), "w", encoding="utf-8"),
         ensure_ascii=False,
@@ -335,6 +413,64 @@ def build(arch, tokenizer, out_dir, seed):
     )
     return {"folder": arch, "architecture": cls.__name__, "supported": True,
             "stops": sum(r["stopped_on_eos"] for r in refs)}
+
+
+def add_chat_template(arch, folder):
+    """The folder's chat template, where the repos it stands for keep it: a
+    `chat_template` key in tokenizer_config.json, or chat_template.jinja."""
+    where, template = CHAT_TEMPLATES[arch]
+    assert not os.path.exists(os.path.join(folder, "chat_template.jinja"))
+    if where == "chat_template.jinja":
+        with open(os.path.join(folder, where), "w", encoding="utf-8") as f:
+            f.write(template)
+        return
+    path = os.path.join(folder, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    config["chat_template"] = template
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def chat_references(arch, folder, model, tokenizer, eos_ids):
+    """For each conversation of CHATS[arch]: the folder's template rendered by
+    transformers (the tokenizer read back from the folder) with the assistant's
+    turn opened, its ids (`tokenizer(rendered, add_special_tokens=False)`, what
+    `apply_chat_template(tokenize=True)` gives) and the model's greedy
+    continuation of them, as the prompt references are made. And the error the
+    template raises for CHAT_REFUSALS[arch], if any."""
+    chat_tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert chat_tokenizer.chat_template == CHAT_TEMPLATES[arch][1], arch
+    chats = []
+    for messages in CHATS[arch]:
+        rendered = chat_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = chat_tokenizer(rendered, add_special_tokens=False).input_ids
+        applied = chat_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        assert ids == list(applied["input_ids"]), (arch, ids, applied)
+        if arch in ("llama", "mistral"):  # the template writes <s> (and </s> after an answer)
+            assert ids[0] == 0 and (1 in ids) == any(m["role"] == "assistant" for m in messages), ids
+        assert len(ids) + MAX_NEW_TOKENS <= 256, (arch, len(ids))
+        new, gap = greedy(model, ids, eos_ids, 2, MAX_NEW_TOKENS)
+        assert gap >= GAP_MIN, f"{arch}: a greedy choice after a chat is a near tie: {gap}"
+        chats.append({
+            "messages": messages,
+            "rendered": rendered,
+            "ids": ids,
+            "greedy_ids": new,
+            "greedy_text": tokenizer.decode(new, skip_special_tokens=True),
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "stopped_on_eos": bool(new) and new[-1] in eos_ids,
+            "min_logit_gap": gap,
+        })
+    refusal = None
+    if arch in CHAT_REFUSALS:
+        messages = CHAT_REFUSALS[arch]
+        try:
+            chat_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except jinja2.exceptions.TemplateError as e:
+            refusal = {"messages": messages, "error": str(e)}
+        assert refusal, f"{arch}: the template took {messages}"
+    return chats, refusal
 
 
 def legacy_llama_config(folder):

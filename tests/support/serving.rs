@@ -102,14 +102,77 @@ pub async fn generate(
     options: GenerateOptions,
     timeout_ms: u64,
 ) -> GenerateReply {
-    let request = Payload::new(GenerateRequest {
+    generate_with(serving, generate_request(prompt, options, timeout_ms)).await
+}
+
+/// Sends `request` as a `Generate`. Panics when no answer comes.
+pub async fn generate_with(
+    serving: &ActorRef<ServingMessage>,
+    request: GenerateRequest,
+) -> GenerateReply {
+    let within = answer_within(request.timeout_ms);
+    let request = Payload::new(request);
+    let message = |port| ServingMessage::Generate(request, port);
+    ask(serving, message, within).await
+}
+
+/// A `GenerateRequest` of `prompt` naming no caller.
+pub fn generate_request(
+    prompt: impl Into<harness_client::Prompt>,
+    options: GenerateOptions,
+    timeout_ms: u64,
+) -> GenerateRequest {
+    GenerateRequest {
         version: PROTOCOL_VERSION,
-        prompt: prompt.to_string(),
+        prompt: prompt.into(),
         options,
         timeout_ms,
+        caller: None,
+    }
+}
+
+/// Opens a stream of `request`. Panics when no answer comes.
+pub async fn open_stream(
+    serving: &ActorRef<ServingMessage>,
+    request: GenerateRequest,
+) -> harness_client::OpenReply {
+    let within = answer_within(request.timeout_ms);
+    let request = Payload::new(request);
+    let message = |port| ServingMessage::OpenStream(request, port);
+    ask(serving, message, within).await
+}
+
+/// Opens a stream of `request` and pulls it to its end: its ids, its text (the
+/// deltas joined) and its end.
+pub async fn stream_whole(
+    serving: &ActorRef<ServingMessage>,
+    request: GenerateRequest,
+) -> Result<(Vec<u32>, String, harness_client::GenerationEnd), ServingError> {
+    let opened = open_stream(serving, request).await?;
+    let (mut ids, mut text) = (Vec::new(), String::new());
+    loop {
+        let chunk = pull_stream(serving, opened.stream, 5_000).await?;
+        ids.extend(chunk.delta.token_ids);
+        text.push_str(&chunk.delta.text);
+        if let Some(end) = chunk.end {
+            return Ok((ids, text, end));
+        }
+    }
+}
+
+/// Pulls stream `stream`, waiting at most `wait_ms`. Panics when no answer comes.
+pub async fn pull_stream(
+    serving: &ActorRef<ServingMessage>,
+    stream: u64,
+    wait_ms: u32,
+) -> harness_client::PullReply {
+    let request = Payload::new(harness_client::PullRequest {
+        version: PROTOCOL_VERSION,
+        stream,
+        wait_ms,
     });
-    let message = |port| ServingMessage::Generate(request, port);
-    ask(serving, message, answer_within(timeout_ms)).await
+    let message = |port| ServingMessage::PullStream(request, port);
+    ask(serving, message, answer_within(wait_ms.into())).await
 }
 
 /// The serving's status. Panics when no answer comes.
@@ -160,4 +223,24 @@ pub async fn crash_regardless(serving: &ActorRef<ServingMessage>, within: Durati
             Some(within),
         )
         .await;
+}
+
+/// The body of `GET http://addr/path`.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    reqwest::get(format!("http://{addr}{path}"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of the unlabelled (or fully labelled) sample `name` in `text`.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("{name} not in the metrics:\n{text}"))
 }

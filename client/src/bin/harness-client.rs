@@ -17,7 +17,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Send a request to a serving and print the answer: `--tensor` (Run),
-    /// `--embed` (Embed) or `--generate` (Generate).
+    /// `--embed` (Embed), or `--generate` / `--chat` (a generation, printed as
+    /// it is made).
     Call(CallArgs),
     /// Print a serving's status as one JSON object.
     Status(StatusArgs),

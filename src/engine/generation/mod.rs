@@ -55,10 +55,20 @@ pub struct MemoryPlan {
     pub parameters: u64,
 }
 
-/// Decides, after each token, whether the text so far ends the generation (a
-/// stop string): the task's, run on the engine thread.
-pub trait StopCheck: Send {
-    fn stops(&mut self, generated: &[u32]) -> bool;
+/// The task's eyes on one sequence, on the engine thread: told of each token
+/// (to stream it, and to end the generation at a stop string), and asked at
+/// each step whether the caller is still there.
+pub trait Watcher: Send {
+    /// `generated` gained its last token: whether the text so far ends the
+    /// generation (a stop string). Called for every token, the end-of-sequence
+    /// token included.
+    fn token(&mut self, generated: &[u32]) -> bool;
+    /// Whether the caller has gone (cancelled, its session closed): the
+    /// sequence then ends at the next step, queued or running, and its slot is
+    /// freed. Asked once per step, so it must be cheap.
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// One generation asked of the engine.
@@ -68,7 +78,7 @@ pub struct Sequence {
     pub max_new_tokens: u32,
     /// Tokens that end it (`eos_token_id`, one or several).
     pub eos: Vec<u32>,
-    pub stop: Option<Box<dyn StopCheck>>,
+    pub watcher: Option<Box<dyn Watcher>>,
     /// When the request reached the node (queue waits and time to first token
     /// count from here).
     pub received: Instant,
@@ -82,6 +92,9 @@ pub enum Finish {
     Eos,
     Stop,
     Length,
+    /// The caller cancelled or went away ([`Watcher::cancelled`], or the
+    /// future of [`GenerationEngine::submit`] dropped).
+    Cancelled,
 }
 
 /// A generation that ran to its end.
@@ -90,10 +103,9 @@ pub struct Finished {
     /// The generated tokens (the end-of-sequence token included).
     pub tokens: Vec<u32>,
     pub reason: Finish,
-    /// Waiting for a slot.
-    pub queued: Duration,
-    /// When the first token was chosen.
-    pub first_token: Instant,
+    /// When the first token was chosen (none for a generation cancelled before
+    /// it had one).
+    pub first_token: Option<Instant>,
 }
 
 /// Why a generation did not run to its end.
@@ -128,8 +140,9 @@ pub trait GenerationObserver: Send + Sync {
     fn prefill(&self, prompt_tokens: usize, queued: Duration, time_to_first_token: Duration);
     /// A decode step gave one token to each of `sequences` in `took`.
     fn step(&self, sequences: usize, took: Duration);
-    /// A generation ended with `generated` tokens.
-    fn finished(&self, generated: usize);
+    /// A generation ended with `generated` tokens, for `reason` (a deadline
+    /// that passed counts as [`Finish::Cancelled`]).
+    fn finished(&self, generated: usize, reason: Finish);
     /// Slots holding a sequence now.
     fn slots_in_use(&self, slots: usize);
 }
@@ -253,6 +266,17 @@ impl GenerationEngine {
 
     /// Generates `sequence` to its end; waits for a slot in the bounded queue.
     pub async fn generate(&self, sequence: Sequence) -> Result<Finished, GenerateError> {
+        self.submit(sequence)?.await
+    }
+
+    /// Queues `sequence` (or refuses it at once: the queue is full, the engine
+    /// stopped); the future resolves when it ends. Dropping the future cancels
+    /// the sequence at the next step.
+    pub fn submit(
+        &self,
+        sequence: Sequence,
+    ) -> Result<impl std::future::Future<Output = Result<Finished, GenerateError>>, GenerateError>
+    {
         let capacity = self.settings.max_queue as u64;
         let queue = &self.stats.engine.queued_items;
         let queued = queue.fetch_add(1, Ordering::Relaxed);
@@ -266,7 +290,7 @@ impl GenerationEngine {
             queue.fetch_sub(1, Ordering::Relaxed);
             return Err(ForwardError::Stopped.into());
         }
-        answer.await.unwrap_or(Err(ForwardError::Stopped.into()))
+        Ok(async move { answer.await.unwrap_or(Err(ForwardError::Stopped.into())) })
     }
 
     /// How the engine is sized.

@@ -24,6 +24,17 @@ pub struct SamplingParams {
 }
 
 impl SamplingParams {
+    /// The most likely token at each step.
+    pub fn greedy() -> SamplingParams {
+        SamplingParams {
+            do_sample: false,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+
     /// Whether the token is the argmax (no randomness at all). A temperature
     /// this close to 0 is greedy too: dividing by it would overflow the logits.
     pub fn is_greedy(&self) -> bool {

@@ -32,17 +32,32 @@ pub(super) struct Work {
 }
 
 impl Work {
-    /// Its caller stopped waiting: the deadline passed, or it went away.
+    /// Its caller stopped waiting: the deadline passed, it cancelled, or it
+    /// went away.
     fn abandoned(&self, now: Instant) -> bool {
-        self.sequence.deadline <= now || self.reply.is_closed()
+        self.sequence.deadline <= now
+            || self.reply.is_closed()
+            || self
+                .sequence
+                .watcher
+                .as_ref()
+                .is_some_and(|watcher| watcher.cancelled())
     }
 
-    /// Answers that the deadline passed.
-    fn expire(self) {
-        let waited = self.sequence.received.elapsed();
-        let _ = self
-            .reply
-            .send(Err(GenerateError::DeadlineExceeded { waited }));
+    /// Answers that the deadline passed, or that the caller cancelled (with
+    /// the tokens it had).
+    fn expire(self, tokens: Vec<u32>, first_token: Option<Instant>) {
+        let answer = if self.sequence.deadline <= Instant::now() {
+            let waited = self.sequence.received.elapsed();
+            Err(GenerateError::DeadlineExceeded { waited })
+        } else {
+            Ok(Finished {
+                tokens,
+                reason: Finish::Cancelled,
+                first_token,
+            })
+        };
+        let _ = self.reply.send(answer);
     }
 }
 
@@ -54,7 +69,6 @@ struct Running {
     generated: Vec<u32>,
     /// Where the last generated token (not yet in the cache) goes.
     position: i64,
-    admitted: Instant,
     first_token: Instant,
 }
 
@@ -181,7 +195,12 @@ impl Scheduler<'_> {
             .engine
             .queued_items
             .fetch_sub(gone.len() as u64, Ordering::Relaxed);
-        gone.into_iter().for_each(Work::expire);
+        for work in gone {
+            if let Some(observer) = &self.observer {
+                observer.finished(0, Finish::Cancelled);
+            }
+            work.expire(Vec::new(), None);
+        }
     }
 
     /// Ends sequences whose caller stopped waiting, freeing their slots.
@@ -192,7 +211,10 @@ impl Scheduler<'_> {
         *running = kept;
         for r in gone {
             free.insert(r.slot);
-            r.work.expire();
+            if let Some(observer) = &self.observer {
+                observer.finished(r.generated.len(), Finish::Cancelled);
+            }
+            r.work.expire(r.generated, Some(r.first_token));
         }
     }
 
@@ -223,7 +245,6 @@ impl Scheduler<'_> {
             sampler,
             generated: Vec::new(),
             position: prompt.len() as i64,
-            admitted,
             first_token,
         };
         match self.advance(&mut sequence, token) {
@@ -293,14 +314,15 @@ impl Scheduler<'_> {
         sequence.generated.push(token);
         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
         let work = &mut sequence.work;
+        // Told first, so a watcher that streams sees every token, EOS included.
+        let stopped = work
+            .sequence
+            .watcher
+            .as_mut()
+            .is_some_and(|watcher| watcher.token(&sequence.generated));
         if work.sequence.eos.contains(&token) {
             Some(Finish::Eos)
-        } else if work
-            .sequence
-            .stop
-            .as_mut()
-            .is_some_and(|stop| stop.stops(&sequence.generated))
-        {
+        } else if stopped {
             Some(Finish::Stop)
         } else if sequence.generated.len() >= work.sequence.max_new_tokens as usize
             || sequence.position + 1 >= self.context
@@ -314,14 +336,13 @@ impl Scheduler<'_> {
     /// Answers a sequence that ended with `finish`.
     fn answer(&self, sequence: Running, finish: Finish) {
         if let Some(observer) = &self.observer {
-            observer.finished(sequence.generated.len());
+            observer.finished(sequence.generated.len(), finish);
         }
         let work = sequence.work;
         let _ = work.reply.send(Ok(Finished {
             tokens: sequence.generated,
             reason: finish,
-            queued: sequence.admitted - work.sequence.received,
-            first_token: sequence.first_token,
+            first_token: Some(sequence.first_token),
         }));
     }
 

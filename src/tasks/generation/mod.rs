@@ -4,33 +4,44 @@
 //! tokenizes its prompt, stops it at its stop strings, and turns the engine's
 //! tokens into text.
 
+pub mod chat;
 mod defaults;
+mod detokenize;
 mod files;
 mod stop;
+mod stream;
+#[cfg(test)]
+mod test_tokenizer;
+mod watcher;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::future::BoxFuture;
-use harness_client::{FinishReason, GenerateReply, GenerateRequest, Generation, ServingError};
+use harness_client::{
+    FinishReason, GenerateReply, GenerateRequest, Generation, Prompt, ServingError,
+};
 use serde::Serialize;
 use tokio::sync::watch;
 
 pub use defaults::Defaults;
 pub use files::DEFAULT_FILES;
+pub use stream::TextStream;
 
 use super::tokenizer::TextTokenizer;
-use super::{internal, off_async, LoadContext, LoadFailure, Task, Timing};
+use super::{internal, off_async, Caller, LoadContext, LoadFailure, Task, Timing};
 use crate::config::DTypeChoice;
 use crate::engine::generation::config::Architecture;
 use crate::engine::generation::{
-    self as engine, fresh_seed, Finish, GenerateError, GenerationEngine, GenerationLoadError,
-    GenerationSettings, ModelConfig, SamplingParams, Sequence,
+    self as engine, fresh_seed, Finish, Finished, GenerateError, GenerationEngine,
+    GenerationLoadError, GenerationSettings, ModelConfig, SamplingParams, Sequence,
 };
 use crate::engine::{DeviceChoice, EngineStats, ForwardError, Kind};
 use stop::StopStrings;
+use stream::{Ended, Ending};
+use watcher::{SequenceWatch, Unpulled};
 
 /// The longest context the node gives a sequence when `HARNESS_MAX_CONTEXT` is
 /// unset, whatever the model allows (what the original compiled Mistral for).
@@ -56,6 +67,10 @@ pub struct GenerationStatus {
     pub max_context: u32,
     pub weights_gib: f64,
     pub kv_cache_gib: f64,
+    /// Streams open (`OpenStream`), running, queued or not pulled to their end.
+    pub streams_open: u64,
+    /// Token ids made and not pulled yet, over all streams (4 bytes each).
+    pub stream_tokens_unpulled: u64,
 }
 
 /// A causal language model served for `Generate`.
@@ -68,6 +83,8 @@ pub struct GenerationTask {
     vocab_size: u32,
     /// The tokenizer's byte-fallback tokens (for stop strings).
     byte_tokens: Arc<std::collections::HashSet<u32>>,
+    /// The repo's chat template, if it has one.
+    chat: Option<chat::ChatTemplate>,
 }
 
 impl GenerationTask {
@@ -85,6 +102,20 @@ impl GenerationTask {
             Some(path) => Defaults::parse(&read(path)?).map_err(LoadFailure::permanent)?,
             None => Defaults::default(),
         };
+        let read_optional = |path: &Option<PathBuf>| path.as_deref().map(read).transpose();
+        let chat = chat::ChatTemplate::from_files(
+            read_optional(&files.tokenizer_config)?.as_deref(),
+            read_optional(&files.chat_template)?.as_deref(),
+        )
+        .map_err(LoadFailure::permanent)?;
+        match &chat {
+            Some(template) => {
+                tracing::info!(from = template.origin(), "chat messages are rendered with the model's chat template ({})", template.origin())
+            }
+            None => tracing::info!(
+                "the model has no chat template (chat_template.jinja, or chat_template in tokenizer_config.json): chat requests are refused"
+            ),
+        }
         if !defaults.unsupported.is_empty() {
             tracing::warn!(
                 settings = %defaults.unsupported.join(", "),
@@ -156,18 +187,22 @@ impl GenerationTask {
             tokenizer: Arc::new(tokenizer),
             defaults,
             eos,
+            chat,
             architecture,
             vocab_size: vocab_size.clamp(0, u32::MAX as i64) as u32,
         })
     }
 
     /// Checks `request` and turns it into the engine's sequence (tokenizing runs
-    /// on a blocking thread).
+    /// on a blocking thread), watched for `caller` and, for a stream, into
+    /// `stream`.
     async fn sequence(
         &self,
         request: GenerateRequest,
         timing: Timing,
-    ) -> Result<(Sequence, Vec<String>), ServingError> {
+        caller: Option<Arc<dyn Caller>>,
+        stream: Option<Arc<Unpulled>>,
+    ) -> Result<Prepared, ServingError> {
         let o = &request.options;
         let bad = |reason: String| ServingError::BadInput { reason };
         if let Some(t) = o.temperature.filter(|t| !t.is_finite() || *t < 0.0) {
@@ -197,10 +232,16 @@ impl GenerationTask {
         }
         let context = self.engine.settings().context;
         let tokenizer = self.tokenizer.clone();
-        let prompt = request.prompt;
+        let (prompt, special_tokens) = match request.prompt {
+            Prompt::Text(text) => (text, true),
+            Prompt::Chat(messages) => (self.render_chat(&messages)?, false),
+        };
         let (tokens, count) = off_async(
             move || {
-                let tokens = tokenizer.encode_one(&prompt)?;
+                let tokens = match special_tokens {
+                    true => tokenizer.encode_one(&prompt)?,
+                    false => tokenizer.encode_plain(&prompt)?,
+                };
                 // An over-long prompt's whole count, for the error, where counting
                 // it is cheap enough.
                 let count = match tokens.truncated {
@@ -256,22 +297,89 @@ impl GenerationTask {
                 .map(|l| (l as usize).saturating_sub(prompt_tokens).max(1)))
             .unwrap_or(room);
         let stop = (!o.stop.is_empty()).then(|| {
-            Box::new(StopStrings::new(
+            StopStrings::new(
                 self.tokenizer.clone(),
                 o.stop.clone(),
                 self.byte_tokens.clone(),
-            )) as Box<dyn engine::StopCheck>
+            )
         });
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let watch = SequenceWatch {
+            stream,
+            stop,
+            cancelled: cancelled.clone(),
+            caller,
+        };
         let sequence = Sequence {
             prompt: tokens.ids,
             sampling,
             max_new_tokens: max_new_tokens.min(u32::MAX as usize) as u32,
             eos: self.eos.clone(),
-            stop,
+            watcher: Some(Box::new(watch)),
             received: timing.received,
             deadline: timing.deadline,
         };
-        Ok((sequence, request.options.stop))
+        Ok(Prepared {
+            sequence,
+            stops: request.options.stop,
+            cancelled,
+        })
+    }
+
+    /// The chat's text, by the model's template, the assistant's turn opened.
+    fn render_chat(
+        &self,
+        messages: &[harness_client::ChatMessage],
+    ) -> Result<String, ServingError> {
+        let bad = |reason: String| ServingError::BadInput { reason };
+        let Some(template) = &self.chat else {
+            return Err(bad(
+                "this model has no chat template (its repo has no chat_template.jinja and no chat_template in tokenizer_config.json): send a prompt (Prompt::Text) written as the model expects".to_string(),
+            ));
+        };
+        if messages.iter().map(|m| m.content.len()).sum::<usize>() > MAX_COUNTED_PROMPT_BYTES * 16 {
+            return Err(bad(
+                "the chat's messages are too long for any context".to_string()
+            ));
+        }
+        template.render(messages, true).map_err(|reason| {
+            bad(format!(
+                "the model's chat template refused the messages: {reason}"
+            ))
+        })
+    }
+}
+
+/// A request made ready for the engine.
+struct Prepared {
+    sequence: Sequence,
+    stops: Vec<String>,
+    /// Set to end the sequence at the engine's next step.
+    cancelled: Arc<AtomicBool>,
+}
+
+impl Prepared {
+    fn prompt_tokens(&self) -> u32 {
+        self.sequence.prompt.len() as u32
+    }
+}
+
+/// How an engine's answer ends a stream.
+fn ending(answer: Result<Finished, GenerateError>, received: Instant) -> Ending {
+    answer
+        .map(|finished| Ended {
+            reason: finish_reason(finished.reason),
+            first_token: finished.first_token,
+        })
+        .map_err(|e| serving_error(e, received))
+}
+
+fn finish_reason(finish: Finish) -> FinishReason {
+    match finish {
+        Finish::Eos => FinishReason::Eos,
+        Finish::Stop => FinishReason::Stop,
+        Finish::Length => FinishReason::Length,
+        Finish::Cancelled => FinishReason::Cancelled,
     }
 }
 
@@ -280,6 +388,8 @@ struct Files {
     config: PathBuf,
     generation_config: Option<PathBuf>,
     tokenizer: PathBuf,
+    tokenizer_config: Option<PathBuf>,
+    chat_template: Option<PathBuf>,
     weights: Vec<PathBuf>,
 }
 
@@ -314,6 +424,8 @@ impl Files {
             config: required("config.json")?,
             generation_config: named("generation_config.json"),
             tokenizer: required("tokenizer.json")?,
+            tokenizer_config: named("tokenizer_config.json"),
+            chat_template: named("chat_template.jinja"),
             weights,
         })
     }
@@ -441,19 +553,15 @@ impl Task for GenerationTask {
     /// first kernels.
     fn warm_up(self: Arc<Self>) -> BoxFuture<'static, Result<(), String>> {
         Box::pin(async move {
-            let prompt: Vec<u32> = vec![self.eos.first().copied().unwrap_or(0)];
+            // Any token the model knows (an EOS id may lie past the vocabulary).
+            let token = self.eos.first().copied().filter(|&id| id < self.vocab_size);
+            let prompt: Vec<u32> = vec![token.unwrap_or(0)];
             let sequence = Sequence {
                 prompt,
-                sampling: SamplingParams {
-                    do_sample: false,
-                    temperature: 1.0,
-                    top_k: 0,
-                    top_p: 1.0,
-                    seed: 0,
-                },
+                sampling: SamplingParams::greedy(),
                 max_new_tokens: 2,
                 eos: Vec::new(),
-                stop: None,
+                watcher: None,
                 received: Instant::now(),
                 deadline: Instant::now() + std::time::Duration::from_secs(600),
             };
@@ -484,6 +592,8 @@ impl Task for GenerationTask {
             max_context: settings.context,
             weights_gib: round2(memory.weight_bytes as f64 / GIB),
             kv_cache_gib: round2(memory.kv_cache_bytes as f64 / GIB),
+            streams_open: 0,
+            stream_tokens_unpulled: 0,
         })
     }
 
@@ -491,13 +601,14 @@ impl Task for GenerationTask {
         self: Arc<Self>,
         request: GenerateRequest,
         timing: Timing,
+        caller: Option<Arc<dyn Caller>>,
     ) -> BoxFuture<'static, GenerateReply> {
         Box::pin(async move {
-            let (sequence, stops) = self.sequence(request, timing).await?;
-            let prompt_tokens = sequence.prompt.len();
+            let prepared = self.sequence(request, timing, caller, None).await?;
+            let prompt_tokens = prepared.prompt_tokens();
             let finished = self
                 .engine
-                .generate(sequence)
+                .generate(prepared.sequence)
                 .await
                 .map_err(|e| serving_error(e, timing.received))?;
             let tokenizer = self.tokenizer.clone();
@@ -505,23 +616,55 @@ impl Task for GenerationTask {
             let text = off_async(move || tokenizer.decode(&ids), internal).await?;
             // The whole text is the judge: a stop string in it ends it there,
             // whatever ended the generation.
-            let (text, reason) = match stop::cut_at_first(&text, &stops) {
-                Some(cut) => (cut, Finish::Stop),
-                None => (text, finished.reason),
+            let (text, reason) = match stop::cut_at_first(&text, &prepared.stops) {
+                Some(cut) => (cut, FinishReason::Stop),
+                None => (text, finish_reason(finished.reason)),
             };
             Ok(Generation {
                 text,
                 generated_tokens: finished.tokens.len() as u32,
                 token_ids: finished.tokens,
-                finish_reason: match reason {
-                    Finish::Eos => FinishReason::Eos,
-                    Finish::Stop => FinishReason::Stop,
-                    Finish::Length => FinishReason::Length,
-                },
-                prompt_tokens: prompt_tokens as u32,
-                time_to_first_token_ms: (finished.first_token - timing.received).as_secs_f64()
-                    * 1000.0,
+                finish_reason: reason,
+                prompt_tokens,
+                time_to_first_token_ms: finished
+                    .first_token
+                    .map_or(0.0, |t| (t - timing.received).as_secs_f64() * 1000.0),
             })
+        })
+    }
+
+    fn open_stream(
+        self: Arc<Self>,
+        request: GenerateRequest,
+        timing: Timing,
+        caller: Option<Arc<dyn Caller>>,
+    ) -> BoxFuture<'static, Result<Arc<TextStream>, ServingError>> {
+        Box::pin(async move {
+            let unpulled = Arc::new(Unpulled::default());
+            let prepared = self
+                .sequence(request, timing, caller, Some(unpulled.clone()))
+                .await?;
+            let stream = Arc::new(TextStream::new(
+                unpulled,
+                prepared.cancelled.clone(),
+                self.tokenizer.clone(),
+                prepared.stops.clone(),
+                prepared.prompt_tokens(),
+                timing.received,
+            ));
+            let generation = self
+                .engine
+                .submit(prepared.sequence)
+                .map_err(|e| serving_error(e, timing.received))?;
+            // The stream's generation runs on: the stream learns its end.
+            let weak = Arc::downgrade(&stream);
+            tokio::spawn(async move {
+                let answer = generation.await;
+                if let Some(stream) = weak.upgrade() {
+                    stream.end(ending(answer, timing.received));
+                }
+            });
+            Ok(stream)
         })
     }
 }

@@ -4,7 +4,6 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use crate::engine::generation::StopCheck;
 use crate::tasks::tokenizer::TextTokenizer;
 
 /// A request's stop strings, checked on the engine thread after each token.
@@ -52,13 +51,13 @@ impl StopStrings {
     }
 }
 
-impl StopCheck for StopStrings {
+impl StopStrings {
     /// Whether the text of the last few tokens holds a stop string: the newest
     /// token completes one only within them. Decoding that window (not the whole
     /// text) keeps each check's cost flat however long the generation, and
     /// decoding it whole each time sees a string that appears when a character's
     /// last byte arrives.
-    fn stops(&mut self, generated: &[u32]) -> bool {
+    pub fn stops(&mut self, generated: &[u32]) -> bool {
         let recent = &generated[self.window_start(generated)..];
         let Ok(text) = self.tokenizer.decode(recent) else {
             return false;
@@ -75,33 +74,14 @@ pub fn cut_at_first(text: &str, stops: &[String]) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_tokenizer::byte_fallback_tokenizer;
     use super::*;
-
-    /// A SentencePiece-style tokenizer with byte fallback, as Llama 2's and
-    /// Mistral's: "\n" and "✅" exist only as byte tokens.
-    fn byte_fallback_tokenizer() -> (tempfile::TempDir, Arc<TextTokenizer>) {
-        let json = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-            "normalizer": null, "pre_tokenizer": null, "post_processor": null,
-            "decoder": {"type": "Sequence", "decoders": [
-                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-                {"type": "ByteFallback"}, {"type": "Fuse"},
-                {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-            "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
-                "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                "fuse_unk": true, "byte_fallback": true,
-                "vocab": {"<unk>": 0, "<0x0A>": 1, "<0xE2>": 2, "<0x9C>": 3, "<0x85>": 4, "Done": 5},
-                "merges": []}}"#;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokenizer.json");
-        std::fs::write(&path, json).unwrap();
-        (dir, Arc::new(TextTokenizer::from_file(&path, 64).unwrap()))
-    }
 
     #[test]
     fn a_stop_string_after_multi_byte_characters_of_byte_tokens_is_seen_at_once() {
         let (_dir, tokenizer) = byte_fallback_tokenizer();
         let bytes = Arc::new(tokenizer.byte_token_ids());
-        assert_eq!(bytes.len(), 4);
+        assert_eq!(bytes.len(), 10);
         // "Done✅✅\n✅✅": each ✅ is three byte tokens.
         let generated = [5, 2, 3, 4, 2, 3, 4, 1, 2, 3, 4, 2, 3, 4];
         assert_eq!(tokenizer.decode(&generated).unwrap(), "Done✅✅\n✅✅");
