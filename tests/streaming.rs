@@ -12,7 +12,7 @@ use harness_client::{FinishReason, Generation, ServingError, StreamChunk};
 mod support;
 
 use support::llm::{endless_dir, greedy, serve_endless, Arch, TinyLlm};
-use support::node::{ServeProcess, ServeSettings};
+use support::node::{rss_kib, ServeProcess, ServeSettings};
 use support::serving::{generate, generate_request, http_get, metric, open_stream, pull_stream};
 
 const TIMEOUT_MS: u64 = 120_000;
@@ -54,6 +54,9 @@ async fn a_slow_reader_gets_coalesced_deltas_and_costs_only_its_unpulled_ids() {
         .await
         .unwrap();
     let took = Instant::now();
+    // The node runs in this process: its resident memory is this process's.
+    let rss_before = rss_kib(std::process::id());
+    let mut rss_most = rss_before;
     let opened = open_stream(&actor, generate_request(prompt, greedy(TOKENS), TIMEOUT_MS))
         .await
         .unwrap();
@@ -62,14 +65,19 @@ async fn a_slow_reader_gets_coalesced_deltas_and_costs_only_its_unpulled_ids() {
     let chunks = pull_all(&actor, opened.stream, Duration::from_secs(1), || {
         let status = shared.generation_status().unwrap();
         most_unpulled = most_unpulled.max(status.stream_tokens_unpulled);
+        rss_most = rss_most.max(rss_kib(std::process::id()));
     })
     .await
     .unwrap();
     let seconds = took.elapsed().as_secs_f64();
+    let rss_growth_kib = rss_most.saturating_sub(rss_before);
     eprintln!(
-        "{TOKENS} tokens in {} pulls over {seconds:.1} s; at most {most_unpulled} ids waited on the node",
+        "{TOKENS} tokens in {} pulls over {seconds:.1} s; at most {most_unpulled} ids waited on the node; resident memory grew by {rss_growth_kib} KiB at most",
         chunks.len()
     );
+    // Coarse (the allocator and libtorch's scratch of the steps move it), but a
+    // node that kept a copy of every step, or text per token, would show.
+    assert!(rss_growth_kib < 64 * 1024, "{rss_growth_kib} KiB");
     let text: String = chunks.iter().map(|c| c.delta.text.as_str()).collect();
     let ids: Vec<u32> = chunks
         .iter()

@@ -307,13 +307,7 @@ impl ServeProcess {
 
     /// Resident memory of the process, in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
+        rss_kib(self.child.id())
     }
 
     /// The most resident memory the process has had since it started (the
@@ -333,4 +327,15 @@ impl Drop for ServeProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The resident memory of process `pid` now (the kernel's `VmRSS`), in KiB; 0
+/// if it cannot be read.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
