@@ -307,6 +307,20 @@ async fn a_caller_killed_mid_stream_frees_its_slot() {
         made < 4000.0,
         "{made} tokens made: the generation ran to its end"
     );
+    // No one will pull its stream: closed at once (not after its 10-minute
+    // deadline), so it no longer counts in flight and idle shutdown can come.
+    let addr = node.http_addr().parse().unwrap();
+    let mut open = u64::MAX;
+    for _ in 0..100 {
+        let status: serde_json::Value =
+            serde_json::from_str(&http_get(addr, "/status").await).unwrap();
+        open = status["generation"]["streams_open"].as_u64().unwrap();
+        if open == 0 && status["in_flight"].as_u64() == Some(0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(open, 0, "the dead caller's stream is still open");
 }
 
 /// A `harness serve` process of the Llama checkpoint that never stops on an

@@ -195,7 +195,7 @@ impl Actor for DelayedServing {
         state.stopped.send_replace(true);
         state.boot.take();
         // This life's streams end with it (their generations with the model).
-        state.streams.clear();
+        state.streams.clear(&state.shared);
         // This life's model goes now, before the supervisor loads the next one.
         state.loaded.release();
         state.shared.set_running(None);

@@ -7,12 +7,15 @@
 //!
 //! What a slow caller costs: the token ids it has not pulled (4 bytes each, at
 //! most a sequence's context) and its stream's small state; the generation
-//! itself runs at the model's pace and ends as it would unstreamed. A stream
-//! whose caller stops pulling is dropped, and its generation cancelled, a
-//! little after its deadline.
+//! itself runs at the model's pace and ends as it would unstreamed. A stream is
+//! closed by its last pull; otherwise at once when its generation was cancelled
+//! (its caller cancelled or left: no one will pull it), [`LINGER`] after its
+//! generation ended if no one pulled that end, and a little after its deadline
+//! in any case.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use harness_client::{
@@ -24,18 +27,23 @@ use tokio::sync::watch;
 
 use super::request::{self, outcome};
 use super::shared::{InFlight, ServingShared};
-use crate::tasks::generation::TextStream;
+use crate::tasks::generation::{Progress, TextStream};
 use crate::tasks::Task;
 
 /// The longest a pull waits for a token.
 pub const MAX_PULL_WAIT: Duration = Duration::from_secs(10);
 /// How long after its deadline a stream no one pulled is dropped.
 const UNPULLED_GRACE: Duration = Duration::from_secs(5);
+/// How long a stream whose generation ended waits for the pull of its end.
+pub const LINGER: Duration = Duration::from_secs(30);
 
 /// The open streams.
 #[derive(Default)]
 pub struct Streams {
     open: Mutex<HashMap<u64, Open>>,
+    /// Streams being opened (their requests checked and tokenized), counted
+    /// against the limit with the open ones.
+    opening: AtomicUsize,
 }
 
 impl std::fmt::Debug for Streams {
@@ -50,6 +58,23 @@ struct Open {
     stream: Arc<TextStream>,
     received: Instant,
     _in_flight: InFlight,
+    /// The task that closes the stream when no one will pull it.
+    keeper: tokio::task::AbortHandle,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
+}
+
+/// A place among the streams, held while one is being opened.
+struct Opening(Arc<Streams>);
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        self.0.opening.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Streams {
@@ -63,9 +88,27 @@ impl Streams {
         self.lock().values().map(|o| o.stream.unpulled()).sum()
     }
 
-    /// Drops every stream (the serving's life ended): their generations end.
-    pub fn clear(&self) {
-        self.lock().clear();
+    /// Drops every stream (the serving's life ended): their generations end,
+    /// and their requests are counted `internal`.
+    pub fn clear(&self, shared: &ServingShared) {
+        for (_, open) in self.lock().drain() {
+            shared.metrics.request("internal", open.received.elapsed());
+        }
+    }
+
+    /// A place for a stream about to be opened, if fewer than `limit` are
+    /// open or opening.
+    fn reserve(self: &Arc<Self>, limit: usize) -> Result<Opening, ServingError> {
+        let opening = self.opening.fetch_add(1, Ordering::AcqRel);
+        let taken = self.count() + opening;
+        let place = Opening(self.clone());
+        if taken >= limit {
+            return Err(ServingError::Overloaded {
+                queued: taken as u64,
+                capacity: limit as u64,
+            });
+        }
+        Ok(place)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Open>> {
@@ -87,27 +130,23 @@ impl Streams {
                 break id;
             }
         };
+        let keeper = tokio::spawn(keep(
+            Arc::downgrade(self),
+            Arc::downgrade(&stream),
+            Arc::downgrade(shared),
+            id,
+            deadline,
+        ))
+        .abort_handle();
         open.insert(
             id,
             Open {
                 stream,
                 received,
                 _in_flight: in_flight,
+                keeper,
             },
         );
-        drop(open);
-        let (streams, shared) = (Arc::downgrade(self), Arc::downgrade(shared));
-        tokio::spawn(async move {
-            tokio::time::sleep_until((deadline + UNPULLED_GRACE).into()).await;
-            if let (Some(streams), Some(shared)) = (streams.upgrade(), shared.upgrade()) {
-                if streams.close(id, "deadline_exceeded", &shared) {
-                    tracing::debug!(
-                        stream = id,
-                        "a stream's caller stopped pulling; dropped after its deadline"
-                    );
-                }
-            }
-        });
         id
     }
 
@@ -123,6 +162,41 @@ impl Streams {
         };
         shared.metrics.request(outcome, open.received.elapsed());
         true
+    }
+}
+
+/// Closes stream `id` when no one will pull it: at once when its generation
+/// was cancelled, [`LINGER`] after it ended, [`UNPULLED_GRACE`] after its
+/// deadline. Aborted when the stream closes first.
+async fn keep(
+    streams: Weak<Streams>,
+    stream: Weak<TextStream>,
+    shared: Weak<ServingShared>,
+    id: u64,
+    deadline: Instant,
+) {
+    let last_chance = tokio::time::sleep_until((deadline + UNPULLED_GRACE).into());
+    tokio::pin!(last_chance);
+    let ended = async {
+        match stream.upgrade() {
+            Some(stream) => stream.ended().await,
+            None => Progress::Ended { cancelled: true },
+        }
+    };
+    let outcome = tokio::select! {
+        () = &mut last_chance => "deadline_exceeded",
+        progress = ended => match progress {
+            Progress::Ended { cancelled: true } => "cancelled",
+            _ => tokio::select! {
+                () = &mut last_chance => "deadline_exceeded",
+                () = tokio::time::sleep(LINGER) => "cancelled",
+            },
+        },
+    };
+    if let (Some(streams), Some(shared)) = (streams.upgrade(), shared.upgrade()) {
+        if streams.close(id, outcome, &shared) {
+            tracing::debug!(stream = id, outcome, "a stream no one will pull was closed");
+        }
     }
 }
 
@@ -148,18 +222,21 @@ pub fn open(
         Ok(admitted) => admitted,
         Err(err) => return refuse(port, err),
     };
-    let open = streams.count();
-    if open >= limit {
-        let (queued, capacity) = (open as u64, limit as u64);
-        return refuse(port, ServingError::Overloaded { queued, capacity });
-    }
+    let place = match streams.reserve(limit) {
+        Ok(place) => place,
+        Err(err) => return refuse(port, err),
+    };
     let (shared, streams) = (shared.clone(), streams.clone());
     let in_flight = shared.request_started();
     tokio::spawn(async move {
+        let _place = place;
         let caller = super::caller::named(request.caller.as_deref());
+        // A life that ended meanwhile takes no stream (its successor would not
+        // know the id).
         let opened = tokio::select! {
-            opened = task.open_stream(request, timing, caller) => opened,
+            biased;
             () = request::until_stopped(stopped) => Err(request::stopped_error()),
+            opened = task.open_stream(request, timing, caller) => opened,
         };
         let answer = opened.map(|stream| {
             let prompt_tokens = stream.prompt_tokens();

@@ -292,9 +292,16 @@ fn environment(source: String) -> Result<Environment<'static>, Error> {
     env.add_test("iterable", |v: &Value| {
         !v.is_none() && (v.is_undefined() || v.kind() == ValueKind::String || v.try_iter().is_ok())
     });
+    // A template is the repo's code: bounded, so that one that loops for ever
+    // fails its request instead of holding a thread.
+    env.set_fuel(Some(RENDER_FUEL));
     env.add_template_owned(NAME, generation_tags(&source))?;
     Ok(env)
 }
+
+/// Instructions a rendering may run: real templates take a few hundred per
+/// message, so this is thousands of messages' worth.
+const RENDER_FUEL: u64 = 50_000_000;
 
 /// `raise_exception(message)`: fails the rendering with `message`.
 fn raise_exception(message: String) -> Result<Value, Error> {
@@ -649,7 +656,8 @@ fn generation_tags(source: &str) -> String {
     while let Some(start) = rest.find("{%") {
         out.push_str(&rest[..start]);
         let tag = &rest[start..];
-        let Some(end) = tag.find("%}") else {
+        // The close after the open's two bytes (`{%}` is text, not a tag's end).
+        let Some(end) = tag[2..].find("%}").map(|e| e + 2) else {
             out.push_str(tag);
             return out;
         };
@@ -1312,6 +1320,24 @@ mod tests {
             generation_tags("{{ x }} {% unclosed"),
             "{{ x }} {% unclosed"
         );
+        // `{%}` in a string is not a tag whose end comes before its start.
+        assert_eq!(generation_tags("{{ '{%}' }}"), "{{ '{%}' }}");
+    }
+
+    #[test]
+    fn a_template_that_never_ends_runs_out_of_fuel() {
+        let template = ChatTemplate::from_files(
+            None,
+            Some(
+                "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            ),
+        )
+        .unwrap()
+        .unwrap();
+        let err = template
+            .render(&[ChatMessage::user("hi")], true)
+            .unwrap_err();
+        assert!(err.contains("fuel"), "{err}");
     }
 
     #[test]

@@ -37,6 +37,12 @@ impl Detokenizer {
         let Some(new) = after.strip_prefix(before.as_str()) else {
             return Ok(String::new());
         };
+        // Tokens that give no text (a special token skipped) are not a piece of
+        // their own: a piece decoded after them alone would lose its leading
+        // space to the decoder's strip of a first token.
+        if new.is_empty() {
+            return Ok(String::new());
+        }
         let new = new.to_string();
         self.prefix = self.read;
         self.read = ids.len();
@@ -132,6 +138,15 @@ mod tests {
             pieces.iter().filter(|p| p.is_empty()).count(),
             1 + 2 + 2 + 2
         );
+    }
+
+    #[test]
+    fn a_special_token_alone_keeps_the_next_pieces_space() {
+        let (_dir, tokenizer) = byte_fallback_tokenizer();
+        // "</s>" is skipped in the text; "▁w" after it keeps its space.
+        let ids = [id::HELLO, id::SPECIAL, id::W, id::RLD];
+        assert_eq!(tokenizer.decode(&ids).unwrap(), "hello wrld");
+        assert_eq!(streamed(&tokenizer, &ids).concat(), "hello wrld");
     }
 
     #[test]

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 
 pub use defaults::Defaults;
 pub use files::DEFAULT_FILES;
-pub use stream::TextStream;
+pub use stream::{Progress, TextStream};
 
 use super::tokenizer::TextTokenizer;
 use super::{internal, off_async, Caller, LoadContext, LoadFailure, Task, Timing};
@@ -51,6 +51,10 @@ const MAX_STOPS: usize = 16;
 const MAX_STOP_BYTES: usize = 256;
 /// Prompts over the context are counted whole, for the error, up to this size.
 const MAX_COUNTED_PROMPT_BYTES: usize = 1 << 20;
+/// A chat's messages, and their bytes (roles and contents), at most: far past
+/// any context, and a bound on what rendering one costs.
+const MAX_CHAT_MESSAGES: usize = 4096;
+const MAX_CHAT_BYTES: usize = 16 << 20;
 
 /// The generation task's own settings (`HARNESS_DTYPE`, `HARNESS_MAX_SEQUENCES`,
 /// `HARNESS_MAX_CONTEXT`).
@@ -84,7 +88,7 @@ pub struct GenerationTask {
     /// The tokenizer's byte-fallback tokens (for stop strings).
     byte_tokens: Arc<std::collections::HashSet<u32>>,
     /// The repo's chat template, if it has one.
-    chat: Option<chat::ChatTemplate>,
+    chat: Option<Arc<chat::ChatTemplate>>,
 }
 
 impl GenerationTask {
@@ -107,7 +111,8 @@ impl GenerationTask {
             read_optional(&files.tokenizer_config)?.as_deref(),
             read_optional(&files.chat_template)?.as_deref(),
         )
-        .map_err(LoadFailure::permanent)?;
+        .map_err(LoadFailure::permanent)?
+        .map(Arc::new);
         match &chat {
             Some(template) => {
                 tracing::info!(from = template.origin(), "chat messages are rendered with the model's chat template ({})", template.origin())
@@ -232,12 +237,24 @@ impl GenerationTask {
         }
         let context = self.engine.settings().context;
         let tokenizer = self.tokenizer.clone();
-        let (prompt, special_tokens) = match request.prompt {
-            Prompt::Text(text) => (text, true),
-            Prompt::Chat(messages) => (self.render_chat(&messages)?, false),
+        let chat = match &request.prompt {
+            Prompt::Text(_) => None,
+            Prompt::Chat(messages) => Some(self.chat_template(messages)?),
         };
         let (tokens, count) = off_async(
             move || {
+                // A chat is rendered here, off the async workers: its template
+                // is the repo's code, its messages the caller's.
+                let (prompt, special_tokens) = match (request.prompt, chat) {
+                    (Prompt::Chat(messages), Some(template)) => (
+                        template.render(&messages, true).map_err(|reason| {
+                            format!("the model's chat template refused the messages: {reason}")
+                        })?,
+                        false,
+                    ),
+                    (Prompt::Chat(_), None) => unreachable!("a chat has its template"),
+                    (Prompt::Text(text), _) => (text, true),
+                };
                 let tokens = match special_tokens {
                     true => tokenizer.encode_one(&prompt)?,
                     false => tokenizer.encode_plain(&prompt)?,
@@ -326,27 +343,34 @@ impl GenerationTask {
         })
     }
 
-    /// The chat's text, by the model's template, the assistant's turn opened.
-    fn render_chat(
+    /// The template to render `messages` with (on a blocking thread), once
+    /// they are within bounds; `BadInput` for a model without one.
+    fn chat_template(
         &self,
         messages: &[harness_client::ChatMessage],
-    ) -> Result<String, ServingError> {
+    ) -> Result<Arc<chat::ChatTemplate>, ServingError> {
         let bad = |reason: String| ServingError::BadInput { reason };
         let Some(template) = &self.chat else {
             return Err(bad(
                 "this model has no chat template (its repo has no chat_template.jinja and no chat_template in tokenizer_config.json): send a prompt (Prompt::Text) written as the model expects".to_string(),
             ));
         };
-        if messages.iter().map(|m| m.content.len()).sum::<usize>() > MAX_COUNTED_PROMPT_BYTES * 16 {
-            return Err(bad(
-                "the chat's messages are too long for any context".to_string()
-            ));
+        if messages.len() > MAX_CHAT_MESSAGES {
+            return Err(bad(format!(
+                "{} chat messages; at most {MAX_CHAT_MESSAGES}",
+                messages.len()
+            )));
         }
-        template.render(messages, true).map_err(|reason| {
-            bad(format!(
-                "the model's chat template refused the messages: {reason}"
-            ))
-        })
+        let bytes: usize = messages
+            .iter()
+            .map(|m| m.role.len() + m.content.len())
+            .sum();
+        if bytes > MAX_CHAT_BYTES {
+            return Err(bad(format!(
+                "the chat's messages have {bytes} bytes, more than any context holds (at most {MAX_CHAT_BYTES})"
+            )));
+        }
+        Ok(template.clone())
     }
 }
 

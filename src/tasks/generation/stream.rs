@@ -28,10 +28,24 @@ pub struct Ended {
     pub first_token: Option<Instant>,
 }
 
+/// Where a stream's generation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    Running,
+    /// It ended; `cancelled`: because its caller cancelled or left, so no one
+    /// will pull what is left.
+    Ended {
+        cancelled: bool,
+    },
+}
+
 /// One open stream.
 pub struct TextStream {
     unpulled: Arc<Unpulled>,
     ending: Mutex<Option<Ending>>,
+    progress: tokio::sync::watch::Sender<Progress>,
+    /// A pull is waiting (one at a time: a second would split the tokens).
+    pulling: AtomicBool,
     cancelled: Arc<AtomicBool>,
     reader: Mutex<Reader>,
     tokenizer: Arc<TextTokenizer>,
@@ -68,6 +82,8 @@ impl TextStream {
         TextStream {
             unpulled,
             ending: Mutex::new(None),
+            progress: tokio::sync::watch::channel(Progress::Running).0,
+            pulling: AtomicBool::new(false),
             cancelled,
             reader: Mutex::new(Reader::default()),
             tokenizer,
@@ -90,10 +106,25 @@ impl TextStream {
 
     /// The engine answered: the next pull gives the rest and the end.
     pub fn end(&self, ending: Ending) {
+        let cancelled = matches!(
+            ending,
+            Ok(Ended {
+                reason: FinishReason::Cancelled,
+                ..
+            })
+        );
         if let Ok(mut slot) = self.ending.lock() {
             *slot = Some(ending);
         }
         self.unpulled.wake();
+        self.progress.send_replace(Progress::Ended { cancelled });
+    }
+
+    /// Resolves when the generation has ended, with how.
+    pub async fn ended(&self) -> Progress {
+        let mut progress = self.progress.subscribe();
+        let ended = progress.wait_for(|p| *p != Progress::Running).await;
+        ended.map_or(Progress::Ended { cancelled: true }, |p| *p)
     }
 
     /// Ends the generation at the engine's next step (the caller dropped it).
@@ -105,6 +136,12 @@ impl TextStream {
     /// the next token comes or the generation ends, or an empty delta after
     /// `wait`. The last chunk carries the end; an error ends the stream too.
     pub async fn pull(&self, wait: Duration) -> Result<StreamChunk, ServingError> {
+        if self.pulling.swap(true, Ordering::AcqRel) {
+            return Err(ServingError::BadInput {
+                reason: "another pull of this stream is waiting: pull one at a time".to_string(),
+            });
+        }
+        let _one = OnePull(&self.pulling);
         let until = tokio::time::Instant::now() + wait;
         loop {
             if let Some(chunk) = self.read() {
@@ -215,6 +252,15 @@ impl Drop for TextStream {
     }
 }
 
+/// Marks the stream's pull done, however the pull ends.
+struct OnePull<'a>(&'a AtomicBool);
+
+impl Drop for OnePull<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 fn empty() -> StreamChunk {
     StreamChunk {
         delta: GenerationDelta::default(),
@@ -311,6 +357,27 @@ mod tests {
         let chunk = stream.pull(Duration::from_secs(5)).await.unwrap();
         assert_eq!(chunk.delta.text, "");
         assert_eq!(chunk.end.unwrap().finish_reason, FinishReason::Stop);
+    }
+
+    #[tokio::test]
+    async fn a_second_pull_while_one_waits_is_refused() {
+        let (_dir, tokenizer) = byte_fallback_tokenizer();
+        let (unpulled, stream) = stream(tokenizer, &[]);
+        let stream = Arc::new(stream);
+        let waiting = tokio::spawn({
+            let stream = stream.clone();
+            async move { stream.pull(Duration::from_secs(30)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let second = stream.pull(Duration::from_secs(1)).await;
+        assert!(
+            matches!(second, Err(ServingError::BadInput { .. })),
+            "{second:?}"
+        );
+        push(&unpulled, &[id::DONE]);
+        assert_eq!(waiting.await.unwrap().unwrap().delta.text, "Done");
+        // The first is done: pulls go on.
+        assert!(stream.pull(Duration::from_millis(10)).await.is_ok());
     }
 
     #[tokio::test]

@@ -27,11 +27,15 @@ pub mod id {
     pub const NICHI: [u32; 3] = [12, 13, 14];
     /// "本" is these three (0xE6 0x9C 0xAC).
     pub const HON: [u32; 3] = [12, 3, 15];
+    /// "</s>", a special token (no text when decoded).
+    pub const SPECIAL: u32 = 16;
 }
 
 /// The tokenizer, in a folder that lives as long as the first value.
 pub fn byte_fallback_tokenizer() -> (tempfile::TempDir, Arc<TextTokenizer>) {
-    let json = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+    let json = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [
+        {"id": 16, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false,
+         "normalized": false, "special": true}],
         "normalizer": null, "pre_tokenizer": null, "post_processor": null,
         "decoder": {"type": "Sequence", "decoders": [
             {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
@@ -42,7 +46,7 @@ pub fn byte_fallback_tokenizer() -> (tempfile::TempDir, Arc<TextTokenizer>) {
             "fuse_unk": true, "byte_fallback": true,
             "vocab": {"<unk>": 0, "<0x0A>": 1, "<0xE2>": 2, "<0x9C>": 3, "<0x85>": 4, "Done": 5,
                 "\u2581hello": 6, "\u2581w": 7, "rld": 8, "\u2581": 9, "<0xC3>": 10, "<0xB6>": 11,
-                "<0xE6>": 12, "<0x97>": 13, "<0xA5>": 14, "<0xAC>": 15},
+                "<0xE6>": 12, "<0x97>": 13, "<0xA5>": 14, "<0xAC>": 15, "</s>": 16},
             "merges": []}}"#;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tokenizer.json");
