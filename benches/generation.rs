@@ -12,15 +12,28 @@
 //! `HARNESS_BENCH_ROUNDS` sets the alternating rounds of the comparison (default
 //! 1: transformers' side warms up and times a whole pass in each, which is most of
 //! the bench's time). `HARNESS_BENCH_QUICK=1` makes a smoke run of it: a quarter of
-//! the new tokens in the comparison, 16 in the concurrency table, and the table up
-//! to 8 requests only.
+//! the new tokens in the comparison, 16 in the concurrency table and the
+//! streaming section, and the table up to 8 requests only.
+//!
+//! Last, on the same node, streamed against whole answers: the comparison's 16
+//! prompts sent at once, each asking the same new tokens, greedy; in one pass
+//! each caller opens a stream (`OpenStream`) and pulls it (`PullStream`, one
+//! pull outstanding, the next sent when it answers) to its end, in the other it
+//! sends `Generate` and waits for the whole answer. The passes alternate (and
+//! which goes first), `HARNESS_BENCH_ROUNDS` rounds of each, at least 2; every
+//! streamed answer must equal the whole one, text and ids, or the bench fails.
+//!
+//! `HARNESS_BENCH_ONLY` runs some sections only, named and comma-separated:
+//! `memory`, `comparison`, `concurrency`, `streaming` (unset: all). For example
+//! `HARNESS_BENCH_ONLY=streaming cargo bench --bench generation`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use harness_client::{Generation, ServingMessage};
+use harness_client::{FinishReason, Generation, ServingMessage};
 use ractor::ActorRef;
 use tokenizers::Tokenizer;
 
@@ -31,7 +44,9 @@ use support::llm::greedy;
 use support::measure::{all_at_once, env_or, percentile, print_table_head};
 use support::node::ServeSettings;
 use support::python::{made_once, run_python, stdout_of, torch_python};
-use support::serving::{generate, node_config, start_ready};
+use support::serving::{
+    generate, generate_request, node_config, open_stream, pull_stream, start_ready,
+};
 
 /// The Python side: writes the model, runs transformers' `generate`.
 const SCRIPT: &str = include_str!("generation_baseline.py");
@@ -49,6 +64,8 @@ const CONTEXT: usize = 512;
 const CONCURRENCY: [usize; 6] = [1, 2, 4, 8, 16, 32];
 const FIXED_PROMPT: usize = 64;
 const TIMEOUT_MS: u64 = 600_000;
+/// How long a streaming caller's pull waits for a token, as a client's would.
+const PULL_WAIT_MS: u32 = 5_000;
 const COOKIE: &str = "a-generation-bench-cookie";
 
 /// Words the prompts are made of. The tokenizer was trained on made-up words, so
@@ -263,6 +280,282 @@ async fn serve_all(
     }
 }
 
+/// One answer of the streaming section as its caller saw it; times from the
+/// pass's start, when every caller sends at once.
+struct Call {
+    text: String,
+    ids: Vec<u32>,
+    finish: FinishReason,
+    /// The node's: from receiving the request to the first token.
+    node_ttft_ms: f64,
+    /// The first token in the caller's hands: streamed, the first delta with
+    /// ids; whole, the answer.
+    first: Duration,
+    /// The whole answer in the caller's hands: streamed, the chunk with the end.
+    done: Duration,
+    /// Pulls sent (0 for a whole answer), and how many answered nothing.
+    pulls: u32,
+    empty_pulls: u32,
+}
+
+/// One pass of the streaming section.
+struct Pass {
+    wall: Duration,
+    calls: Vec<Call>,
+    /// Decode steps run, and tokens they gave.
+    steps: u64,
+    step_tokens: u64,
+    /// CPU seconds this process spent over the pass: all of it, and by thread
+    /// name.
+    cpu: f64,
+    threads: BTreeMap<String, Threads>,
+}
+
+impl Pass {
+    fn generated(&self) -> u64 {
+        self.calls.iter().map(|c| c.ids.len() as u64).sum()
+    }
+
+    fn rate(&self) -> f64 {
+        self.generated() as f64 / self.wall.as_secs_f64()
+    }
+}
+
+/// The name the engine's thread and the torch threads it starts go by (the
+/// kernel keeps 15 characters of `harness-generation`).
+const ENGINE_THREAD: &str = "harness-generat";
+
+/// What a group of this process's threads (those of one name) spent.
+#[derive(Default, Clone, Copy)]
+struct Threads {
+    /// Seconds on a CPU.
+    cpu: f64,
+    /// Seconds runnable and waiting for a CPU (the run queue).
+    waited: f64,
+    /// Times a thread gave up its CPU (to sleep), and had it taken.
+    voluntary: u64,
+    involuntary: u64,
+}
+
+impl Threads {
+    fn less(self, before: Threads) -> Threads {
+        Threads {
+            cpu: self.cpu - before.cpu,
+            waited: self.waited - before.waited,
+            voluntary: self.voluntary.saturating_sub(before.voluntary),
+            involuntary: self.involuntary.saturating_sub(before.involuntary),
+        }
+    }
+
+    fn add(&mut self, other: Threads, times: f64) {
+        self.cpu += other.cpu * times;
+        self.waited += other.waited * times;
+        self.voluntary += (other.voluntary as f64 * times).round() as u64;
+        self.involuntary += (other.involuntary as f64 * times).round() as u64;
+    }
+}
+
+/// This process's CPU time so far, seconds (exited threads included), and
+/// what its threads alive now spent, by name (the kernel's 15-character
+/// `comm`), from `/proc/self/task/*/{stat,schedstat,status}`.
+fn cpu_now() -> (f64, BTreeMap<String, Threads>) {
+    // `pid (comm) state ppid ...`: utime and stime are the 12th and 13th fields
+    // after the name, in clock ticks of 1/100 s (Linux's `USER_HZ`).
+    let ticks = |stat: &str| -> Option<(String, f64)> {
+        let (head, tail) = stat.rsplit_once(')')?;
+        let comm = head.split_once('(')?.1.to_string();
+        let mut fields = tail.split_whitespace().skip(11);
+        let user: u64 = fields.next()?.parse().ok()?;
+        let system: u64 = fields.next()?.parse().ok()?;
+        Some((comm, (user + system) as f64 / 100.0))
+    };
+    let total = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| ticks(&s))
+        .map_or(0.0, |(_, t)| t);
+    let mut by_thread: BTreeMap<String, Threads> = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let read = |file: &str| std::fs::read_to_string(entry.path().join(file)).ok();
+        let Some((comm, _)) = read("stat").and_then(|s| ticks(&s)) else {
+            continue;
+        };
+        // schedstat: nanoseconds on a CPU, nanoseconds waiting for one, slices.
+        let sched: Vec<u64> = read("schedstat")
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let status = read("status").unwrap_or_default();
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let group = by_thread.entry(comm).or_default();
+        group.cpu += sched.first().copied().unwrap_or(0) as f64 / 1e9;
+        group.waited += sched.get(1).copied().unwrap_or(0) as f64 / 1e9;
+        group.voluntary += field("voluntary_ctxt_switches:");
+        group.involuntary += field("nonvoluntary_ctxt_switches:");
+    }
+    (total, by_thread)
+}
+
+/// Runs `calls` (all at once) and measures the pass around them.
+async fn pass<Fut>(
+    stats: &harness::engine::EngineStats,
+    callers: usize,
+    call: impl Fn(usize, Instant) -> Fut,
+) -> Pass
+where
+    Fut: std::future::Future<Output = Call> + Send + 'static,
+{
+    let counters = || {
+        (
+            stats.forwards.load(Ordering::Relaxed),
+            stats.batched_items.load(Ordering::Relaxed),
+        )
+    };
+    let (before, cpu_before) = (counters(), cpu_now());
+    let started = Instant::now();
+    let calls = all_at_once(callers, |i| call(i, started)).await;
+    let wall = started.elapsed();
+    let (after, cpu_after) = (counters(), cpu_now());
+    let threads = cpu_after
+        .1
+        .into_iter()
+        .map(|(name, t)| {
+            let was = cpu_before.1.get(&name).copied().unwrap_or_default();
+            (name, t.less(was))
+        })
+        .collect();
+    Pass {
+        wall,
+        calls,
+        steps: after.0 - before.0,
+        step_tokens: after.1 - before.1,
+        cpu: cpu_after.0 - cpu_before.0,
+        threads,
+    }
+}
+
+/// Each request streamed by a caller of its own, all at once: open, then pull
+/// until the end, one pull outstanding.
+async fn stream_all(
+    serving: &ActorRef<ServingMessage>,
+    stats: &harness::engine::EngineStats,
+    requests: &[Request],
+) -> Pass {
+    let requests = Arc::new(requests.to_vec());
+    pass(stats, requests.len(), |i, started| {
+        let serving = serving.clone();
+        let requests = requests.clone();
+        async move {
+            let r = &requests[i];
+            let request = generate_request(r.text.as_str(), greedy(r.max_new_tokens), TIMEOUT_MS);
+            let opened = open_stream(&serving, request).await.expect("opened");
+            assert_eq!(
+                opened.prompt_tokens as usize,
+                r.ids.len(),
+                "the node tokenized {:?} differently",
+                r.text
+            );
+            let (mut text, mut ids, mut first) = (String::new(), Vec::new(), None);
+            let (mut pulls, mut empty_pulls) = (0, 0);
+            let end = loop {
+                let chunk = pull_stream(&serving, opened.stream, PULL_WAIT_MS)
+                    .await
+                    .expect("pulled");
+                pulls += 1;
+                if !chunk.delta.token_ids.is_empty() {
+                    first.get_or_insert_with(|| started.elapsed());
+                } else if chunk.delta.text.is_empty() && chunk.end.is_none() {
+                    empty_pulls += 1;
+                }
+                text.push_str(&chunk.delta.text);
+                ids.extend_from_slice(&chunk.delta.token_ids);
+                if let Some(end) = chunk.end {
+                    break end;
+                }
+            };
+            let done = started.elapsed();
+            assert_eq!(end.generated_tokens as usize, ids.len(), "the end's count");
+            Call {
+                text,
+                ids,
+                finish: end.finish_reason,
+                node_ttft_ms: end.time_to_first_token_ms,
+                first: first.unwrap_or(done),
+                done,
+                pulls,
+                empty_pulls,
+            }
+        }
+    })
+    .await
+}
+
+/// Each request sent as a `Generate` by a caller of its own, all at once.
+async fn whole_all(
+    serving: &ActorRef<ServingMessage>,
+    stats: &harness::engine::EngineStats,
+    requests: &[Request],
+) -> Pass {
+    let requests = Arc::new(requests.to_vec());
+    pass(stats, requests.len(), |i, started| {
+        let serving = serving.clone();
+        let requests = requests.clone();
+        async move {
+            let r = &requests[i];
+            let answer = generate(&serving, &r.text, greedy(r.max_new_tokens), TIMEOUT_MS)
+                .await
+                .expect("generated");
+            let done = started.elapsed();
+            assert_eq!(
+                answer.prompt_tokens as usize,
+                r.ids.len(),
+                "the node tokenized {:?} differently",
+                r.text
+            );
+            Call {
+                text: answer.text,
+                ids: answer.token_ids,
+                finish: answer.finish_reason,
+                node_ttft_ms: answer.time_to_first_token_ms,
+                first: done,
+                done,
+                pulls: 0,
+                empty_pulls: 0,
+            }
+        }
+    })
+    .await
+}
+
+/// Fails the bench unless `pass`'s answers are `reference`'s, text and ids.
+fn assert_same_answers(what: &str, reference: &Pass, pass: &Pass) {
+    for (i, (a, b)) in reference.calls.iter().zip(&pass.calls).enumerate() {
+        let diverges = a.ids.iter().zip(&b.ids).position(|(x, y)| x != y);
+        assert!(
+            a.ids == b.ids && a.text == b.text && a.finish == b.finish,
+            "{what}: request {i}'s answer differs from the first whole pass's: {} against {} \
+             ids (first difference at {diverges:?}), finish {:?} against {:?}, text {:?} \
+             against {:?}",
+            b.ids.len(),
+            a.ids.len(),
+            b.finish,
+            a.finish,
+            b.text,
+            a.text,
+        );
+    }
+}
+
 /// Memory of a `harness serve` process while it starts, KiB: the kernel's peak
 /// (`VmHWM`) and resident set once ready, and the most anonymous and the most
 /// file-backed pages seen in samples taken every 2 ms until then.
@@ -366,27 +659,54 @@ fn mib(bytes: u64) -> f64 {
 struct Sizes {
     rounds: usize,
     new_tokens: (u32, u32),
+    /// New tokens of each request of the concurrency table and of the streaming
+    /// section.
     fixed_new: u32,
     concurrency: &'static [usize],
+    /// Rounds of the streaming section (each a streamed and a whole pass).
+    stream_rounds: usize,
+    /// `HARNESS_BENCH_ONLY`: the sections to run, or `None` for all.
+    only: Option<Vec<String>>,
 }
+
+/// The bench's sections, as `HARNESS_BENCH_ONLY` names them.
+const SECTIONS: [&str; 4] = ["memory", "comparison", "concurrency", "streaming"];
 
 impl Sizes {
     fn from_env() -> Sizes {
         let rounds = env_or("HARNESS_BENCH_ROUNDS", 1).max(1) as usize;
-        match env_or("HARNESS_BENCH_QUICK", 0) {
-            0 => Sizes {
-                rounds,
-                new_tokens: NEW_TOKENS,
-                fixed_new: 64,
-                concurrency: &CONCURRENCY,
-            },
-            _ => Sizes {
-                rounds,
-                new_tokens: (NEW_TOKENS.0 / 4, NEW_TOKENS.1 / 4),
-                fixed_new: 16,
-                concurrency: &CONCURRENCY[..4],
-            },
+        let only = std::env::var("HARNESS_BENCH_ONLY")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| {
+                let names: Vec<String> = v.split(',').map(|n| n.trim().to_string()).collect();
+                for name in &names {
+                    assert!(
+                        SECTIONS.contains(&name.as_str()),
+                        "HARNESS_BENCH_ONLY names {name:?}: the sections are {SECTIONS:?}"
+                    );
+                }
+                names
+            });
+        let (new_tokens, fixed_new, concurrency) = match env_or("HARNESS_BENCH_QUICK", 0) {
+            0 => (NEW_TOKENS, 64, &CONCURRENCY[..]),
+            _ => ((NEW_TOKENS.0 / 4, NEW_TOKENS.1 / 4), 16, &CONCURRENCY[..4]),
+        };
+        Sizes {
+            rounds,
+            new_tokens,
+            fixed_new,
+            concurrency,
+            stream_rounds: rounds.max(2),
+            only,
         }
+    }
+
+    /// Whether the section `name` runs.
+    fn runs(&self, name: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == name))
     }
 }
 
@@ -439,6 +759,9 @@ struct Measured {
     theirs: Vec<Baseline>,
     /// The concurrency table's rows.
     rows: Vec<(usize, Served)>,
+    /// The streaming section's passes, by round: streamed, and whole answers.
+    streamed: Vec<Pass>,
+    whole: Vec<Pass>,
 }
 
 /// Serves the model in this process: the comparison's rounds, alternating with
@@ -463,7 +786,12 @@ async fn measure(model: &Path, work: &Workload, sizes: &Sizes) -> Measured {
     serve_all(&serving, &stats, &warm).await;
 
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    for round in 0..sizes.rounds {
+    let comparison_rounds = if sizes.runs("comparison") {
+        sizes.rounds
+    } else {
+        0
+    };
+    for round in 0..comparison_rounds {
         let baseline = tokio::task::block_in_place(|| transformers_round(model, &work.file));
         let served = serve_all(&serving, &stats, &work.mixed).await;
         eprintln!(
@@ -480,7 +808,12 @@ async fn measure(model: &Path, work: &Workload, sizes: &Sizes) -> Measured {
         ours.push(served);
     }
     let mut rows = Vec::new();
-    for &c in sizes.concurrency {
+    let concurrency = if sizes.runs("concurrency") {
+        sizes.concurrency
+    } else {
+        &[]
+    };
+    for &c in concurrency {
         let served = serve_all(&serving, &stats, &work.fixed[..c]).await;
         eprintln!(
             "{c} at once: {} tokens in {:.2?}",
@@ -489,8 +822,58 @@ async fn measure(model: &Path, work: &Workload, sizes: &Sizes) -> Measured {
         );
         rows.push((c, served));
     }
+    let (mut streamed, mut whole) = (Vec::new(), Vec::new());
+    if sizes.runs("streaming") {
+        let requests = streaming_requests(work, sizes);
+        stream_all(&serving, &stats, &warm).await;
+        for round in 0..sizes.stream_rounds {
+            // Which pass goes first alternates too.
+            let (s, w) = if round % 2 == 0 {
+                let s = stream_all(&serving, &stats, &requests).await;
+                (s, whole_all(&serving, &stats, &requests).await)
+            } else {
+                let w = whole_all(&serving, &stats, &requests).await;
+                (stream_all(&serving, &stats, &requests).await, w)
+            };
+            let reference = whole.first().unwrap_or(&w);
+            assert_same_answers(&format!("round {}, streamed", round + 1), reference, &s);
+            assert_same_answers(&format!("round {}, whole", round + 1), reference, &w);
+            eprintln!(
+                "streaming round {}: streamed {} tokens in {:.2?} ({:.1}/s), whole {} in {:.2?} \
+                 ({:.1}/s): {:.3}",
+                round + 1,
+                s.generated(),
+                s.wall,
+                s.rate(),
+                w.generated(),
+                w.wall,
+                w.rate(),
+                s.rate() / w.rate()
+            );
+            streamed.push(s);
+            whole.push(w);
+        }
+    }
     node.shutdown(Duration::from_secs(5)).await;
-    Measured { ours, theirs, rows }
+    Measured {
+        ours,
+        theirs,
+        rows,
+        streamed,
+        whole,
+    }
+}
+
+/// The streaming section's requests: the comparison's prompts, each asking
+/// `fixed_new` new tokens.
+fn streaming_requests(work: &Workload, sizes: &Sizes) -> Vec<Request> {
+    work.mixed
+        .iter()
+        .map(|r| Request {
+            max_new_tokens: sizes.fixed_new,
+            ..r.clone()
+        })
+        .collect()
 }
 
 impl Baseline {
@@ -612,6 +995,209 @@ fn print_concurrency(sizes: &Sizes, rows: &[(usize, Served)]) {
     }
 }
 
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn print_streaming(work: &Workload, sizes: &Sizes, streamed: &[Pass], whole: &[Pass]) {
+    let lengths = work.prompt_lengths();
+    let rates = |passes: &[Pass]| passes.iter().map(Pass::rate).collect::<Vec<_>>();
+    let (s_rates, w_rates) = (rates(streamed), rates(whole));
+    let ratios: Vec<f64> = s_rates.iter().zip(&w_rates).map(|(s, w)| s / w).collect();
+    // Every round's tokens over every round's wall.
+    let overall = |passes: &[Pass]| {
+        passes.iter().map(Pass::generated).sum::<u64>() as f64
+            / passes.iter().map(|p| p.wall.as_secs_f64()).sum::<f64>()
+    };
+    let list = |values: &[f64], digits: usize| {
+        values
+            .iter()
+            .map(|v| format!("{v:.digits$}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // Percentiles over every round's calls.
+    let pooled_to = |passes: &[Pass], of: fn(&Call) -> f64, digits: usize| {
+        let mut v: Vec<f64> = passes.iter().flat_map(|p| p.calls.iter().map(of)).collect();
+        v.sort_by(f64::total_cmp);
+        format!(
+            "p50 {:.digits$} ms, p99 {:.digits$} ms",
+            percentile(&v, 0.5),
+            percentile(&v, 0.99)
+        )
+    };
+    let pooled = |passes: &[Pass], of: fn(&Call) -> f64| pooled_to(passes, of, 0);
+    let first = |c: &Call| c.first.as_secs_f64() * 1000.0;
+    let done = |c: &Call| c.done.as_secs_f64() * 1000.0;
+    let node_ttft = |c: &Call| c.node_ttft_ms;
+    let calls = streamed.iter().map(|p| p.calls.len()).sum::<usize>();
+    let pulls: Vec<u32> = streamed
+        .iter()
+        .flat_map(|p| p.calls.iter().map(|c| c.pulls))
+        .collect();
+    let empty: u32 = streamed
+        .iter()
+        .flat_map(|p| p.calls.iter().map(|c| c.empty_pulls))
+        .sum();
+    // Decode steps: every prompt is prefilled before the first step, so the
+    // last first token marks the end of the prefills (as in the comparison).
+    let steps = |passes: &[Pass]| {
+        let n = passes.len() as f64;
+        let steps = passes.iter().map(|p| p.steps).sum::<u64>() as f64 / n;
+        let tokens = passes.iter().map(|p| p.step_tokens).sum::<u64>() as f64 / n;
+        let per_step: Vec<f64> = passes
+            .iter()
+            .map(|p| {
+                let prefill = p.calls.iter().map(|c| c.node_ttft_ms).fold(0.0, f64::max);
+                (p.wall.as_secs_f64() * 1000.0 - prefill) / p.steps.max(1) as f64
+            })
+            .collect();
+        format!(
+            "{steps:.0} of {:.1} sequences on average; {:.1} ms each after the prefills \
+             (per round: {})",
+            tokens / steps.max(1.0),
+            median(&per_step),
+            list(&per_step, 1)
+        )
+    };
+    let cpu = |passes: &[Pass]| {
+        let n = passes.len() as f64;
+        let wall = passes.iter().map(|p| p.wall.as_secs_f64()).sum::<f64>() / n;
+        // Cores the process had: 2 at most here, fewer where other work took them.
+        let cores: Vec<f64> = passes
+            .iter()
+            .map(|p| p.cpu / p.wall.as_secs_f64())
+            .collect();
+        format!(
+            "{:.2} in {wall:.1} s of wall; CPU ÷ wall per round {}",
+            passes.iter().map(|p| p.cpu).sum::<f64>() / n,
+            list(&cores, 2)
+        )
+    };
+    let threads = |passes: &[Pass]| {
+        let n = passes.len() as f64;
+        let mut by: BTreeMap<&str, Threads> = BTreeMap::new();
+        for p in passes {
+            for (name, t) in &p.threads {
+                by.entry(name.as_str()).or_default().add(*t, 1.0 / n);
+            }
+        }
+        let mut by: Vec<(&str, Threads)> = by
+            .into_iter()
+            .filter(|(_, t)| t.cpu > 0.0 || t.voluntary + t.involuntary > 0)
+            .collect();
+        by.sort_by(|a, b| b.1.cpu.total_cmp(&a.1.cpu));
+        by.iter()
+            .map(|(name, t)| {
+                format!(
+                    "`{name}` {:.2} s on a CPU, {:.2} s waiting for one, {} + {} switches",
+                    t.cpu, t.waited, t.voluntary, t.involuntary
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let engine_waits = |passes: &[Pass]| {
+        let waits: Vec<f64> = passes
+            .iter()
+            .map(|p| p.threads.get(ENGINE_THREAD).map_or(0.0, |t| t.waited))
+            .collect();
+        list(&waits, 2)
+    };
+    print_table_head(
+        &format!(
+            "Streamed against whole answers: {} callers at once, the comparison's prompts \
+             ({}-{} tokens, {} in all), {} new tokens each, greedy; streamed: `OpenStream`, then \
+             `PullStream` (wait_ms {PULL_WAIT_MS}) until the end, one pull outstanding per caller; \
+             whole: `Generate`; {} alternating rounds of each, every streamed answer equal to \
+             the whole one (text and ids)",
+            lengths.len(),
+            lengths.iter().min().unwrap(),
+            lengths.iter().max().unwrap(),
+            lengths.iter().sum::<usize>(),
+            sizes.fixed_new,
+            streamed.len(),
+        ),
+        &["measure", "streamed", "whole answers", "streamed ÷ whole"],
+    );
+    println!(
+        "| generated tokens/s (all callers' tokens ÷ the pass's wall): median of the rounds \
+         | {:.1} ({} tokens a pass; rounds {}) | {:.1} (rounds {}) | {:.3}: the median of the \
+         rounds' ratios (rounds {}) |",
+        median(&s_rates),
+        streamed[0].generated(),
+        list(&s_rates, 1),
+        median(&w_rates),
+        list(&w_rates, 1),
+        median(&ratios),
+        list(&ratios, 3),
+    );
+    println!(
+        "| generated tokens/s: all rounds' tokens ÷ all rounds' wall | {:.1} | {:.1} | {:.3} |",
+        overall(streamed),
+        overall(whole),
+        overall(streamed) / overall(whole),
+    );
+    println!(
+        "| time to first token, as the caller sees it (of {calls}) | {} (first delta with tokens) \
+         | {} (nothing before the whole answer) | |",
+        pooled(streamed, first),
+        pooled(whole, done),
+    );
+    println!(
+        "| time to first token, the node's (`time_to_first_token_ms`) | {} | {} | |",
+        pooled(streamed, node_ttft),
+        pooled(whole, node_ttft),
+    );
+    println!(
+        "| the caller's time to first token less the node's | {} | | |",
+        pooled_to(
+            streamed,
+            |c| c.first.as_secs_f64() * 1000.0 - c.node_ttft_ms,
+            1
+        ),
+    );
+    println!(
+        "| time to the whole answer | {} | {} | |",
+        pooled(streamed, done),
+        pooled(whole, done),
+    );
+    println!(
+        "| pulls per stream | {:.1} (min {}, max {}; {empty} empty in all) | one `Generate` | |",
+        pulls.iter().sum::<u32>() as f64 / pulls.len().max(1) as f64,
+        pulls.iter().min().unwrap_or(&0),
+        pulls.iter().max().unwrap_or(&0),
+    );
+    println!(
+        "| decode steps per pass | {} | {} | |",
+        steps(streamed),
+        steps(whole)
+    );
+    println!(
+        "| CPU seconds per pass | {} | {} | |",
+        cpu(streamed),
+        cpu(whole)
+    );
+    println!(
+        "| per pass by thread name: CPU, run-queue wait, voluntary + involuntary context \
+         switches | {} | {} | |",
+        threads(streamed),
+        threads(whole)
+    );
+    println!(
+        "| the engine's threads (`{ENGINE_THREAD}`) waiting for a CPU, s, per round | {} | {} | |",
+        engine_waits(streamed),
+        engine_waits(whole)
+    );
+}
+
 fn print_memory(model: &Path, weights_bytes: u64, served: &StartRss, demo: &StartRss) {
     let kib = |k: u64| mib(k * 1024);
     let of_file = |k: u64| format!("{:.2}", (k * 1024) as f64 / weights_bytes as f64);
@@ -692,20 +1278,23 @@ fn main() {
     // Memory first, with nothing else of ours in memory: the model as the node
     // here serves it, then the demo model (what any `harness serve` process takes:
     // libtorch's libraries, the runtime), to tell the model's share apart.
-    let served_rss = start_rss(
-        ServeSettings::model_dir(COOKIE, &model)
-            .env("HARNESS_TASK", "generation")
-            .env("HARNESS_MAX_SEQUENCES", SLOTS)
-            .env("HARNESS_MAX_CONTEXT", CONTEXT)
-            .serving("generation_bench_rss"),
-    );
-    let demo_rss = start_rss(ServeSettings::demo(COOKIE).serving("generation_bench_rss_demo"));
-    eprintln!(
-        "harness serve: peak RSS {:.0} MiB (the demo model's {:.0} MiB), ready in {:.2?}",
-        kib_to_mib(served_rss.peak),
-        kib_to_mib(demo_rss.peak),
-        served_rss.ready_in
-    );
+    let rss = sizes.runs("memory").then(|| {
+        let served_rss = start_rss(
+            ServeSettings::model_dir(COOKIE, &model)
+                .env("HARNESS_TASK", "generation")
+                .env("HARNESS_MAX_SEQUENCES", SLOTS)
+                .env("HARNESS_MAX_CONTEXT", CONTEXT)
+                .serving("generation_bench_rss"),
+        );
+        let demo_rss = start_rss(ServeSettings::demo(COOKIE).serving("generation_bench_rss_demo"));
+        eprintln!(
+            "harness serve: peak RSS {:.0} MiB (the demo model's {:.0} MiB), ready in {:.2?}",
+            kib_to_mib(served_rss.peak),
+            kib_to_mib(demo_rss.peak),
+            served_rss.ready_in
+        );
+        (served_rss, demo_rss)
+    });
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -714,12 +1303,22 @@ fn main() {
         .unwrap();
     let mut measured = runtime.block_on(measure(&model, &work, &sizes));
 
-    println!();
-    print_comparison(&work, &sizes, &mut measured);
-    println!();
-    print_concurrency(&sizes, &measured.rows);
-    println!();
-    print_memory(&model, weights_bytes, &served_rss, &demo_rss);
+    if !measured.ours.is_empty() {
+        println!();
+        print_comparison(&work, &sizes, &mut measured);
+    }
+    if !measured.rows.is_empty() {
+        println!();
+        print_concurrency(&sizes, &measured.rows);
+    }
+    if !measured.streamed.is_empty() {
+        println!();
+        print_streaming(&work, &sizes, &measured.streamed, &measured.whole);
+    }
+    if let Some((served_rss, demo_rss)) = &rss {
+        println!();
+        print_memory(&model, weights_bytes, served_rss, demo_rss);
+    }
 }
 
 fn kib_to_mib(kib: u64) -> f64 {
