@@ -33,8 +33,7 @@ const COOKIE: &str = "a-chaos-test-cookie";
 /// answered (scheduling on a busy 2-core machine); later, it is lost.
 const GRACE: Duration = Duration::from_secs(1);
 
-/// ractor's registries are process-wide: one client in this process at a time.
-static ONE_CLIENT_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use support::client::ONE_CLIENT_AT_A_TIME;
 
 fn long() -> bool {
     std::env::var("HARNESS_CHAOS").as_deref() == Ok("long")

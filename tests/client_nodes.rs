@@ -17,8 +17,7 @@ use support::node::{free_port, ServeProcess};
 
 const COOKIE: &str = "a-client-nodes-test-cookie";
 
-/// ractor's process groups are process-wide: one client at a time in this file.
-static ONE_CLIENT_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use support::client::ONE_CLIENT_AT_A_TIME;
 
 fn config(serving: &str, nodes: &[&str], cookie: &str) -> ClientConfig {
     let mut config = ClientConfig::new(nodes.iter().map(|n| n.to_string()).collect(), cookie);

@@ -14,11 +14,7 @@ use support::serving::{crash_regardless, member};
 
 const COOKIE: &str = "a-test-cookie-not-a-real-one";
 
-/// ractor's registries (process groups, remote actor ids) are process-wide, and
-/// two client nodes in one process can name different remote actors alike: one
-/// `HarnessClient` per process, as in an application. The tests of this file
-/// that hold a client in this process take turns.
-static ONE_CLIENT_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use support::client::ONE_CLIENT_AT_A_TIME;
 
 /// A `harness serve` of the demo model as `serving`, with `extra` settings, ready;
 /// the cookie never shows in its log.

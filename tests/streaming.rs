@@ -11,8 +11,9 @@ use harness_client::{FinishReason, Generation, ServingError, StreamChunk};
 
 mod support;
 
+use support::client::ONE_CLIENT_AT_A_TIME;
 use support::llm::{endless_dir, greedy, serve_endless, Arch, TinyLlm};
-use support::node::{rss_kib, ServeProcess, ServeSettings};
+use support::node::{ServeProcess, ServeSettings};
 use support::serving::{generate, generate_request, http_get, metric, open_stream, pull_stream};
 
 const TIMEOUT_MS: u64 = 120_000;
@@ -54,9 +55,6 @@ async fn a_slow_reader_gets_coalesced_deltas_and_costs_only_its_unpulled_ids() {
         .await
         .unwrap();
     let took = Instant::now();
-    // The node runs in this process: its resident memory is this process's.
-    let rss_before = rss_kib(std::process::id());
-    let mut rss_most = rss_before;
     let opened = open_stream(&actor, generate_request(prompt, greedy(TOKENS), TIMEOUT_MS))
         .await
         .unwrap();
@@ -65,19 +63,14 @@ async fn a_slow_reader_gets_coalesced_deltas_and_costs_only_its_unpulled_ids() {
     let chunks = pull_all(&actor, opened.stream, Duration::from_secs(1), || {
         let status = shared.generation_status().unwrap();
         most_unpulled = most_unpulled.max(status.stream_tokens_unpulled);
-        rss_most = rss_most.max(rss_kib(std::process::id()));
     })
     .await
     .unwrap();
     let seconds = took.elapsed().as_secs_f64();
-    let rss_growth_kib = rss_most.saturating_sub(rss_before);
     eprintln!(
-        "{TOKENS} tokens in {} pulls over {seconds:.1} s; at most {most_unpulled} ids waited on the node; resident memory grew by {rss_growth_kib} KiB at most",
+        "{TOKENS} tokens in {} pulls over {seconds:.1} s; at most {most_unpulled} ids waited on the node",
         chunks.len()
     );
-    // Coarse (the allocator and libtorch's scratch of the steps move it), but a
-    // node that kept a copy of every step, or text per token, would show.
-    assert!(rss_growth_kib < 64 * 1024, "{rss_growth_kib} KiB");
     let text: String = chunks.iter().map(|c| c.delta.text.as_str()).collect();
     let ids: Vec<u32> = chunks
         .iter()
@@ -109,6 +102,60 @@ async fn a_slow_reader_gets_coalesced_deltas_and_costs_only_its_unpulled_ids() {
         Err(ServingError::BadInput { .. })
     ));
     node.shutdown(Duration::from_secs(5)).await;
+}
+
+/// The same slow reader through a real client (which keeps one chunk ahead of
+/// its consumer) against a `harness serve` process, whose resident memory is
+/// measured while the reader lags: the node keeps ids, not a growing copy of
+/// anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_reader_does_not_grow_the_node_process() {
+    let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
+    const COOKIE: &str = "a-slow-reader-cookie";
+    const TOKENS: u32 = 1500;
+    let (_dir, node) = endless_node(COOKIE, "slow_process", 4096);
+    let client = node.connect(Duration::from_secs(120)).await;
+    let prompt = "Once upon a time, there was a";
+    let whole = client.generate(prompt, greedy(TOKENS), None).await.unwrap();
+    let addr = node.http_addr().parse().unwrap();
+    let rss_before = node.rss_kib();
+    let (mut rss_most, mut most_unpulled) = (rss_before, 0);
+    let mut stream = client
+        .generate_stream(prompt, greedy(TOKENS), None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", node.log()));
+    let mut deltas = Vec::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let status: serde_json::Value =
+            serde_json::from_str(&http_get(addr, "/status").await).unwrap();
+        let unpulled = status["generation"]["stream_tokens_unpulled"]
+            .as_u64()
+            .unwrap();
+        most_unpulled = most_unpulled.max(unpulled);
+        rss_most = rss_most.max(node.rss_kib());
+        match stream.next().await {
+            Some(delta) => deltas.push(delta.unwrap()),
+            None => break,
+        }
+    }
+    let growth = rss_most.saturating_sub(rss_before);
+    eprintln!(
+        "{TOKENS} tokens in {} deltas; at most {most_unpulled} ids waited on the node; its resident memory grew by {growth} KiB at most",
+        deltas.len()
+    );
+    let ids: Vec<u32> = deltas.iter().flat_map(|d| d.token_ids.clone()).collect();
+    let text: String = deltas.iter().map(|d| d.text.as_str()).collect();
+    assert_eq!((ids, text), (whole.token_ids, whole.text));
+    assert!(
+        deltas.len() < TOKENS as usize / 10,
+        "{} deltas",
+        deltas.len()
+    );
+    assert!(most_unpulled <= u64::from(TOKENS), "{most_unpulled}");
+    // Coarse (the allocator and libtorch's scratch of the steps move it), but a
+    // node that kept a copy per step, or text per token, would show.
+    assert!(growth < 64 * 1024, "{growth} KiB");
 }
 
 /// A stream whose deadline passes mid-generation ends with `DeadlineExceeded`
@@ -153,6 +200,7 @@ async fn a_stream_past_its_deadline_ends_and_frees_its_slot() {
 /// across tokens, and its end says why it ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streamed_greedy_equals_transformers_and_the_whole_answer() {
+    let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
     const COOKIE: &str = "a-streaming-cookie";
     let model = TinyLlm::get(Arch::Llama);
     let node = ServeSettings::model_dir(COOKIE, &model.dir)
@@ -225,14 +273,15 @@ async fn streamed_greedy_equals_transformers_and_the_whole_answer() {
 
 /// With one slot, a stream dropped after 3 deltas frees the slot for the
 /// request waiting behind it: that request is answered, the dropped one is
-/// counted cancelled and made few tokens of its 4000.
+/// counted cancelled and made few of the tokens it asked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dropped_stream_frees_its_slot_for_the_request_behind_it() {
+    let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
     const COOKIE: &str = "a-stream-drop-cookie";
-    let (_dir, node) = one_slot_endless_node(COOKIE, "stream_drop");
+    let (_dir, node) = endless_node(COOKIE, "stream_drop", ENDLESS_CONTEXT);
     let client = node.connect(Duration::from_secs(120)).await;
     let mut first = client
-        .generate_stream("Hello", greedy(4000), None)
+        .generate_stream("Hello", greedy(ENDLESS), None)
         .await
         .unwrap();
     let mut delivered = first.next().await.unwrap().unwrap().token_ids.len();
@@ -253,7 +302,7 @@ async fn a_dropped_stream_frees_its_slot_for_the_request_behind_it() {
     eprintln!("the dropped stream made {made} tokens, {delivered} of them delivered");
     assert_eq!(cancelled, 1.0);
     assert!(
-        made >= delivered as f64 && made < 1000.0,
+        made >= delivered as f64 && made < f64::from(ENDLESS),
         "{made} tokens made"
     );
 }
@@ -262,8 +311,9 @@ async fn a_dropped_stream_frees_its_slot_for_the_request_behind_it() {
 /// frees its slot for the request behind it, as a dropped stream does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_caller_killed_mid_stream_frees_its_slot() {
+    let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
     const COOKIE: &str = "a-stream-kill-cookie";
-    let (_dir, node) = one_slot_endless_node(COOKIE, "stream_kill");
+    let (_dir, node) = endless_node(COOKIE, "stream_kill", ENDLESS_CONTEXT);
     let mut caller = std::process::Command::new(env!("CARGO_BIN_EXE_harness"))
         .args([
             "call",
@@ -272,13 +322,8 @@ async fn a_caller_killed_mid_stream_frees_its_slot() {
             "--serving-name",
             "stream_kill",
         ])
-        .args([
-            "--generate",
-            "Hello",
-            "--greedy",
-            "--max-new-tokens",
-            "4000",
-        ])
+        .args(["--generate", "Hello", "--greedy", "--max-new-tokens"])
+        .arg(ENDLESS.to_string())
         .args(["--deadline-ms", "600000"])
         .env("HARNESS_COOKIE", COOKIE)
         .env_remove("RUST_LOG")
@@ -304,7 +349,7 @@ async fn a_caller_killed_mid_stream_frees_its_slot() {
     eprintln!("the killed caller's generation made {made} tokens");
     assert_eq!(cancelled, 1.0);
     assert!(
-        made < 4000.0,
+        made < f64::from(ENDLESS),
         "{made} tokens made: the generation ran to its end"
     );
     // No one will pull its stream: closed at once (not after its 10-minute
@@ -324,31 +369,39 @@ async fn a_caller_killed_mid_stream_frees_its_slot() {
 }
 
 /// A `harness serve` process of the Llama checkpoint that never stops on an
-/// EOS, with one slot and a context of 4096 (a generation of thousands of
-/// tokens), and the folder it serves.
-fn one_slot_endless_node(cookie: &str, serving: &str) -> (tempfile::TempDir, ServeProcess) {
+/// EOS, with one slot and `context` tokens, and the folder it serves.
+fn endless_node(cookie: &str, serving: &str, context: u32) -> (tempfile::TempDir, ServeProcess) {
     let dir = endless_dir(Arch::Llama);
     let node = ServeSettings::model_dir(cookie, dir.path())
         .env("HARNESS_TASK", "generation")
         .env("HARNESS_MAX_SEQUENCES", 1)
-        .env("HARNESS_MAX_CONTEXT", 4096)
+        .env("HARNESS_MAX_CONTEXT", context)
         .serving(serving)
         .start();
     (dir, node)
 }
 
+/// Tokens of a generation that cannot end before a test acts on it (minutes
+/// of steps for the tiny model), and the context that holds them.
+const ENDLESS: u32 = 30_000;
+const ENDLESS_CONTEXT: u32 = 32_768;
+
 /// Waits until the node has `n` requests waiting for a slot.
 async fn wait_until_queued(node: &ServeProcess, n: u64) {
     let addr = node.http_addr().parse().unwrap();
+    let mut status = serde_json::Value::Null;
     for _ in 0..600 {
-        let status: serde_json::Value =
-            serde_json::from_str(&http_get(addr, "/status").await).unwrap();
+        status = serde_json::from_str(&http_get(addr, "/status").await).unwrap();
         if status["queue_depth"].as_u64() == Some(n) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("no request queued behind the stream");
+    let metrics = http_get(addr, "/metrics").await;
+    panic!(
+        "no request queued behind the stream: {status}\n{metrics}\n{}",
+        node.log()
+    );
 }
 
 /// Generations counted cancelled on the node, and the tokens made by others

@@ -5,6 +5,13 @@ use std::time::Duration;
 
 use harness_client::{ClientConfig, HarnessClient, WireTensor};
 
+/// Held by each test that runs a `HarnessClient`: ractor's registries (process
+/// groups, remote actor ids) are process-wide, and two clients' sessions number
+/// their peers alike (each from 0), so one client's peer going away removes
+/// the other's servings from the shared groups. One client in a test binary at
+/// a time.
+pub static ONE_CLIENT_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A client's settings: the serving `serving` on `nodes` (`HOST:PORT` of their
 /// cluster listeners), with `cookie`, and `deadline` for calls that give none.
 pub fn client_config(
