@@ -6,6 +6,8 @@
 
 mod support;
 
+use support::client::ONE_CLIENT_AT_A_TIME;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -67,6 +69,7 @@ async fn pytorch_files_that_are_not_torchscript_are_named_for_what_they_are() {
 /// limit, at once, not `Overloaded` retried by the client to its deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_of_more_items_than_the_queue_holds_is_bad_input_at_once() {
+    let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
     let serving = "more_than_the_queue";
     let node = ServeProcess::start(COOKIE, serving, &[("HARNESS_MAX_QUEUE", "16")]);
     let client = node.connect(Duration::from_secs(30)).await;
@@ -106,6 +109,7 @@ fn threads_named(pid: u32, name: &str) -> usize {
 /// it holds) is gone once the new serving is ready, not kept by a stale handle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_servings_engine_is_gone_once_the_next_one_serves() {
+    let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
     let serving = "one_engine_after_a_crash";
     let node = ServeProcess::start(COOKIE, serving, &[("HARNESS_FAULT_INJECTION", "1")]);
     let pid = node.child.id();
@@ -137,6 +141,7 @@ async fn a_crashed_servings_engine_is_gone_once_the_next_one_serves() {
 /// left over the cluster session, and the caller gets it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_request_still_delivers_the_answer() {
+    let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
     let serving = "answer_through_the_drain";
     // A batch that waits 3 s for company: a request in flight for that long.
     let mut node = ServeProcess::start(COOKIE, serving, &[("HARNESS_MAX_BATCH_DELAY_MS", "3000")]);
@@ -269,6 +274,7 @@ async fn an_os_error_is_printed_once() {
 /// the deadline after the node dropped the session over it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_over_the_nodes_lower_limit_is_too_large_at_once() {
+    let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
     let serving = "lower_node_limit";
     let node = ServeProcess::start(COOKIE, serving, &[("HARNESS_MAX_MESSAGE_BYTES", "100000")]);
     // The client's own limit is the default, 64 MiB.
@@ -297,6 +303,7 @@ async fn a_request_over_the_nodes_lower_limit_is_too_large_at_once() {
 /// client is served throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_peers_are_held_to_small_frames_and_a_deadline() {
+    let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let serving = "before_authentication";
     let node = ServeProcess::start(COOKIE, serving, &[]);
@@ -466,6 +473,7 @@ async fn a_full_disk_says_how_much_is_needed_and_keeps_the_partial() {
 /// message and a supervised restart, not in `warming` forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_during_warm_up_ends_in_failed_and_a_restart() {
+    let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
     let serving = "warm_up_panic";
     let node = ServeProcess::start(COOKIE, serving, &[("HARNESS_FAULT_INJECTION", "1")]);
     let client = node.connect(Duration::from_secs(30)).await;
@@ -495,6 +503,7 @@ async fn a_panic_during_warm_up_ends_in_failed_and_a_restart() {
 /// expected digest, which ractor_cluster logs) is not in the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_cookie_is_warned_about_and_the_handshake_is_never_logged() {
+    let _turn = ONE_CLIENT_AT_A_TIME.lock().await;
     let cookie = "zq9";
     let serving = "short_cookie";
     let port = support::node::free_port();
