@@ -635,14 +635,16 @@ impl Task for GenerationTask {
                 .generate(prepared.sequence)
                 .await
                 .map_err(|e| serving_error(e, timing.received))?;
-            let tokenizer = self.tokenizer.clone();
-            let ids = finished.tokens.clone();
-            let text = off_async(move || tokenizer.decode(&ids), internal).await?;
-            // The whole text is the judge: a stop string in it ends it there,
-            // whatever ended the generation.
-            let (text, reason) = match stop::cut_at_first(&text, &prepared.stops) {
-                Some(cut) => (cut, FinishReason::Stop),
-                None => (text, finish_reason(finished.reason)),
+            let (tokenizer, ids) = (self.tokenizer.clone(), finished.tokens.clone());
+            let stops = prepared.stops;
+            let (text, stopped) = off_async(
+                move || stop::answer_text(&tokenizer, &ids, &stops),
+                internal,
+            )
+            .await?;
+            let reason = match stopped {
+                true => FinishReason::Stop,
+                false => finish_reason(finished.reason),
             };
             Ok(Generation {
                 text,

@@ -66,6 +66,22 @@ impl StopStrings {
     }
 }
 
+/// A generation's text as it is answered, streamed or whole: its tokens decoded
+/// together, cut where the first of `stops` begins; and whether one did. The
+/// whole text is the judge: a stop string in it ends it there, whatever ended
+/// the generation.
+pub fn answer_text(
+    tokenizer: &TextTokenizer,
+    ids: &[u32],
+    stops: &[String],
+) -> Result<(String, bool), String> {
+    let whole = tokenizer.decode(ids)?;
+    Ok(match cut_at_first(&whole, stops) {
+        Some(cut) => (cut, true),
+        None => (whole, false),
+    })
+}
+
 /// `text` up to where the first of `stops` begins, or `None` when none occurs.
 pub fn cut_at_first(text: &str, stops: &[String]) -> Option<String> {
     let end = stops.iter().filter_map(|s| text.find(s.as_str())).min()?;

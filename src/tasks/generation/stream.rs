@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use harness_client::{FinishReason, GenerationDelta, GenerationEnd, ServingError, StreamChunk};
 
 use super::detokenize::{releasable, Detokenizer};
-use super::stop::cut_at_first;
+use super::stop::answer_text;
 use super::watcher::Unpulled;
 use crate::tasks::tokenizer::TextTokenizer;
 
@@ -221,14 +221,9 @@ impl TextStream {
         reader: &Reader,
         giving: &str,
     ) -> Result<(String, Option<FinishReason>), ServingError> {
-        let whole = self
-            .tokenizer
-            .decode(&reader.ids)
+        let (whole, stopped) = answer_text(&self.tokenizer, &reader.ids, &self.stops)
             .map_err(crate::tasks::internal)?;
-        let (whole, stopped) = match cut_at_first(&whole, &self.stops) {
-            Some(cut) => (cut, Some(FinishReason::Stop)),
-            None => (whole, None),
-        };
+        let stopped = stopped.then_some(FinishReason::Stop);
         let given = reader.given + giving.len();
         let mut hash = reader.given_hash.clone();
         hash.write(giving.as_bytes());
