@@ -109,9 +109,14 @@ pub fn tells_the_handshake(message: &str) -> bool {
     message.contains("auth state")
 }
 
-/// Whether a ractor_cluster warning only says that a peer closed its session.
+/// Whether a ractor_cluster warning only says that a peer closed its session:
+/// the session's end itself, a reset while reading, or the stand-in of one of
+/// the peer's actors (a client's caller member) stopping with it, which
+/// ractor_cluster calls an unknown child's exit.
 pub fn is_normal_session_end(message: &str) -> bool {
     (message.starts_with("Node session") && message.contains("tcp_session_closed"))
+        || (message.contains("received an unknown child actor exit event")
+            && message.contains("\"remote\""))
         || (message.starts_with("Closing cluster stream after framing error")
             && (message.contains("Connection reset by peer") || message.contains("os error 104")))
 }
@@ -977,6 +982,13 @@ mod tests {
         ));
         assert!(!is_normal_session_end(
             "Closing cluster stream after framing error: frame too large"
+        ));
+        // A client's caller member, stopping as its session ends.
+        assert!(is_normal_session_end(
+            "NodeSession Some(NameMessage { name: \"harness-client-1@localhost\" }) received an unknown child actor exit event from 0.8 - 'Some(\"remote\")'"
+        ));
+        assert!(!is_normal_session_end(
+            "NodeSession Some(NameMessage { name: \"c\" }) received an unknown child actor exit event from 0.8 - 'Some(\"panicked\")'"
         ));
     }
 }
