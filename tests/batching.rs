@@ -316,7 +316,63 @@ async fn token_requests_of_different_lengths_are_padded_per_batch_and_pooled_as_
             assert!((g - w).abs() < 1e-5, "{ids:?}: {got:?}");
         }
     }
-    // Fewer forwards than texts: lengths of one bucket shared batches.
+    // Fewer forwards than texts: texts of like length shared batches.
     let forwards = engine.stats().forwards.load(Ordering::Relaxed);
     assert!(forwards < texts.len() as u64, "{forwards} forwards");
+}
+
+/// Token batches are chosen by length from everything queued, not in arrival
+/// order: texts of four lengths arriving interleaved run as four forwards with
+/// no padding at all. (The delay is far longer than the test: a batch forms
+/// once the queue holds a batch's worth, so nothing here depends on timing.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queued_texts_are_batched_by_length_without_padding() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::load_with(
+        save_token_model(dir.path()),
+        DeviceChoice::Cpu,
+        config(64, 600_000, 1024),
+        Collate::Tokens {
+            pad_values: vec![0, 0],
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    // Each length more than twice the one below: padding a text to the next
+    // length would cost more slots than its own tokens.
+    let lengths = [4, 9, 20, 41];
+    let callers: Vec<_> = (0..64)
+        .map(|i| {
+            let engine = engine.clone();
+            let ids: Vec<i64> = (0..lengths[i % 4])
+                .map(|t| (t + i as i64) % 49 + 1)
+                .collect();
+            tokio::spawn(async move { engine.run(token_inputs(&ids), far()).await.expect("run") })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let stats = engine.stats();
+    let read = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    assert_eq!(read(&stats.forwards), 4);
+    assert_eq!(read(&stats.tokens), 16 * (4 + 9 + 20 + 41));
+    assert_eq!(read(&stats.token_slots), read(&stats.tokens), "no padding");
+}
+
+/// The same items per forward through the batcher whatever the callers' pace:
+/// 64 single items with a batch of 32 and a delay longer than the test make
+/// exactly two forwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_items_fill_whole_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, engine) = load_affine(dir.path(), config(32, 600_000, 1024)).await;
+    for caller in run_each(&engine, (0..64).map(|i| input(1, i as f64))) {
+        let (x, out) = caller.await.unwrap();
+        assert_close(&out[0], &model.apply(&x)[0]);
+    }
+    let stats = engine.stats();
+    assert_eq!(stats.forwards.load(Ordering::Relaxed), 2);
+    assert_eq!(stats.batched_items.load(Ordering::Relaxed), 64);
 }

@@ -482,3 +482,28 @@ async fn a_corrupted_cached_model_is_fetched_again_or_refused_offline() {
     assert_eq!(node.shared().restarts(), 0, "no restart can fix it");
     node.shutdown(Duration::from_secs(1)).await;
 }
+
+/// Batching efficiency, without timing: with a batch delay far longer than the
+/// test, 64 single-item callers through the actor fill exactly two forwards of
+/// 32 (a batch runs only when full), and every caller gets its own rows. A
+/// serving path that held requests back, or ran them one by one, fails this.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_item_callers_through_the_actor_fill_every_forward() {
+    let (published, model) = ModelRepo::affine(REPO).await;
+    let (node, serving) = ready_node(
+        &published,
+        "single_item_callers_through_the_actor_fill_every_forward",
+        &["--max-batch-size=32", "--max-batch-delay-ms=600000"],
+    )
+    .await;
+    let stats = node.shared().engine_stats().unwrap();
+    let before = stats.forwards.load(Ordering::Relaxed);
+    let callers = spawn_callers(&serving, 64);
+    for caller in callers {
+        let (out, x) = caller.await.unwrap();
+        assert_rows(&out.unwrap(), &model.apply(&x)[0]);
+    }
+    let forwards = stats.forwards.load(Ordering::Relaxed) - before;
+    assert_eq!(forwards, 2, "64 single items in batches of 32");
+    node.shutdown(Duration::from_secs(1)).await;
+}

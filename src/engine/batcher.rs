@@ -1,11 +1,15 @@
 //! Dynamic batching on the engine thread.
 //!
-//! Callers' requests wait in one queue. The thread takes the oldest request and
-//! gathers others with the same batch key (see [`Collate`]: for tensors the dtype
-//! and trailing shape of every input, for tokens the length bucket) until it holds `max_batch_size` items or the
-//! oldest has waited `max_batch_delay`; it joins them along dim 0, runs one
-//! forward, splits the outputs and answers each caller. A request whose deadline
-//! passed while it waited is answered `DeadlineExceeded` and never run.
+//! Callers' requests wait in one queue, their tensors as host bytes
+//! ([`HostTensor`]). The thread takes the oldest request and gathers others with
+//! the same batch key (see [`Collate`]: for tensors the dtype and trailing shape
+//! of every input; token sequences of any length) until it holds
+//! `max_batch_size` items or the oldest has waited `max_batch_delay`. It chooses
+//! the batch (token sequences by length, [`choose_by_length`]), copies the
+//! requests' bytes into one input tensor per input, runs one forward, and
+//! answers each caller from this thread with its rows of the outputs' bytes: no
+//! tensor per request, no hop back through the async runtime. A request whose
+//! deadline passed while it waited is answered `DeadlineExceeded` and never run.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -16,8 +20,9 @@ use std::time::{Duration, Instant};
 use tch::Tensor;
 use tokio::sync::{oneshot, watch};
 
-use super::collate::{BatchKey, Collate};
+use super::collate::{choose_by_length, BatchKey};
 use super::error::{panic_message, ForwardError, RunError};
+use super::host::{join_rows, HostTensor};
 use super::model::Model;
 
 /// How requests are gathered into batches.
@@ -58,6 +63,39 @@ pub struct EngineStats {
     pub forwards: AtomicU64,
     /// Items run in batches.
     pub batched_items: AtomicU64,
+    /// Tokens of token batches' texts, and the token slots their forwards ran
+    /// (texts padded to their batch's longest): their ratio is the share of a
+    /// forward's work that was padding.
+    pub tokens: AtomicU64,
+    pub token_slots: AtomicU64,
+}
+
+/// What a batched request's caller is answered with: its rows of every output.
+pub type Answer = Result<Vec<HostTensor>, RunError>;
+
+/// Where a batched request's answer goes: called exactly once, on the engine
+/// thread (or on the caller's, when the request is refused at once). A request
+/// dropped unanswered (the engine thread gone) is answered `Stopped`.
+pub(super) struct Reply(Option<Box<dyn FnOnce(Answer) + Send>>);
+
+impl Reply {
+    pub fn new(to: impl FnOnce(Answer) + Send + 'static) -> Self {
+        Reply(Some(Box::new(to)))
+    }
+
+    pub fn send(mut self, answer: Answer) {
+        if let Some(to) = self.0.take() {
+            to(answer);
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Some(to) = self.0.take() {
+            to(Err(RunError::Forward(ForwardError::Stopped)));
+        }
+    }
 }
 
 /// Work for the engine thread.
@@ -72,12 +110,28 @@ pub(super) enum Job {
 }
 
 pub(super) struct Request {
-    pub inputs: Vec<Tensor>,
+    pub inputs: Vec<HostTensor>,
     pub items: i64,
     pub key: BatchKey,
     pub enqueued: Instant,
     pub deadline: Instant,
-    pub reply: oneshot::Sender<Result<Vec<Tensor>, RunError>>,
+    pub reply: Reply,
+}
+
+impl Request {
+    /// Answered `DeadlineExceeded`, unrun.
+    fn expire(self, now: Instant) {
+        let waited = now.saturating_duration_since(self.enqueued);
+        self.reply.send(Err(RunError::DeadlineExceeded { waited }));
+    }
+
+    /// Tokens per item (token requests are `[items, tokens]`).
+    fn tokens(&self) -> i64 {
+        self.inputs
+            .first()
+            .and_then(|t| t.shape.get(1).copied())
+            .unwrap_or(0)
+    }
 }
 
 /// Serves the queue until every handle is gone or the engine fails. A failure
@@ -99,6 +153,7 @@ pub(super) fn serve(
         fatal,
         waiting: VecDeque::new(),
         open: true,
+        gathered_through: None,
     };
     // One check of the engine's health per step: each step runs at most one forward.
     while !batcher.failed() && (batcher.open || !batcher.waiting.is_empty()) {
@@ -119,6 +174,10 @@ struct Batcher<'a> {
     waiting: VecDeque<Request>,
     /// False once every handle is gone: what is waiting is still served.
     open: bool,
+    /// When batches are chosen by length: the arrival of the newest request of
+    /// the last full gathering. Those requests had their company; what a
+    /// shorter batch left of them runs next without waiting again.
+    gathered_through: Option<Instant>,
 }
 
 impl Batcher<'_> {
@@ -142,8 +201,15 @@ impl Batcher<'_> {
         }
         self.take_arrived();
         let key = self.waiting[0].key.clone();
-        let fill_until = self.waiting[0].enqueued + self.max_delay;
+        let oldest = self.waiting[0].enqueued;
+        let fill_until = match self.gathered_through {
+            Some(through) if oldest <= through => oldest,
+            _ => oldest + self.max_delay,
+        };
         self.gather(&key, fill_until);
+        if self.model.collate.by_length() && self.gathered(&key) >= self.max_batch {
+            self.gathered_through = self.waiting.iter().map(|r| r.enqueued).max();
+        }
         // A direct forward taken in meanwhile may have failed the engine.
         if self.failed() {
             return;
@@ -193,16 +259,20 @@ impl Batcher<'_> {
         }
     }
 
+    /// Items waiting with batch key `key`.
+    fn gathered(&self, key: &BatchKey) -> i64 {
+        self.waiting
+            .iter()
+            .filter(|r| &r.key == key)
+            .map(|r| r.items)
+            .sum()
+    }
+
     /// More requests like the oldest, until the batch is full or the oldest has
     /// waited long enough.
     fn gather(&mut self, key: &BatchKey, fill_until: Instant) {
         while self.open && !self.failed() {
-            let gathered: i64 = self
-                .waiting
-                .iter()
-                .filter(|r| &r.key == key)
-                .map(|r| r.items)
-                .sum();
+            let gathered = self.gathered(key);
             let now = Instant::now();
             if gathered >= self.max_batch || now >= fill_until {
                 return;
@@ -215,27 +285,53 @@ impl Batcher<'_> {
         }
     }
 
-    /// The batch of `key`, in arrival order; whatever has expired meanwhile is
-    /// answered `DeadlineExceeded`, unrun.
+    /// The batch of `key` (in arrival order, or for token requests chosen by
+    /// length around the oldest); whatever has expired meanwhile is answered
+    /// `DeadlineExceeded`, unrun.
     fn take_batch(&mut self, key: &BatchKey) -> Vec<Request> {
         let now = Instant::now();
-        let mut batch = Vec::new();
-        let mut items = 0;
+        let mut candidates = Vec::new();
         for request in std::mem::take(&mut self.waiting) {
             if request.deadline <= now {
                 self.dequeued(request.items);
-                let waited = now.duration_since(request.enqueued);
-                let _ = request
-                    .reply
-                    .send(Err(RunError::DeadlineExceeded { waited }));
-            } else if &request.key == key && items + request.items <= self.max_batch {
-                items += request.items;
-                batch.push(request);
+                request.expire(now);
+            } else if &request.key == key && request.items <= self.max_batch {
+                candidates.push(request);
             } else {
                 self.waiting.push_back(request);
             }
         }
-        self.dequeued(items);
+        let chosen: Vec<usize> = if self.model.collate.by_length() {
+            let queued: Vec<(i64, i64)> =
+                candidates.iter().map(|r| (r.tokens(), r.items)).collect();
+            choose_by_length(&queued, self.max_batch)
+        } else {
+            let mut items = 0;
+            (0..candidates.len())
+                .filter(|&i| {
+                    let fits = items + candidates[i].items <= self.max_batch;
+                    if fits {
+                        items += candidates[i].items;
+                    }
+                    fits
+                })
+                .collect()
+        };
+        let mut batch = Vec::with_capacity(chosen.len());
+        let mut left = Vec::new();
+        let mut chosen = chosen.into_iter().peekable();
+        for (i, request) in candidates.into_iter().enumerate() {
+            if chosen.next_if_eq(&i).is_some() {
+                batch.push(request);
+            } else {
+                left.push(request);
+            }
+        }
+        // What was not chosen keeps its place, ahead of anything of another key
+        // that arrived later.
+        let others = std::mem::take(&mut self.waiting);
+        self.waiting = merge_by_arrival(left, others);
+        self.dequeued(batch.iter().map(|r| r.items).sum());
         batch
     }
 
@@ -249,21 +345,30 @@ impl Batcher<'_> {
         }
         let _span =
             tracing::debug_span!("engine.batch", requests = batch.len(), items = total).entered();
-        let (inputs, replies): (Vec<_>, Vec<_>) =
-            batch.into_iter().map(|r| (r.inputs, r.reply)).unzip();
-        let result = self.guarded(|| self.model.forward_joined(inputs, &sizes));
+        if self.model.collate.by_length() {
+            let longest = batch.iter().map(Request::tokens).max().unwrap_or(0);
+            let tokens: i64 = batch.iter().map(|r| r.tokens() * r.items).sum();
+            self.stats
+                .tokens
+                .fetch_add(tokens as u64, Ordering::Relaxed);
+            self.stats
+                .token_slots
+                .fetch_add((longest * total) as u64, Ordering::Relaxed);
+        }
+        let inputs: Vec<&[HostTensor]> = batch.iter().map(|r| r.inputs.as_slice()).collect();
+        let result = self.guarded(|| self.model.forward_joined(&inputs, &sizes));
         self.stats
             .batched_items
             .fetch_add(total as u64, Ordering::Relaxed);
         match result {
             Ok(parts) => {
-                for (reply, part) in replies.into_iter().zip(parts) {
-                    let _ = reply.send(Ok(part));
+                for (request, part) in batch.into_iter().zip(parts) {
+                    request.reply.send(Ok(part));
                 }
             }
             Err(err) => {
-                for reply in replies {
-                    let _ = reply.send(Err(RunError::Forward(err.clone())));
+                for request in batch {
+                    request.reply.send(Err(RunError::Forward(err.clone())));
                 }
             }
         }
@@ -272,18 +377,15 @@ impl Batcher<'_> {
     /// A request of more than `max_batch` items: its slices run one batch each, and
     /// the outputs are joined back, so the caller sees one answer.
     fn run_oversized(&self, request: Request) {
-        if request.deadline <= Instant::now() {
-            let waited = request.enqueued.elapsed();
-            let _ = request
-                .reply
-                .send(Err(RunError::DeadlineExceeded { waited }));
-            return;
+        let now = Instant::now();
+        if request.deadline <= now {
+            return request.expire(now);
         }
         let _span = tracing::debug_span!("engine.oversized", items = request.items).entered();
         if let Some(observer) = self.stats.observer.get() {
             observer.batch(request.items as usize, &[request.enqueued.elapsed()]);
         }
-        let mut pieces: Vec<Vec<Tensor>> = Vec::new();
+        let mut pieces = Vec::new();
         let mut offset = 0;
         let mut result = Ok(());
         while offset < request.items {
@@ -292,16 +394,15 @@ impl Batcher<'_> {
                 let inputs = request
                     .inputs
                     .iter()
-                    .map(|t| t.f_narrow(0, offset, n).map_err(ForwardError::from_torch))
+                    .map(|t| t.rows(offset, n))
                     .collect::<Result<Vec<_>, _>>()?;
-                let mut parts = self.model.forward_joined(vec![inputs], &[n])?;
-                Ok(parts.pop().unwrap_or_default())
+                self.model.forward_host(inputs, &[n])
             });
             self.stats
                 .batched_items
                 .fetch_add(n as u64, Ordering::Relaxed);
             match slice {
-                Ok(outputs) => pieces.push(outputs),
+                Ok(mut outputs) => pieces.push(outputs.pop().unwrap_or_default()),
                 Err(err) => {
                     result = Err(err);
                     break;
@@ -309,9 +410,8 @@ impl Batcher<'_> {
             }
             offset += n;
         }
-        // The outputs of the slices, stacked (they are answers now, not token inputs).
-        let joined = result.and_then(|()| Collate::Stack.join(pieces));
-        let _ = request.reply.send(joined.map_err(RunError::Forward));
+        let joined = result.and_then(|()| join_rows(pieces));
+        request.reply.send(joined.map_err(RunError::Forward));
     }
 
     /// Runs one forward's worth of work with panics caught; counts the forward and
@@ -347,7 +447,22 @@ impl Batcher<'_> {
         }
         for request in std::mem::take(&mut self.waiting) {
             self.dequeued(request.items);
-            let _ = request.reply.send(Err(error.clone()));
+            request.reply.send(Err(error.clone()));
         }
+    }
+}
+
+/// Two queues of requests, each oldest first, as one, oldest first.
+fn merge_by_arrival(a: Vec<Request>, b: VecDeque<Request>) -> VecDeque<Request> {
+    let mut merged = VecDeque::with_capacity(a.len() + b.len());
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    loop {
+        let take_a = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) => x.enqueued <= y.enqueued,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => return merged,
+        };
+        merged.extend(if take_a { a.next() } else { b.next() });
     }
 }

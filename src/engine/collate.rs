@@ -1,17 +1,20 @@
-//! How one batch's requests become one forward's inputs, and its outputs each
-//! caller's answer.
+//! How one batch's requests become one forward's inputs, and which requests
+//! make a batch.
 //!
-//! The tensor task stacks items of one dtype and trailing shape. The embedding task
-//! batches token sequences of similar length: each batch is padded only to its own
-//! longest sequence (a short text is never padded to the longest in the queue). What
-//! a task does to the outputs on the device (pooling) is its own [`Finish`].
+//! The tensor task stacks items of one dtype and trailing shape. The embedding
+//! task batches token sequences: each batch is padded only to its own longest
+//! sequence, and is chosen from everything queued by length, so that texts of
+//! like length run together (a short text is never padded to the longest in the
+//! queue). What a task does to the outputs on the device (pooling) is its own
+//! [`Finish`].
 
 use tch::{Kind, Tensor};
 
 use super::error::ForwardError;
+use super::host::HostTensor;
 
 /// What a batch key compares: the dtype and trailing shape of each input (for
-/// token inputs, the length bucket instead of the length).
+/// token inputs, only the dtypes: any lengths may share a batch).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct BatchKey(Vec<(Kind, Vec<i64>)>);
 
@@ -21,8 +24,8 @@ pub enum Collate {
     /// Concatenate along dim 0; requests of one batch share every trailing shape.
     #[default]
     Stack,
-    /// Token sequences `[items, tokens]`, batched by length bucket and padded per
-    /// batch to its longest, each input with its own value (the pad token id for
+    /// Token sequences `[items, tokens]`, batched by length and padded per batch
+    /// to its longest, each input with its own value (the pad token id for
     /// `input_ids`, 0 for the attention mask and token types), in the model's order.
     Tokens { pad_values: Vec<i64> },
 }
@@ -35,110 +38,175 @@ pub trait Finish: Send + Sync {
     fn finish(&self, inputs: &[Tensor], outputs: Vec<Tensor>) -> Result<Vec<Tensor>, ForwardError>;
 }
 
-/// Length buckets for token batches: texts batch with others of their bucket and
-/// are padded to the longest in the batch, at most about half again their length.
-const TOKEN_BUCKETS: &[i64] = &[8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512];
-
-fn token_bucket(tokens: i64) -> i64 {
-    TOKEN_BUCKETS
-        .iter()
-        .copied()
-        .find(|&b| tokens <= b)
-        .unwrap_or_else(|| (tokens + 255) / 256 * 256)
-}
-
 impl Collate {
     /// Checks a request's inputs and gives the key of the batches it may join.
-    pub(super) fn key(&self, inputs: &[Tensor]) -> Result<BatchKey, ForwardError> {
+    pub(super) fn key(&self, inputs: &[HostTensor]) -> Result<BatchKey, ForwardError> {
+        let first = inputs
+            .first()
+            .map(|t| t.shape.as_slice())
+            .unwrap_or_default();
+        let items = first.first().copied().unwrap_or(0);
+        if items <= 0 || inputs.iter().any(|t| t.items() != items) {
+            return Err(ForwardError::Shape {
+                message: "every input must lead with the same, non-zero number of items"
+                    .to_string(),
+            });
+        }
+        if let Some((i, t)) = inputs.iter().enumerate().find(|(_, t)| !t.is_whole()) {
+            return Err(ForwardError::Shape {
+                message: format!(
+                    "input {i}: shape {:?} of {:?} does not match its {} bytes",
+                    t.shape,
+                    t.kind,
+                    t.data.len()
+                ),
+            });
+        }
         match self {
             Collate::Stack => Ok(BatchKey(
                 inputs
                     .iter()
-                    .map(|t| (t.kind(), t.size().get(1..).unwrap_or_default().to_vec()))
+                    .map(|t| (t.kind, t.shape[1..].to_vec()))
                     .collect(),
             )),
             Collate::Tokens { pad_values } => {
-                let shape = |t: &Tensor| t.size();
-                let first = inputs.first().map(shape).unwrap_or_default();
                 let fits = inputs.len() == pad_values.len()
                     && first.len() == 2
                     && first[1] > 0
                     && inputs
                         .iter()
-                        .all(|t| shape(t) == first && t.kind() == Kind::Int64);
+                        .all(|t| t.shape == first && t.kind == Kind::Int64);
                 if !fits {
                     return Err(ForwardError::Shape {
                         message: format!(
                             "token inputs are {} int64 tensors of one shape [items, tokens]; got {:?}",
                             pad_values.len(),
-                            inputs.iter().map(|t| (t.kind(), t.size())).collect::<Vec<_>>()
+                            inputs.iter().map(|t| (t.kind, &t.shape)).collect::<Vec<_>>()
                         ),
                     });
                 }
-                let bucket = token_bucket(first[1]);
-                Ok(BatchKey(vec![(Kind::Int64, vec![bucket]); inputs.len()]))
+                Ok(BatchKey(vec![(Kind::Int64, Vec::new()); inputs.len()]))
             }
         }
     }
 
-    /// Input `i` of every request, joined along dim 0 (token inputs padded first to
-    /// the batch's longest).
-    pub(super) fn join(&self, mut inputs: Vec<Vec<Tensor>>) -> Result<Vec<Tensor>, ForwardError> {
-        if inputs.len() == 1 {
-            return Ok(inputs.pop().unwrap_or_default());
+    /// Whether batches are chosen by length ([`choose_by_length`]).
+    pub(super) fn by_length(&self) -> bool {
+        matches!(self, Collate::Tokens { .. })
+    }
+
+    /// Input `i` of every request, joined along dim 0 into one CPU tensor (token
+    /// inputs padded to the batch's longest): one copy of each request's bytes.
+    pub(super) fn join(&self, requests: &[&[HostTensor]]) -> Result<Vec<Tensor>, ForwardError> {
+        let arity = requests.first().map_or(0, |r| r.len());
+        if let [one] = requests {
+            return one.iter().map(HostTensor::to_tensor).collect();
         }
-        let longest = inputs
-            .iter()
-            .filter_map(|r| r.first().and_then(|t| t.size().get(1).copied()))
-            .max()
-            .unwrap_or(0);
-        let arity = inputs.first().map_or(0, Vec::len);
+        let total: i64 = requests.iter().map(|r| r[0].items()).sum();
         (0..arity)
-            .map(|i| {
-                let parts = inputs
-                    .iter()
-                    .map(|r| match self {
-                        Collate::Stack => Ok(r[i].shallow_clone()),
-                        Collate::Tokens { pad_values } => {
-                            let short = longest - r[i].size()[1];
-                            r[i].f_pad([0, short], "constant", pad_values[i] as f64)
+            .map(|i| match self {
+                Collate::Stack => {
+                    let first = &requests[0][i];
+                    let mut data = Vec::with_capacity(total as usize * first.row_bytes());
+                    for r in requests {
+                        data.extend_from_slice(&r[i].data);
+                    }
+                    let mut shape = first.shape.clone();
+                    shape[0] = total;
+                    Tensor::f_from_data_size(&data, &shape, first.kind)
+                        .map_err(ForwardError::from_torch)
+                }
+                Collate::Tokens { pad_values } => {
+                    let longest = requests.iter().map(|r| r[i].shape[1]).max().unwrap_or(0);
+                    let mut values = Vec::with_capacity((total * longest) as usize);
+                    for r in requests {
+                        let t = &r[i];
+                        for row in t.data.chunks_exact(t.row_bytes()) {
+                            values.extend(
+                                row.chunks_exact(8)
+                                    .map(|b| i64::from_ne_bytes(b.try_into().unwrap_or_default())),
+                            );
+                            let short = (longest - t.shape[1]) as usize;
+                            values.extend(std::iter::repeat_n(pad_values[i], short));
                         }
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(ForwardError::from_torch)?;
-                Tensor::f_cat(&parts, 0).map_err(ForwardError::from_torch)
+                    }
+                    Tensor::f_from_slice(&values)
+                        .and_then(|t| t.f_view([total, longest]))
+                        .map_err(ForwardError::from_torch)
+                }
             })
             .collect()
     }
 }
 
-/// Each output cut into the callers' shares along dim 0.
-pub(super) fn split(
-    outputs: Vec<Tensor>,
-    sizes: &[i64],
-    total: i64,
-) -> Result<Vec<Vec<Tensor>>, ForwardError> {
-    if let Some(bad) = outputs.iter().find(|o| o.size().first() != Some(&total)) {
-        return Err(ForwardError::Model {
-            message: format!(
-                "the model returned shape {:?} for a batch of {total} items; a batchable model's outputs lead with the item dimension",
-                bad.size()
-            ),
-        });
-    }
-    let mut parts: Vec<Vec<Tensor>> = sizes
-        .iter()
-        .map(|_| Vec::with_capacity(outputs.len()))
-        .collect();
-    for output in &outputs {
-        let pieces = output
-            .f_split_with_sizes(sizes, 0)
-            .map_err(ForwardError::from_torch)?;
-        for (part, piece) in parts.iter_mut().zip(pieces) {
-            part.push(piece);
+/// Which of the queued token requests run together, as indices into `queued`
+/// (each `(tokens, items)`; index 0 is the oldest, which always runs). The
+/// requests are taken in order of length outward from the oldest, each time the
+/// neighbour that adds the least padding, until `max_items` items; a request is
+/// left for another batch once it would add more padding than tokens of its own.
+/// Padded token count, not the number of items, decides: a batch is as large as
+/// its lengths allow.
+pub(super) fn choose_by_length(queued: &[(i64, i64)], max_items: i64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..queued.len()).collect();
+    order.sort_by_key(|&i| (queued[i].0, i));
+    let Some(at) = order.iter().position(|&i| i == 0) else {
+        return Vec::new();
+    };
+    let (mut longest, mut items) = queued[0];
+    let mut chosen = vec![0];
+    // The next candidates in order of length, below and above the oldest.
+    let (mut down, mut up) = (at.checked_sub(1), Some(at + 1).filter(|&j| j < order.len()));
+    loop {
+        // One too large for the room left is passed over, not a reason to stop.
+        let room = |mut j: Option<usize>, step: fn(usize) -> Option<usize>| {
+            while let Some(k) = j {
+                if items + queued[order[k]].1 <= max_items {
+                    break;
+                }
+                j = step(k).filter(|&k| k < order.len());
+            }
+            j
+        };
+        down = room(down, |k| k.checked_sub(1));
+        up = room(up, |k| Some(k + 1));
+        // Adding a shorter request pads it to the longest; a longer one pads
+        // every row already chosen to its length.
+        let cost = |j: usize, shorter: bool| {
+            let (tokens, n) = queued[order[j]];
+            let cost = if shorter {
+                (longest - tokens) * n
+            } else {
+                (tokens - longest) * items
+            };
+            (cost <= tokens * n).then_some(cost)
+        };
+        let below = down.and_then(|j| cost(j, true).map(|c| (j, c)));
+        let above = up.and_then(|j| cost(j, false).map(|c| (j, c)));
+        // Past a neighbour that pads too much, every further one pads more.
+        if below.is_none() {
+            down = None;
         }
+        if above.is_none() {
+            up = None;
+        }
+        let j = match (below, above) {
+            (Some((b, cb)), Some((_, ca))) if cb <= ca => b,
+            (_, Some((a, _))) => a,
+            (Some((b, _)), None) => b,
+            (None, None) => break,
+        };
+        let (tokens, n) = queued[order[j]];
+        if Some(j) == down {
+            down = j.checked_sub(1);
+        } else {
+            up = Some(j + 1).filter(|&k| k < order.len());
+        }
+        longest = longest.max(tokens);
+        items += n;
+        chosen.push(order[j]);
     }
-    Ok(parts)
+    chosen.sort_unstable();
+    chosen
 }
 
 #[cfg(test)]
@@ -151,28 +219,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn buckets_grow_with_length() {
-        assert_eq!(token_bucket(1), 8);
-        assert_eq!(token_bucket(9), 16);
-        assert_eq!(token_bucket(33), 48);
-        assert_eq!(token_bucket(512), 512);
-        assert_eq!(token_bucket(513), 768);
+    fn host(values: &[i64]) -> HostTensor {
+        HostTensor::from_tensor(&Tensor::from_slice(values).view([1, values.len() as i64])).unwrap()
     }
 
     #[test]
     fn token_requests_pad_to_the_batch_longest_with_each_inputs_value() {
         let collate = tokens(7);
-        let a = vec![
-            Tensor::from_slice(&[1i64, 2, 3]).view([1, 3]),
-            Tensor::from_slice(&[1i64, 1, 1]).view([1, 3]),
-        ];
-        let b = vec![
-            Tensor::from_slice(&[4i64]).view([1, 1]),
-            Tensor::from_slice(&[1i64]).view([1, 1]),
-        ];
+        let a = vec![host(&[1, 2, 3]), host(&[1, 1, 1])];
+        let b = vec![host(&[4]), host(&[1])];
         assert_eq!(collate.key(&a).unwrap(), collate.key(&b).unwrap());
-        let joined = collate.join(vec![a, b]).unwrap();
+        let joined = collate.join(&[&a, &b]).unwrap();
         assert_eq!(
             Vec::<i64>::try_from(joined[0].view([-1])).unwrap(),
             vec![1, 2, 3, 4, 7, 7]
@@ -184,16 +241,66 @@ mod tests {
     }
 
     #[test]
+    fn stacked_requests_join_in_order() {
+        let a = vec![host(&[1, 2])];
+        let b = vec![host(&[3, 4])];
+        let joined = Collate::Stack.join(&[&a, &b]).unwrap();
+        assert_eq!(joined[0].size(), vec![2, 2]);
+        assert_eq!(
+            Vec::<i64>::try_from(joined[0].view([-1])).unwrap(),
+            vec![1, 2, 3, 4]
+        );
+        assert_ne!(
+            Collate::Stack.key(&a).unwrap(),
+            Collate::Stack.key(&[host(&[1, 2, 3])]).unwrap()
+        );
+    }
+
+    #[test]
     fn token_inputs_of_the_wrong_form_are_refused() {
         let collate = tokens(0);
         let floats: Vec<_> = (0..2)
-            .map(|_| Tensor::zeros([1, 3], (Kind::Float, tch::Device::Cpu)))
+            .map(|_| {
+                HostTensor::from_tensor(&Tensor::zeros([1, 3], (Kind::Float, tch::Device::Cpu)))
+                    .unwrap()
+            })
             .collect();
         assert!(matches!(
             collate.key(&floats),
             Err(ForwardError::Shape { .. })
         ));
-        let one = vec![Tensor::zeros([1, 3], (Kind::Int64, tch::Device::Cpu))];
-        assert!(matches!(collate.key(&one), Err(ForwardError::Shape { .. })));
+        assert!(matches!(
+            collate.key(&[host(&[1, 2])]),
+            Err(ForwardError::Shape { .. })
+        ));
+        let torn = HostTensor {
+            data: vec![0; 3],
+            ..host(&[1])
+        };
+        assert!(matches!(
+            Collate::Stack.key(&[torn]),
+            Err(ForwardError::Shape { .. })
+        ));
+    }
+
+    #[test]
+    fn batches_are_chosen_by_length_around_the_oldest() {
+        // Four lengths, queued interleaved: the oldest (20 tokens) runs with the
+        // others of 20, and nothing twice its length or more joins them.
+        let lengths = [20, 5, 40, 20, 5, 60, 40, 20];
+        let queued: Vec<(i64, i64)> = lengths.iter().map(|&t| (t, 1)).collect();
+        assert_eq!(choose_by_length(&queued, 32), vec![0, 3, 7]);
+        // Lengths close together make one batch, up to the item limit.
+        let close: Vec<(i64, i64)> = (0..40).map(|i| (30 + i % 5, 1)).collect();
+        let chosen = choose_by_length(&close, 32);
+        assert_eq!(chosen.len(), 32);
+        assert!(chosen.contains(&0));
+        // A request of several rows counts its rows.
+        assert_eq!(
+            choose_by_length(&[(10, 30), (10, 3), (10, 2)], 32),
+            vec![0, 2]
+        );
+        // The oldest runs even alone.
+        assert_eq!(choose_by_length(&[(100, 1), (5, 1)], 32), vec![0]);
     }
 }

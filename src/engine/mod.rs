@@ -9,8 +9,8 @@
 //! no panic reaches a caller) stops it, reported by [`Engine::failure`].
 //!
 //! The files read in one direction: `mod.rs` (the handle) → `thread.rs` (the one
-//! engine thread) → `batcher.rs` → `model.rs` → `collate.rs`, `torchscript.rs` (a
-//! leaf: the TorchScript calls) → `error.rs`, `device.rs`. The generation task has
+//! engine thread) → `batcher.rs` → `model.rs` → `collate.rs`, `host.rs` (requests'
+//! bytes), `torchscript.rs` (a leaf: the TorchScript calls) → `error.rs`, `device.rs`. The generation task has
 //! an engine of its own, `generation/` (a language model with continuous batching).
 
 mod batcher;
@@ -20,6 +20,7 @@ mod device;
 mod error;
 pub mod generation;
 pub mod gpu;
+mod host;
 mod model;
 mod thread;
 mod torchscript;
@@ -31,11 +32,12 @@ use std::time::Instant;
 
 use tokio::sync::{oneshot, watch};
 
-pub use batcher::{BatchConfig, BatchObserver, EngineStats};
+pub use batcher::{Answer, BatchConfig, BatchObserver, EngineStats};
 pub use collate::{Collate, Finish};
 pub use device::DeviceChoice;
 pub(crate) use error::panic_message;
 pub use error::{ForwardError, LoadError, RunError};
+pub use host::HostTensor;
 pub use tch::{Kind, Tensor};
 
 /// A handle to a loaded model. Clones share the one engine thread; the thread ends
@@ -119,31 +121,57 @@ impl Engine {
 
     /// Runs `inputs` (tensors sharing their leading dimension: the items) batched
     /// with other callers' items of the same dtype and trailing shape, and returns
-    /// this caller's rows of the outputs. Refused at once with `Overloaded` when
-    /// the queue holds `max_queue` items; answered `DeadlineExceeded`, unrun, if
-    /// `deadline` passes while it waits.
+    /// this caller's rows of the outputs. [`Engine::submit`] with tensors: they
+    /// are read into host memory first.
     pub async fn run(
         &self,
         inputs: Vec<Tensor>,
         deadline: Instant,
     ) -> Result<Vec<Tensor>, RunError> {
-        let items = inputs
-            .first()
-            .and_then(|t| t.size().first().copied())
-            .unwrap_or(0);
-        if items <= 0 || inputs.iter().any(|t| t.size().first() != Some(&items)) {
-            return Err(RunError::Forward(ForwardError::Shape {
-                message: "every input must lead with the same, non-zero number of items"
-                    .to_string(),
-            }));
-        }
-        let key = self.collate.key(&inputs).map_err(RunError::Forward)?;
+        let inputs = inputs
+            .iter()
+            .map(HostTensor::from_tensor)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(RunError::Forward)?;
+        let (reply, answer) = oneshot::channel();
+        self.submit(inputs, deadline, move |answer| {
+            let _ = reply.send(answer);
+        });
+        let outputs = answer
+            .await
+            .map_err(|_| RunError::Forward(ForwardError::Stopped))??;
+        outputs
+            .iter()
+            .map(HostTensor::to_tensor)
+            .collect::<Result<_, _>>()
+            .map_err(RunError::Forward)
+    }
+
+    /// Queues `inputs` (host tensors sharing their leading dimension: the items)
+    /// to run batched with other callers' items of the same batch key, and calls
+    /// `reply` exactly once with this caller's rows of the outputs: on the engine
+    /// thread once run, at once when refused (`Overloaded` when the queue holds
+    /// `max_queue` items, a malformed request), or `DeadlineExceeded`, unrun, if
+    /// `deadline` passes while it waits. `reply` must be quick: the engine thread
+    /// runs it between forwards.
+    pub fn submit(
+        &self,
+        inputs: Vec<HostTensor>,
+        deadline: Instant,
+        reply: impl FnOnce(Answer) + Send + 'static,
+    ) {
+        let reply = batcher::Reply::new(reply);
+        let key = match self.collate.key(&inputs) {
+            Ok(key) => key,
+            Err(err) => return reply.send(Err(RunError::Forward(err))),
+        };
+        let items = inputs[0].items();
         let capacity = self.config.max_queue as u64;
         if items as u64 > capacity {
-            return Err(RunError::TooManyItems {
+            return reply.send(Err(RunError::TooManyItems {
                 items: items as u64,
                 capacity,
-            });
+            }));
         }
         let queued = self
             .stats
@@ -153,9 +181,8 @@ impl Engine {
             self.stats
                 .queued_items
                 .fetch_sub(items as u64, Ordering::SeqCst);
-            return Err(RunError::Overloaded { queued, capacity });
+            return reply.send(Err(RunError::Overloaded { queued, capacity }));
         }
-        let (reply, answer) = oneshot::channel();
         let request = batcher::Request {
             key,
             inputs,
@@ -164,15 +191,16 @@ impl Engine {
             deadline,
             reply,
         };
-        if self.jobs.send(batcher::Job::Batched(request)).is_err() {
+        if let Err(refused) = self.jobs.send(batcher::Job::Batched(request)) {
             self.stats
                 .queued_items
                 .fetch_sub(items as u64, Ordering::SeqCst);
-            return Err(RunError::Forward(ForwardError::Stopped));
+            if let batcher::Job::Batched(request) = refused.0 {
+                request
+                    .reply
+                    .send(Err(RunError::Forward(ForwardError::Stopped)));
+            }
         }
-        answer
-            .await
-            .map_err(|_| RunError::Forward(ForwardError::Stopped))?
     }
 
     /// Runs `rounds` forwards on `sample` and drops the outputs. TorchScript's

@@ -1,12 +1,13 @@
 //! A loaded model as the batcher uses it: inputs to the device, one TorchScript
-//! forward, the task's finishing step there, outputs back to the CPU.
+//! forward, the task's finishing step there, outputs back to the host.
 
 use std::sync::Arc;
 
 use tch::Tensor;
 
-use super::collate::{split, Collate, Finish};
+use super::collate::{Collate, Finish};
 use super::error::ForwardError;
+use super::host::{split_rows, HostTensor};
 use super::torchscript::TorchScript;
 
 /// The module with how its batches are joined and finished.
@@ -40,14 +41,23 @@ impl Model {
     }
 
     /// Several requests' inputs joined into one forward, its outputs cut back into
-    /// each request's share (`sizes` items each).
+    /// each request's share (`sizes` items each), on the host.
     pub fn forward_joined(
         &self,
-        inputs: Vec<Vec<Tensor>>,
+        inputs: &[&[HostTensor]],
         sizes: &[i64],
-    ) -> Result<Vec<Vec<Tensor>>, ForwardError> {
-        let total = sizes.iter().sum();
+    ) -> Result<Vec<Vec<HostTensor>>, ForwardError> {
         let joined = self.collate.join(inputs)?;
-        split(self.forward(joined)?, sizes, total)
+        self.forward_host(joined, sizes)
+    }
+
+    /// One forward on `inputs` (CPU tensors), its outputs cut into `sizes` items
+    /// each, on the host.
+    pub fn forward_host(
+        &self,
+        inputs: Vec<Tensor>,
+        sizes: &[i64],
+    ) -> Result<Vec<Vec<HostTensor>>, ForwardError> {
+        split_rows(self.forward(inputs)?, sizes)
     }
 }

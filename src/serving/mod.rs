@@ -101,21 +101,19 @@ impl Actor for DelayedServing {
         state: &mut ServingState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            ServingMessage::Run(payload, port) => request::spawn(
+            ServingMessage::Run(payload, port) => request::hand_over(
                 payload,
                 port,
                 state.loaded.get(),
                 &state.shared,
-                state.stopped.subscribe(),
-                |task, request, timing| task.run(request, timing),
+                |task, request, timing, respond| task.run(request, timing, respond),
             ),
-            ServingMessage::Embed(payload, port) => request::spawn(
+            ServingMessage::Embed(payload, port) => request::hand_over(
                 payload,
                 port,
                 state.loaded.get(),
                 &state.shared,
-                state.stopped.subscribe(),
-                |task, request, timing| task.embed(request, timing),
+                |task, request, timing, respond| task.embed(request, timing, respond),
             ),
             ServingMessage::Generate(payload, port) => request::spawn(
                 payload,

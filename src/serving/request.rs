@@ -1,7 +1,9 @@
 //! One request's life: checked (decoding, protocol version, readiness, time
-//! budget), handed to a task of its own so the actor goes on to the next message,
-//! answered exactly once (also when the serving stops meanwhile), and counted.
-//! What the request does is the task's ([`crate::tasks::Task`]).
+//! budget), handed on so the actor goes on to the next message, answered exactly
+//! once, and counted. `Run` and `Embed` are handed to the task with where their
+//! answer goes ([`hand_over`]), and the engine thread answers them; a generation
+//! runs in a task of its own ([`spawn`]), answered also when the serving stops
+//! meanwhile. What the request does is the task's ([`crate::tasks::Task`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,8 +15,9 @@ use harness_client::{
 use ractor::RpcReplyPort;
 use tokio::sync::watch;
 
-use super::shared::{Phase, ServingShared};
-use crate::tasks::{Task, Timing};
+use super::shared::{InFlight, Phase, ServingShared};
+use crate::metrics::Metrics;
+use crate::tasks::{Respond, Task, Timing};
 
 /// What every request carries besides its work.
 pub trait Call: Send + 'static {
@@ -47,6 +50,84 @@ impl Call for EmbedRequest {
     }
     fn timeout_ms(&self) -> u64 {
         self.timeout_ms
+    }
+}
+
+/// Answers at once what can be answered at once, and hands the rest to `work`
+/// with where its answer goes: whoever has the answer (the engine thread) sends
+/// it, counts it and ends the request's time in flight. No task is spawned.
+pub fn hand_over<C, T, W>(
+    payload: Payload<C>,
+    port: RpcReplyPort<Payload<Result<T, ServingError>>>,
+    ready: Option<Arc<dyn Task>>,
+    shared: &Arc<ServingShared>,
+    work: W,
+) where
+    C: Call,
+    T: Send + 'static,
+    W: FnOnce(Arc<dyn Task>, C, Timing, Respond<Result<T, ServingError>>),
+    Payload<Result<T, ServingError>>: ractor::Message,
+{
+    let received = Instant::now();
+    let mut pending = Pending {
+        port: Some(port),
+        metrics: shared.metrics.clone(),
+        received,
+        _in_flight: None,
+    };
+    match admit(payload, ready, shared, received) {
+        Ok((request, ready, timing)) => {
+            pending._in_flight = Some(shared.request_started());
+            work(
+                ready,
+                request,
+                timing,
+                Box::new(move |answer| pending.send(answer)),
+            );
+        }
+        Err(err) => pending.send(Err(err)),
+    }
+}
+
+/// A request handed over and not yet answered.
+struct Pending<T: Send + 'static>
+where
+    Payload<Result<T, ServingError>>: ractor::Message,
+{
+    port: Option<RpcReplyPort<Payload<Result<T, ServingError>>>>,
+    metrics: Arc<Metrics>,
+    received: Instant,
+    _in_flight: Option<InFlight>,
+}
+
+impl<T: Send + 'static> Pending<T>
+where
+    Payload<Result<T, ServingError>>: ractor::Message,
+{
+    fn send(mut self, answer: Result<T, ServingError>) {
+        if let Some(port) = self.port.take() {
+            self.metrics
+                .request(outcome(&answer), self.received.elapsed());
+            let _ = port.send(Payload::new(answer));
+        }
+    }
+}
+
+impl<T: Send + 'static> Drop for Pending<T>
+where
+    Payload<Result<T, ServingError>>: ractor::Message,
+{
+    /// Nobody waits in silence: a request dropped unanswered (a bug, or a
+    /// panic on the way) is answered `Internal`.
+    fn drop(&mut self) {
+        if let Some(port) = self.port.take() {
+            let answer = Err(ServingError::Internal {
+                message: "the request was dropped before it was answered".to_string(),
+            });
+            self.metrics
+                .request(outcome(&answer), self.received.elapsed());
+            let _ = port.send(Payload::new(answer));
+        }
     }
 }
 

@@ -4,22 +4,31 @@
 //! holds `model.pt` (TorchScript: token inputs in, token vectors out),
 //! `tokenizer.json` and `harness.json`, which names the inputs and says how to pool
 //! (sentence-transformers' settings, read by the export). Texts are tokenized here
-//! and truncated to the model's longest input; the engine pads each batch to its own
-//! longest text ([`Collate::Tokens`]) and pools on the device ([`Pooler`]).
+//! and truncated to the model's longest input, each text queued as one item; the
+//! engine batches texts of like length, pads each batch to its own longest text
+//! ([`Collate::Tokens`]), pools on the device ([`Pooler`]) and answers from its
+//! thread.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use futures_util::future::{join_all, BoxFuture};
+use std::sync::Mutex;
+
+use futures_util::future::BoxFuture;
 use harness_client::{EmbedReply, EmbedRequest, Embedding, ServingError};
 use serde::Deserialize;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 use tokio::sync::watch;
 
 use super::pooling::{Pooler, Pooling};
 use super::tokenizer::{TextTokenizer, Tokens};
-use super::{off_async, serving_error, LoadContext, LoadFailure, Task, Timing};
-use crate::engine::{Collate, Engine, EngineStats};
+use super::{serving_error, LoadContext, LoadFailure, Respond, Task, Timing};
+use crate::engine::{Collate, Engine, EngineStats, HostTensor, RunError};
+
+/// A request whose texts hold at most this many bytes is tokenized where it
+/// arrives (tens of microseconds); a larger one on the blocking pool, so that no
+/// request holds the serving's message loop for long.
+const TOKENIZE_IN_PLACE_BYTES: usize = 4096;
 
 /// The files an embedding model needs when `HARNESS_MODEL_FILES` is unset.
 pub const DEFAULT_FILES: &[&str] = &["model.pt", "tokenizer.json", "harness.json"];
@@ -220,21 +229,27 @@ impl Embedder {
     }
 
     /// `items` made-up texts of `tokens` tokens, as model inputs, for warm-up.
-    pub fn warmup_inputs(&self, items: i64, tokens: i64) -> Vec<Tensor> {
+    pub fn warmup_inputs(&self, items: i64, tokens: i64) -> Result<Vec<Tensor>, String> {
         let fake = Tokens {
             ids: vec![self.pad_id.max(0) as u32; tokens as usize],
             type_ids: vec![0; tokens as usize],
             attention_mask: vec![1; tokens as usize],
             truncated: false,
         };
-        self.to_tensors(&fake)
-            .into_iter()
-            .map(|t| t.repeat([items, 1]))
-            .collect()
+        self.to_host(&fake)
+            .iter()
+            .map(|t| {
+                t.to_tensor().and_then(|t| {
+                    t.f_repeat([items, 1])
+                        .map_err(crate::engine::ForwardError::from_torch)
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())
     }
 
-    /// One text's model inputs, `[1, tokens]` each, in the model's order.
-    pub fn to_tensors(&self, tokens: &Tokens) -> Vec<Tensor> {
+    /// One text's model inputs, `[1, tokens]` int64 each, in the model's order.
+    pub fn to_host(&self, tokens: &Tokens) -> Vec<HostTensor> {
         self.inputs
             .iter()
             .map(|input| {
@@ -243,8 +258,14 @@ impl Embedder {
                     TokenInput::AttentionMask => &tokens.attention_mask,
                     TokenInput::TypeIds => &tokens.type_ids,
                 };
-                let values: Vec<i64> = values.iter().map(|&v| i64::from(v)).collect();
-                Tensor::from_slice(&values).view([1, values.len() as i64])
+                HostTensor {
+                    kind: Kind::Int64,
+                    shape: vec![1, values.len() as i64],
+                    data: values
+                        .iter()
+                        .flat_map(|&v| i64::from(v).to_ne_bytes())
+                        .collect(),
+                }
             })
             .collect()
     }
@@ -290,75 +311,83 @@ impl EmbeddingTask {
         })
     }
 
-    #[tracing::instrument(name = "serving.embed", skip_all, fields(texts = request.texts.len()))]
-    async fn embed_texts(self: Arc<Self>, request: EmbedRequest, timing: Timing) -> EmbedReply {
-        let texts = request.texts;
-        if texts.is_empty() {
-            return Ok(Vec::new());
-        }
-        // Each text is one queued item: more than the queue holds could never be taken.
-        let capacity = self.engine.config().max_queue;
-        if texts.len() > capacity {
-            return Err(ServingError::BadInput {
-                reason: format!(
-                    "{} texts in one call, but the node queues at most {capacity} (HARNESS_MAX_QUEUE): send fewer per call",
-                    texts.len()
-                ),
-            });
-        }
-        let embedder = self.embedder.clone();
-        let deadline = timing.deadline;
-        let tokenized = off_async(
-            move || {
-                let Some(tokens) = embedder.tokenize_until(&texts, deadline)? else {
-                    return Ok(None);
-                };
-                let facts: Vec<_> = tokens
-                    .iter()
-                    .map(|t| (t.ids.len() as u32, t.truncated))
-                    .collect();
-                let inputs: Vec<_> = tokens.iter().map(|t| embedder.to_tensors(t)).collect();
-                Ok(Some((inputs, facts)))
-            },
-            |reason| ServingError::BadInput { reason },
-        )
-        .await?;
-        let Some((inputs, facts)) = tokenized else {
-            return Err(ServingError::DeadlineExceeded {
-                waited_ms: timing.received.elapsed().as_millis() as u64,
-            });
+    /// Tokenizes the texts and queues each as one item; `respond` is called
+    /// once every text's vector is back (or with the first failure).
+    fn queue_texts(&self, texts: Vec<String>, timing: Timing, respond: Respond<EmbedReply>) {
+        let tokens = match self.embedder.tokenize_until(&texts, timing.deadline) {
+            Ok(Some(tokens)) => tokens,
+            Ok(None) => {
+                return respond(Err(ServingError::DeadlineExceeded {
+                    waited_ms: timing.received.elapsed().as_millis() as u64,
+                }))
+            }
+            Err(reason) => return respond(Err(ServingError::BadInput { reason })),
         };
+        let facts: Vec<_> = tokens
+            .iter()
+            .map(|t| (t.ids.len() as u32, t.truncated))
+            .collect();
+        let gather = Arc::new(Gather {
+            vectors: Mutex::new(vec![Vec::new(); tokens.len()]),
+            left: Mutex::new(Some((tokens.len(), respond))),
+            facts,
+            received: timing.received,
+        });
+        for (i, text) in tokens.iter().enumerate() {
+            let gather = gather.clone();
+            self.engine.submit(
+                self.embedder.to_host(text),
+                timing.deadline,
+                move |answer| gather.put(i, answer),
+            );
+        }
+    }
+}
 
-        let engine = &self.engine;
-        let answers = join_all(
-            inputs
-                .into_iter()
-                .map(|inputs| engine.run(inputs, timing.deadline)),
-        )
-        .await;
-        let outputs = answers
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| serving_error(e, timing.received))?;
-        let vectors = off_async(
-            move || {
-                outputs
-                    .into_iter()
-                    .map(vector)
-                    .collect::<Result<Vec<_>, _>>()
-            },
-            |message| ServingError::Model { message },
-        )
-        .await?;
-        Ok(vectors
-            .into_iter()
-            .zip(facts)
-            .map(|(vector, (tokens, truncated))| Embedding {
-                vector,
-                tokens,
-                truncated,
-            })
-            .collect())
+/// One `Embed`'s texts, answered as the engine finishes each: the caller hears
+/// once, when the last vector is in or at the first failure.
+struct Gather {
+    vectors: Mutex<Vec<Vec<f32>>>,
+    /// Texts still out, and where the answer goes; `None` once answered.
+    left: Mutex<Option<(usize, Respond<EmbedReply>)>>,
+    facts: Vec<(u32, bool)>,
+    received: std::time::Instant,
+}
+
+impl Gather {
+    fn put(&self, i: usize, answer: Result<Vec<HostTensor>, RunError>) {
+        let vector = answer
+            .map_err(|e| serving_error(e, self.received))
+            .and_then(|outputs| vector(outputs).map_err(|message| ServingError::Model { message }));
+        let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((count, _)) = left.as_mut() else {
+            return; // answered already, with an earlier failure
+        };
+        *count -= 1;
+        let done = match vector {
+            Ok(vector) => {
+                let mut vectors = self.vectors.lock().unwrap_or_else(|e| e.into_inner());
+                vectors[i] = vector;
+                (*count == 0).then(|| {
+                    Ok(std::mem::take(&mut *vectors)
+                        .into_iter()
+                        .zip(&self.facts)
+                        .map(|(vector, &(tokens, truncated))| Embedding {
+                            vector,
+                            tokens,
+                            truncated,
+                        })
+                        .collect())
+                })
+            }
+            Err(err) => Some(Err(err)),
+        };
+        if let Some(reply) = done {
+            if let Some((_, respond)) = left.take() {
+                drop(left);
+                respond(reply);
+            }
+        }
     }
 }
 
@@ -377,7 +406,7 @@ impl Task for EmbeddingTask {
             let longest = self.embedder.manifest.max_seq_length as i64;
             // Short texts one at a time and batched, and one of the longest.
             for (items, tokens) in [(1, 16), (max_batch, 16), (1, longest)] {
-                let sample = self.embedder.warmup_inputs(items, tokens.min(longest));
+                let sample = self.embedder.warmup_inputs(items, tokens.min(longest))?;
                 self.engine
                     .warm_up(sample, 2)
                     .await
@@ -395,23 +424,46 @@ impl Task for EmbeddingTask {
         self.engine.failure()
     }
 
-    fn embed(
-        self: Arc<Self>,
-        request: EmbedRequest,
-        timing: Timing,
-    ) -> BoxFuture<'static, EmbedReply> {
-        Box::pin(self.embed_texts(request, timing))
+    fn embed(self: Arc<Self>, request: EmbedRequest, timing: Timing, respond: Respond<EmbedReply>) {
+        let span = tracing::info_span!("serving.embed", texts = request.texts.len());
+        let _entered = span.enter();
+        let texts = request.texts;
+        if texts.is_empty() {
+            return respond(Ok(Vec::new()));
+        }
+        // Each text is one queued item: more than the queue holds could never be taken.
+        let capacity = self.engine.config().max_queue;
+        if texts.len() > capacity {
+            return respond(Err(ServingError::BadInput {
+                reason: format!(
+                    "{} texts in one call, but the node queues at most {capacity} (HARNESS_MAX_QUEUE): send fewer per call",
+                    texts.len()
+                ),
+            }));
+        }
+        if texts.iter().map(String::len).sum::<usize>() <= TOKENIZE_IN_PLACE_BYTES {
+            return self.queue_texts(texts, timing, respond);
+        }
+        let span = span.clone();
+        tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            self.queue_texts(texts, timing, respond)
+        });
     }
 }
 
-/// One text's vector from the engine's answer (`[1, dimension]`).
-fn vector(mut output: Vec<Tensor>) -> Result<Vec<f32>, String> {
+/// One text's vector from the engine's answer (`[1, dimension]` f32: the
+/// pooler's output).
+fn vector(mut output: Vec<HostTensor>) -> Result<Vec<f32>, String> {
     let vector = output.pop().ok_or("the engine answered no vector")?;
-    vector
-        .f_view([-1])
-        .and_then(|v| v.f_to_kind(tch::Kind::Float))
-        .and_then(Vec::<f32>::try_from)
-        .map_err(|e| format!("cannot read the vector: {e}"))
+    if vector.kind != Kind::Float {
+        return Err(format!("the pooled vector is {:?}, not f32", vector.kind));
+    }
+    Ok(vector
+        .data
+        .chunks_exact(4)
+        .map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
 }
 
 #[cfg(test)]
@@ -463,9 +515,15 @@ mod tests {
         assert!(!tokens[0].truncated);
         assert_eq!(tokens[1].ids, vec![1, 1, 2]);
         assert!(tokens[1].truncated);
-        let inputs = embedder.to_tensors(&tokens[0]);
+        let inputs = embedder.to_host(&tokens[0]);
         assert_eq!(inputs.len(), 2);
-        assert_eq!(inputs[0].size(), vec![1, 2]);
+        assert_eq!(inputs[0].shape, vec![1, 2]);
+        assert_eq!(
+            inputs[0].to_tensor().unwrap(),
+            Tensor::from_slice(&[1i64, 2]).view([1, 2])
+        );
+        let warm = embedder.warmup_inputs(3, 4).unwrap();
+        assert_eq!((warm[0].size(), warm[0].kind()), (vec![3, 4], Kind::Int64));
     }
 
     #[test]

@@ -38,6 +38,10 @@ pub struct Timing {
     pub deadline: Instant,
 }
 
+/// Where a request's answer goes: called exactly once, from whichever thread
+/// has the answer (the engine thread, for `Run` and `Embed`), so it must be quick.
+pub type Respond<R> = Box<dyn FnOnce(R) + Send>;
+
 /// A request's caller, as the node sees it: gone once its session closed.
 pub trait Caller: Send + Sync {
     /// Whether the caller has gone (asked at each engine step: cheap).
@@ -84,20 +88,19 @@ pub trait Task: Send + Sync + 'static {
         None
     }
 
-    /// `Run`: tensors in, tensors out.
-    fn run(self: Arc<Self>, _request: RunRequest, _timing: Timing) -> BoxFuture<'static, RunReply> {
-        let refusal = self.refuse("Run");
-        Box::pin(async move { Err(refusal) })
+    /// `Run`: tensors in, tensors out, answered through `respond`.
+    fn run(self: Arc<Self>, _request: RunRequest, _timing: Timing, respond: Respond<RunReply>) {
+        respond(Err(self.refuse("Run")));
     }
 
-    /// `Embed`: texts in, one vector per text out.
+    /// `Embed`: texts in, one vector per text out, answered through `respond`.
     fn embed(
         self: Arc<Self>,
         _request: EmbedRequest,
         _timing: Timing,
-    ) -> BoxFuture<'static, EmbedReply> {
-        let refusal = self.refuse("Embed");
-        Box::pin(async move { Err(refusal) })
+        respond: Respond<EmbedReply>,
+    ) {
+        respond(Err(self.refuse("Embed")));
     }
 
     /// `Generate`: a prompt in, its continuation out. `caller`, where the

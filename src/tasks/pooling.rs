@@ -63,7 +63,9 @@ impl Finish for Pooler {
                 ),
             });
         }
+        // Vectors go to the caller as f32 whatever the model computes in.
         self.pool(&hidden, mask)
+            .and_then(|pooled| pooled.f_to_kind(tch::Kind::Float))
             .map(|pooled| vec![pooled])
             .map_err(ForwardError::from_torch)
     }

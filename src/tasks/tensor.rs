@@ -2,6 +2,8 @@
 //! items) and returns the model's output tensors for those items.
 //!
 //! Every rule is checked before anything is queued, and each failure says which.
+//! A request's bytes go to the engine as they came off the wire, and its answer
+//! is made on the engine thread from the outputs' bytes ([`HostTensor`]).
 
 use std::sync::Arc;
 
@@ -10,8 +12,8 @@ use harness_client::{DType, RunReply, RunRequest, ServingError, WireTensor};
 use tch::{Kind, Tensor};
 use tokio::sync::watch;
 
-use super::{off_async, serving_error, LoadContext, LoadFailure, Task, Timing};
-use crate::engine::{Engine, EngineStats};
+use super::{serving_error, LoadContext, LoadFailure, Respond, Task, Timing};
+use crate::engine::{Engine, EngineStats, HostTensor};
 
 /// Elements one request may carry, over all its tensors: a guard against a
 /// request that would exhaust memory (256 Mi elements, 1 GiB of f32).
@@ -150,14 +152,12 @@ fn dtype_of(kind: Kind) -> Option<DType> {
     })
 }
 
-/// Checks a request's tensors against every rule and builds them. `specs` are the
-/// model's per-item inputs (`HARNESS_WARMUP_INPUTS`), when declared: then the
-/// number of inputs, each one's dtype and its number of dimensions must match
-/// (the sizes may differ, for models that take several).
-pub fn to_tensors(
-    inputs: &[WireTensor],
-    specs: Option<&[InputSpec]>,
-) -> Result<Vec<Tensor>, String> {
+/// Checks a request's tensors against every rule. `specs` are the model's
+/// per-item inputs (`HARNESS_WARMUP_INPUTS`), when declared: then the number of
+/// inputs, each one's dtype and its number of dimensions must match (the sizes
+/// may differ, for models that take several). Only headers are read: cheap
+/// whatever the request's size.
+pub fn check(inputs: &[WireTensor], specs: Option<&[InputSpec]>) -> Result<(), String> {
     if inputs.is_empty() {
         return Err("no input tensors".to_string());
     }
@@ -234,34 +234,33 @@ pub fn to_tensors(
             }
         }
     }
-    inputs
-        .iter()
-        .map(|t| {
-            Tensor::f_from_data_size(&t.data, &t.shape, kind_of(t.dtype)).map_err(|e| e.to_string())
-        })
-        .collect()
+    Ok(())
 }
 
-/// The model's outputs, on the wire.
-pub fn to_wire(outputs: Vec<Tensor>) -> Result<Vec<WireTensor>, String> {
+/// A checked wire tensor as the engine takes it: its bytes moved, not copied.
+pub fn to_host(t: WireTensor) -> HostTensor {
+    HostTensor {
+        kind: kind_of(t.dtype),
+        shape: t.shape,
+        data: t.data,
+    }
+}
+
+/// The model's outputs, on the wire: their bytes moved, not copied.
+pub fn to_wire(outputs: Vec<HostTensor>) -> Result<Vec<WireTensor>, String> {
     outputs
         .into_iter()
         .map(|t| {
-            let dtype = dtype_of(t.kind()).ok_or_else(|| {
+            let dtype = dtype_of(t.kind).ok_or_else(|| {
                 format!(
                     "the model returned a {:?} tensor, which the protocol cannot carry",
-                    t.kind()
+                    t.kind
                 )
             })?;
-            let t = t.f_contiguous().map_err(|e| e.to_string())?;
-            let numel = t.numel();
-            let mut data = vec![0u8; numel * dtype.size()];
-            t.f_copy_data_u8(&mut data, numel)
-                .map_err(|e| e.to_string())?;
             Ok(WireTensor {
                 dtype,
-                shape: t.size(),
-                data,
+                shape: t.shape,
+                data: t.data,
             })
         })
         .collect()
@@ -288,27 +287,6 @@ impl TensorTask {
             engine,
             inputs: context.warmup_inputs.map(Arc::new),
         })
-    }
-
-    #[tracing::instrument(name = "serving.run", skip_all, fields(inputs = request.inputs.len()))]
-    async fn run_tensors(self: Arc<Self>, request: RunRequest, timing: Timing) -> RunReply {
-        let inputs = request.inputs;
-        let specs = self.inputs.clone();
-        let tensors = off_async(
-            move || to_tensors(&inputs, specs.as_ref().map(|s| s.as_slice())),
-            |reason| ServingError::BadInput { reason },
-        )
-        .await?;
-        let outputs = self
-            .engine
-            .run(tensors, timing.deadline)
-            .await
-            .map_err(|e| serving_error(e, timing.received))?;
-        off_async(
-            move || to_wire(outputs),
-            |message| ServingError::Model { message },
-        )
-        .await
     }
 }
 
@@ -346,8 +324,22 @@ impl Task for TensorTask {
         self.engine.failure()
     }
 
-    fn run(self: Arc<Self>, request: RunRequest, timing: Timing) -> BoxFuture<'static, RunReply> {
-        Box::pin(self.run_tensors(request, timing))
+    /// Checked where it arrives, queued as it came off the wire, answered from
+    /// the engine thread: no task, no blocking-pool hop, no tensor per request.
+    fn run(self: Arc<Self>, request: RunRequest, timing: Timing, respond: Respond<RunReply>) {
+        let _span = tracing::info_span!("serving.run", inputs = request.inputs.len()).entered();
+        let specs = self.inputs.as_ref().map(|s| s.as_slice());
+        if let Err(reason) = check(&request.inputs, specs) {
+            return respond(Err(ServingError::BadInput { reason }));
+        }
+        let inputs = request.inputs.into_iter().map(to_host).collect();
+        let received = timing.received;
+        self.engine.submit(inputs, timing.deadline, move |answer| {
+            let outputs = answer.map_err(|e| serving_error(e, received));
+            respond(
+                outputs.and_then(|o| to_wire(o).map_err(|message| ServingError::Model { message })),
+            )
+        });
     }
 }
 
@@ -399,10 +391,10 @@ mod tests {
         let good = WireTensor::from_f32(&[2, 2], &[1.0, 2.0, 3.0, 4.0]);
         let one = InputSpec::parse_list("f32[2]").unwrap();
         let two = InputSpec::parse_list("f32[2],f32[2]").unwrap();
-        assert!(to_tensors(std::slice::from_ref(&good), Some(&one)).is_ok());
+        assert!(check(std::slice::from_ref(&good), Some(&one)).is_ok());
         // Sizes may differ from the declared ones; dtype and rank may not.
         let wider = WireTensor::from_f32(&[1, 4], &[0.0; 4]);
-        assert!(to_tensors(std::slice::from_ref(&wider), Some(&one)).is_ok());
+        assert!(check(std::slice::from_ref(&wider), Some(&one)).is_ok());
         /// Inputs, the declared specs, and what the error must say.
         type Case<'a> = (Vec<WireTensor>, Option<&'a [InputSpec]>, &'a str);
         let cases: Vec<Case> = vec![
@@ -467,7 +459,7 @@ mod tests {
             ),
         ];
         for (inputs, arity, says) in cases {
-            let err = to_tensors(&inputs, arity).unwrap_err();
+            let err = check(&inputs, arity).unwrap_err();
             assert!(err.contains(says), "{says}: {err}");
         }
     }
@@ -475,15 +467,18 @@ mod tests {
     #[test]
     fn tensors_round_trip_through_the_wire() {
         let x = Tensor::from_slice(&[1i64, -2, 3, 4, 5, 6]).reshape([3, 2]);
-        let wire = to_wire(vec![x.shallow_clone()]).unwrap();
+        let wire = to_wire(vec![HostTensor::from_tensor(&x).unwrap()]).unwrap();
         assert_eq!(
             (wire[0].dtype, wire[0].shape.clone()),
             (DType::I64, vec![3, 2])
         );
-        let back = to_tensors(&wire, None).unwrap();
-        assert!(back[0].equal(&x));
-        // A non-contiguous view is made contiguous first.
-        let t = to_wire(vec![x.tr()]).unwrap();
-        assert_eq!(to_tensors(&t, None).unwrap()[0].size(), vec![2, 3]);
+        check(&wire, None).unwrap();
+        let back = to_host(wire.into_iter().next().unwrap());
+        assert!(back.to_tensor().unwrap().equal(&x));
+        let complex = HostTensor {
+            kind: Kind::ComplexFloat,
+            ..back
+        };
+        assert!(to_wire(vec![complex]).unwrap_err().contains("cannot carry"));
     }
 }
