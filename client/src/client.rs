@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorRef, BytesConvertable, RpcReplyPort};
+use ractor::{Actor, ActorRef, RpcReplyPort};
 
 use ractor_cluster::{NodeServer, NodeServerMessage};
 
@@ -196,8 +196,8 @@ trait Request: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + '
     type Answer: serde::Serialize + serde::de::DeserializeOwned + Send + 'static;
     /// What the caller gets.
     type Output;
-    /// The request with the caller's remaining budget.
-    fn with_timeout(&self, timeout_ms: u64) -> Self;
+    /// Gives the request the caller's remaining budget.
+    fn set_timeout(&mut self, timeout_ms: u64);
     /// The message to send.
     fn message(payload: Payload<Self>, port: RpcReplyPort<Payload<Self::Answer>>)
         -> ServingMessage;
@@ -208,11 +208,8 @@ trait Request: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + '
 impl Request for RunRequest {
     type Answer = Result<Vec<WireTensor>, ServingError>;
     type Output = Vec<WireTensor>;
-    fn with_timeout(&self, timeout_ms: u64) -> Self {
-        RunRequest {
-            timeout_ms,
-            ..self.clone()
-        }
+    fn set_timeout(&mut self, timeout_ms: u64) {
+        self.timeout_ms = timeout_ms;
     }
     fn message(
         payload: Payload<Self>,
@@ -228,11 +225,8 @@ impl Request for RunRequest {
 impl Request for EmbedRequest {
     type Answer = Result<Vec<Embedding>, ServingError>;
     type Output = Vec<Embedding>;
-    fn with_timeout(&self, timeout_ms: u64) -> Self {
-        EmbedRequest {
-            timeout_ms,
-            ..self.clone()
-        }
+    fn set_timeout(&mut self, timeout_ms: u64) {
+        self.timeout_ms = timeout_ms;
     }
     fn message(
         payload: Payload<Self>,
@@ -248,11 +242,8 @@ impl Request for EmbedRequest {
 impl Request for GenerateRequest {
     type Answer = Result<Generation, ServingError>;
     type Output = Generation;
-    fn with_timeout(&self, timeout_ms: u64) -> Self {
-        GenerateRequest {
-            timeout_ms,
-            ..self.clone()
-        }
+    fn set_timeout(&mut self, timeout_ms: u64) {
+        self.timeout_ms = timeout_ms;
     }
     fn message(
         payload: Payload<Self>,
@@ -273,8 +264,8 @@ struct OpenStream(GenerateRequest);
 impl Request for OpenStream {
     type Answer = OpenReply;
     type Output = StreamOpened;
-    fn with_timeout(&self, timeout_ms: u64) -> Self {
-        OpenStream(self.0.with_timeout(timeout_ms))
+    fn set_timeout(&mut self, timeout_ms: u64) {
+        self.0.set_timeout(timeout_ms);
     }
     fn message(
         payload: Payload<Self>,
@@ -290,9 +281,7 @@ impl Request for OpenStream {
 impl Request for StatusRequest {
     type Answer = ServingStatus;
     type Output = ServingStatus;
-    fn with_timeout(&self, _: u64) -> Self {
-        self.clone()
-    }
+    fn set_timeout(&mut self, _: u64) {}
     fn message(
         payload: Payload<Self>,
         port: RpcReplyPort<Payload<Self::Answer>>,
@@ -711,9 +700,12 @@ impl HarnessClient {
         ClientError,
     > {
         let deadline = deadline.unwrap_or(self.config.default_deadline);
-        // Checked once, at the largest budget an attempt can carry.
-        let largest = request.with_timeout(deadline.as_millis() as u64);
-        let bytes = Payload::new(largest).into_bytes().len() + ENVELOPE_BYTES;
+        // Checked once, at the largest budget an attempt can carry, by counting
+        // (a payload's bytes are its tag and the request's postcard encoding).
+        let mut request = request;
+        request.set_timeout(deadline.as_millis() as u64);
+        let bytes = postcard::experimental::serialized_size(&request)
+            .map_or(usize::MAX, |size| 1 + size + ENVELOPE_BYTES);
         if bytes > self.config.max_message_bytes {
             return Err(ClientError::TooLarge {
                 bytes,
@@ -757,7 +749,8 @@ impl HarnessClient {
                     }
                 }
                 attempted = true;
-                let attempt = request.with_timeout(left.as_millis() as u64);
+                let mut attempt = request.clone();
+                attempt.set_timeout(left.as_millis() as u64);
                 let call = serving.call(|port| R::message(Payload::new(attempt), port), Some(left));
                 // A node that goes away mid-call (its session closes and its
                 // members leave the group) answers nothing: move on at once.

@@ -45,25 +45,23 @@ impl<T> Payload<T> {
     }
 }
 
+/// `tag` then `value` in postcard, written once into a buffer of the right size.
+fn tagged<V: Serialize + ?Sized>(tag: u8, value: &V) -> postcard::Result<Vec<u8>> {
+    let mut bytes = Vec::with_capacity(1 + postcard::experimental::serialized_size(value)?);
+    bytes.push(tag);
+    postcard::to_extend(value, bytes)
+}
+
 impl<T: Serialize + DeserializeOwned> BytesConvertable for Payload<T> {
     fn into_bytes(self) -> Vec<u8> {
         // Tag 0: a value; tag 1: an error text (a payload that failed to decode
         // and is passed on, which is rare but must not panic either).
         let encoded = match &self.0 {
-            Ok(value) => postcard::to_allocvec(value).map(|mut bytes| {
-                bytes.insert(0, 0);
-                bytes
-            }),
-            Err(text) => postcard::to_allocvec(text).map(|mut bytes| {
-                bytes.insert(0, 1);
-                bytes
-            }),
+            Ok(value) => tagged(0, value),
+            Err(text) => tagged(1, text),
         };
         encoded.unwrap_or_else(|err| {
-            let mut bytes =
-                postcard::to_allocvec(&format!("cannot encode: {err}")).unwrap_or_default();
-            bytes.insert(0, 1);
-            bytes
+            tagged(1, &format!("cannot encode: {err}")).unwrap_or_else(|_| vec![1, 0])
         })
     }
 

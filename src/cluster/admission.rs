@@ -57,7 +57,13 @@ impl Admission {
         Some(GuardedStream {
             label,
             read: GuardedRead {
-                inner: read,
+                // Buffered under the guard: ractor_cluster reads a frame's length,
+                // then its body, which would be two or three syscalls a frame (one
+                // for many frames under load, buffered). Above the buffer, the
+                // guard still judges each frame only as ractor_cluster takes it,
+                // so a frame read ahead is not judged before the peer has
+                // authenticated.
+                inner: Box::new(tokio::io::BufReader::new(read)),
                 authenticated,
                 ticket: Some(ticket),
                 header: [0; 8],
