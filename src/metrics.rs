@@ -63,6 +63,9 @@ pub const OUTCOMES: [&str; 8] = [
 pub struct Metrics {
     registry: Registry,
     requests: Family<Outcome, Counter>,
+    /// `requests`' counter of each of [`OUTCOMES`], in order: counting a request
+    /// is then one atomic add, not a label built and looked up.
+    by_outcome: Vec<Counter>,
     request_duration: Histogram,
     queue_duration: Histogram,
     batch_size: Histogram,
@@ -95,11 +98,16 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
         let requests = Family::<Outcome, Counter>::default();
-        for outcome in OUTCOMES {
-            let _ = requests.get_or_create(&Outcome {
-                outcome: outcome.to_string(),
-            });
-        }
+        let by_outcome = OUTCOMES
+            .iter()
+            .map(|outcome| {
+                requests
+                    .get_or_create(&Outcome {
+                        outcome: outcome.to_string(),
+                    })
+                    .clone()
+            })
+            .collect();
         // Seconds, from 0.5 ms to about 16 s.
         let request_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         let queue_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
@@ -166,6 +174,7 @@ impl Default for Metrics {
             generation,
             registry,
             requests,
+            by_outcome,
             request_duration,
             queue_duration,
             batch_size,
@@ -183,11 +192,18 @@ impl Default for Metrics {
 impl Metrics {
     /// A request answered with `outcome` after `duration`.
     pub fn request(&self, outcome: &str, duration: Duration) {
-        self.requests
-            .get_or_create(&Outcome {
-                outcome: outcome.to_string(),
-            })
-            .inc();
+        match OUTCOMES.iter().position(|o| *o == outcome) {
+            Some(i) => {
+                self.by_outcome[i].inc();
+            }
+            None => {
+                self.requests
+                    .get_or_create(&Outcome {
+                        outcome: outcome.to_string(),
+                    })
+                    .inc();
+            }
+        }
         self.request_duration.observe(duration.as_secs_f64());
     }
 

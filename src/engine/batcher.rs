@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use tch::Tensor;
 use tokio::sync::{oneshot, watch};
 
-use super::collate::{choose_by_length, BatchKey};
+use super::collate::{choose_by_length, BatchKey, ForwardCost};
 use super::error::{panic_message, ForwardError, RunError};
 use super::host::{join_rows, HostTensor};
 use super::model::Model;
@@ -154,6 +154,7 @@ pub(super) fn serve(
         waiting: VecDeque::new(),
         open: true,
         gathered_through: None,
+        forward_cost: ForwardCost::default(),
     };
     // One check of the engine's health per step: each step runs at most one forward.
     while !batcher.failed() && (batcher.open || !batcher.waiting.is_empty()) {
@@ -178,6 +179,8 @@ struct Batcher<'a> {
     /// the last full gathering. Those requests had their company; what a
     /// shorter batch left of them runs next without waiting again.
     gathered_through: Option<Instant>,
+    /// What token forwards cost here, learned as they run.
+    forward_cost: ForwardCost,
 }
 
 impl Batcher<'_> {
@@ -304,7 +307,7 @@ impl Batcher<'_> {
         let chosen: Vec<usize> = if self.model.collate.by_length() {
             let queued: Vec<(i64, i64)> =
                 candidates.iter().map(|r| (r.tokens(), r.items)).collect();
-            choose_by_length(&queued, self.max_batch)
+            choose_by_length(&queued, self.max_batch, self.forward_cost.fixed_slots())
         } else {
             let mut items = 0;
             (0..candidates.len())
@@ -336,7 +339,7 @@ impl Batcher<'_> {
     }
 
     /// One forward for the whole batch, its outputs split back among the callers.
-    fn run_batch(&self, batch: Vec<Request>) {
+    fn run_batch(&mut self, batch: Vec<Request>) {
         let sizes: Vec<i64> = batch.iter().map(|r| r.items).collect();
         let total: i64 = sizes.iter().sum();
         if let Some(observer) = self.stats.observer.get() {
@@ -345,18 +348,23 @@ impl Batcher<'_> {
         }
         let _span =
             tracing::debug_span!("engine.batch", requests = batch.len(), items = total).entered();
+        let slots = batch.iter().map(Request::tokens).max().unwrap_or(0) * total;
         if self.model.collate.by_length() {
-            let longest = batch.iter().map(Request::tokens).max().unwrap_or(0);
             let tokens: i64 = batch.iter().map(|r| r.tokens() * r.items).sum();
             self.stats
                 .tokens
                 .fetch_add(tokens as u64, Ordering::Relaxed);
             self.stats
                 .token_slots
-                .fetch_add((longest * total) as u64, Ordering::Relaxed);
+                .fetch_add(slots as u64, Ordering::Relaxed);
         }
         let inputs: Vec<&[HostTensor]> = batch.iter().map(|r| r.inputs.as_slice()).collect();
+        let started = Instant::now();
         let result = self.guarded(|| self.model.forward_joined(&inputs, &sizes));
+        if self.model.collate.by_length() && result.is_ok() {
+            self.forward_cost
+                .observe(slots, started.elapsed().as_secs_f64());
+        }
         self.stats
             .batched_items
             .fetch_add(total as u64, Ordering::Relaxed);
