@@ -187,7 +187,7 @@ impl Node {
         if left > 0 {
             tracing::warn!(
                 left,
-                "the drain timed out; {left} request(s) are answered Internal"
+                "the drain timed out with {left} request(s) still in flight; stopping anyway (their callers get an error or see the node go away)"
             );
         } else {
             tracing::info!(

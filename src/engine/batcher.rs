@@ -85,7 +85,7 @@ impl Reply {
 
     pub fn send(mut self, answer: Answer) {
         if let Some(to) = self.0.take() {
-            to(answer);
+            deliver(to, answer);
         }
     }
 }
@@ -93,8 +93,20 @@ impl Reply {
 impl Drop for Reply {
     fn drop(&mut self) {
         if let Some(to) = self.0.take() {
-            to(Err(RunError::Forward(ForwardError::Stopped)));
+            deliver(to, Err(RunError::Forward(ForwardError::Stopped)));
         }
+    }
+}
+
+/// Runs a caller's reply on the engine thread; a reply that panics is logged
+/// and costs only its own caller (whose request then answers `Internal` as it
+/// is dropped), never the engine thread.
+fn deliver(to: Box<dyn FnOnce(Answer) + Send>, answer: Answer) {
+    if let Err(payload) = catch_unwind(AssertUnwindSafe(|| to(answer))) {
+        tracing::error!(
+            panic = %panic_message(payload.as_ref()),
+            "a request's reply panicked on the engine thread"
+        );
     }
 }
 
@@ -266,7 +278,7 @@ impl Batcher<'_> {
     fn gathered(&self, key: &BatchKey) -> i64 {
         self.waiting
             .iter()
-            .filter(|r| &r.key == key)
+            .filter(|r| &r.key == key && r.items <= self.max_batch)
             .map(|r| r.items)
             .sum()
     }
@@ -348,7 +360,12 @@ impl Batcher<'_> {
         }
         let _span =
             tracing::debug_span!("engine.batch", requests = batch.len(), items = total).entered();
-        let slots = batch.iter().map(Request::tokens).max().unwrap_or(0) * total;
+        let slots = if self.model.collate.by_length() {
+            let longest = batch.iter().map(Request::tokens).max().unwrap_or(0);
+            longest.saturating_mul(total)
+        } else {
+            0
+        };
         if self.model.collate.by_length() {
             let tokens: i64 = batch.iter().map(|r| r.tokens() * r.items).sum();
             self.stats

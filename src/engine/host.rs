@@ -26,19 +26,31 @@ impl HostTensor {
 
     /// Bytes of one item.
     pub fn row_bytes(&self) -> usize {
-        let per_item: i64 = self.shape.iter().skip(1).product();
-        per_item.max(0) as usize * self.kind.elt_size_in_bytes()
+        let per_item = self
+            .shape
+            .iter()
+            .skip(1)
+            .fold(1i64, |n, &d| n.saturating_mul(d.max(0)));
+        (per_item as usize).saturating_mul(self.kind.elt_size_in_bytes())
     }
 
     /// Whether `data` holds exactly the elements `shape` and `kind` say.
+    /// The dimensions, a zero among them or not, must also multiply out
+    /// within `i64`: a shape like `[1, 2^62, 2, 0]` holds no elements but no
+    /// arithmetic on it is safe.
     pub fn is_whole(&self) -> bool {
+        let bytes = self.kind.elt_size_in_bytes() as i64;
+        let nonzero = self
+            .shape
+            .iter()
+            .filter(|&&d| d != 0)
+            .try_fold(bytes, |n, &d| n.checked_mul(d));
         self.shape.iter().all(|&d| d >= 0)
+            && nonzero.is_some()
             && self
                 .shape
                 .iter()
-                .try_fold(self.kind.elt_size_in_bytes(), |n, &d| {
-                    n.checked_mul(d as usize)
-                })
+                .try_fold(bytes as usize, |n, &d| n.checked_mul(d as usize))
                 == Some(self.data.len())
     }
 
@@ -78,8 +90,7 @@ impl HostTensor {
 }
 
 /// Each output's rows shared out to the callers of a batch, `sizes` items each,
-/// in order: one read of each output from the device's result, one copy per
-/// caller's share.
+/// in order: each caller's rows copied once, straight from the output.
 pub(super) fn split_rows(
     outputs: Vec<Tensor>,
     sizes: &[i64],
@@ -98,23 +109,18 @@ pub(super) fn split_rows(
         .map(|_| Vec::with_capacity(outputs.len()))
         .collect();
     for output in &outputs {
-        let whole = HostTensor::from_tensor(output)?;
-        if let [_] = sizes {
-            parts[0].push(whole);
-            continue;
-        }
-        let row = whole.row_bytes();
+        let output = output
+            .f_to_device(tch::Device::Cpu)
+            .and_then(|t| t.f_contiguous())
+            .map_err(ForwardError::from_torch)?;
         let mut offset = 0;
         for (part, &n) in parts.iter_mut().zip(sizes) {
-            let len = n as usize * row;
-            let mut shape = whole.shape.clone();
-            shape[0] = n;
-            part.push(HostTensor {
-                kind: whole.kind,
-                shape,
-                data: whole.data[offset..offset + len].to_vec(),
-            });
-            offset += len;
+            // Rows of a contiguous tensor: a contiguous view, read once.
+            let rows = output
+                .f_narrow(0, offset, n)
+                .map_err(ForwardError::from_torch)?;
+            part.push(HostTensor::from_tensor(&rows)?);
+            offset += n;
         }
     }
     Ok(parts)
@@ -183,8 +189,15 @@ mod tests {
         assert!(!short.is_whole());
         let negative = HostTensor {
             shape: vec![-1, 2],
-            ..short
+            ..short.clone()
         };
         assert!(!negative.is_whole());
+        // No elements, but dimensions no arithmetic survives.
+        let huge = HostTensor {
+            shape: vec![1, 1 << 62, 2, 0],
+            data: vec![],
+            ..short
+        };
+        assert!(!huge.is_whole());
     }
 }

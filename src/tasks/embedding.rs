@@ -25,10 +25,10 @@ use super::tokenizer::{TextTokenizer, Tokens};
 use super::{serving_error, LoadContext, LoadFailure, Respond, Task, Timing};
 use crate::engine::{Collate, Engine, EngineStats, HostTensor, RunError};
 
-/// A request whose texts hold at most this many bytes is tokenized where it
-/// arrives (tens of microseconds); a larger one on the blocking pool, so that no
-/// request holds the serving's message loop for long.
-const TOKENIZE_IN_PLACE_BYTES: usize = 4096;
+/// A request of at most this many texts holding at most this many bytes is
+/// tokenized where it arrives (tens of microseconds); a larger one on the
+/// blocking pool, so that no request holds the serving's message loop for long.
+const TOKENIZE_IN_PLACE: (usize, usize) = (8, 4096);
 
 /// The files an embedding model needs when `HARNESS_MODEL_FILES` is unset.
 pub const DEFAULT_FILES: &[&str] = &["model.pt", "tokenizer.json", "harness.json"];
@@ -334,6 +334,11 @@ impl EmbeddingTask {
             received: timing.received,
         });
         for (i, text) in tokens.iter().enumerate() {
+            // Answered already (a text refused): the rest would take queue room
+            // and forwards for nothing.
+            if gather.answered() {
+                break;
+            }
             let gather = gather.clone();
             self.engine.submit(
                 self.embedder.to_host(text),
@@ -355,6 +360,13 @@ struct Gather {
 }
 
 impl Gather {
+    fn answered(&self) -> bool {
+        self.left
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+    }
+
     fn put(&self, i: usize, answer: Result<Vec<HostTensor>, RunError>) {
         let vector = answer
             .map_err(|e| serving_error(e, self.received))
@@ -441,8 +453,17 @@ impl Task for EmbeddingTask {
                 ),
             }));
         }
-        if texts.iter().map(String::len).sum::<usize>() <= TOKENIZE_IN_PLACE_BYTES {
-            return self.queue_texts(texts, timing, respond);
+        let (most_texts, most_bytes) = TOKENIZE_IN_PLACE;
+        if texts.len() <= most_texts && texts.iter().map(String::len).sum::<usize>() <= most_bytes {
+            // A tokenizer that panics costs this request (answered Internal as
+            // its Respond is dropped), not the serving's message loop.
+            let queued = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.queue_texts(texts, timing, respond)
+            }));
+            if queued.is_err() {
+                tracing::error!("tokenizing a request panicked; it is answered Internal");
+            }
+            return;
         }
         let span = span.clone();
         tokio::task::spawn_blocking(move || {
