@@ -360,25 +360,23 @@ impl Batcher<'_> {
         }
         let _span =
             tracing::debug_span!("engine.batch", requests = batch.len(), items = total).entered();
-        let slots = if self.model.collate.by_length() {
+        // Token batches: what their forward ran, counted and learned from.
+        let slots = self.model.collate.by_length().then(|| {
             let longest = batch.iter().map(Request::tokens).max().unwrap_or(0);
-            longest.saturating_mul(total)
-        } else {
-            0
-        };
-        if self.model.collate.by_length() {
             let tokens: i64 = batch.iter().map(|r| r.tokens() * r.items).sum();
+            let slots = longest.saturating_mul(total);
             self.stats
                 .tokens
                 .fetch_add(tokens as u64, Ordering::Relaxed);
             self.stats
                 .token_slots
                 .fetch_add(slots as u64, Ordering::Relaxed);
-        }
+            slots
+        });
         let inputs: Vec<&[HostTensor]> = batch.iter().map(|r| r.inputs.as_slice()).collect();
         let started = Instant::now();
         let result = self.guarded(|| self.model.forward_joined(&inputs, &sizes));
-        if self.model.collate.by_length() && result.is_ok() {
+        if let (Some(slots), Ok(_)) = (slots, &result) {
             self.forward_cost
                 .observe(slots, started.elapsed().as_secs_f64());
         }

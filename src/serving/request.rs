@@ -105,6 +105,11 @@ where
     Payload<Result<T, ServingError>>: ractor::Message,
 {
     fn send(mut self, answer: Result<T, ServingError>) {
+        self.answer(answer);
+    }
+
+    /// Counts and sends the answer, the first time only.
+    fn answer(&mut self, answer: Result<T, ServingError>) {
         if let Some(port) = self.port.take() {
             self.metrics
                 .request(outcome(&answer), self.received.elapsed());
@@ -120,13 +125,10 @@ where
     /// Nobody waits in silence: a request dropped unanswered (a bug, or a
     /// panic on the way) is answered `Internal`.
     fn drop(&mut self) {
-        if let Some(port) = self.port.take() {
-            let answer = Err(ServingError::Internal {
+        if self.port.is_some() {
+            self.answer(Err(ServingError::Internal {
                 message: "the request was dropped before it was answered".to_string(),
-            });
-            self.metrics
-                .request(outcome(&answer), self.received.elapsed());
-            let _ = port.send(Payload::new(answer));
+            }));
         }
     }
 }

@@ -328,8 +328,11 @@ impl EmbeddingTask {
             .map(|t| (t.ids.len() as u32, t.truncated))
             .collect();
         let gather = Arc::new(Gather {
-            vectors: Mutex::new(vec![Vec::new(); tokens.len()]),
-            left: Mutex::new(Some((tokens.len(), respond))),
+            open: Mutex::new(Some(Open {
+                left: tokens.len(),
+                vectors: vec![Vec::new(); tokens.len()],
+                respond,
+            })),
             facts,
             received: timing.received,
         });
@@ -352,16 +355,23 @@ impl EmbeddingTask {
 /// One `Embed`'s texts, answered as the engine finishes each: the caller hears
 /// once, when the last vector is in or at the first failure.
 struct Gather {
-    vectors: Mutex<Vec<Vec<f32>>>,
-    /// Texts still out, and where the answer goes; `None` once answered.
-    left: Mutex<Option<(usize, Respond<EmbedReply>)>>,
+    /// `None` once answered.
+    open: Mutex<Option<Open>>,
     facts: Vec<(u32, bool)>,
     received: std::time::Instant,
 }
 
+/// An `Embed` still waiting for vectors.
+struct Open {
+    /// Texts still out.
+    left: usize,
+    vectors: Vec<Vec<f32>>,
+    respond: Respond<EmbedReply>,
+}
+
 impl Gather {
     fn answered(&self) -> bool {
-        self.left
+        self.open
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_none()
@@ -371,35 +381,40 @@ impl Gather {
         let vector = answer
             .map_err(|e| serving_error(e, self.received))
             .and_then(|outputs| vector(outputs).map_err(|message| ServingError::Model { message }));
-        let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
-        let Some((count, _)) = left.as_mut() else {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(waiting) = open.as_mut() else {
             return; // answered already, with an earlier failure
         };
-        *count -= 1;
-        let done = match vector {
+        waiting.left -= 1;
+        let failure = match vector {
             Ok(vector) => {
-                let mut vectors = self.vectors.lock().unwrap_or_else(|e| e.into_inner());
-                vectors[i] = vector;
-                (*count == 0).then(|| {
-                    Ok(std::mem::take(&mut *vectors)
-                        .into_iter()
-                        .zip(&self.facts)
-                        .map(|(vector, &(tokens, truncated))| Embedding {
-                            vector,
-                            tokens,
-                            truncated,
-                        })
-                        .collect())
-                })
+                waiting.vectors[i] = vector;
+                None
             }
-            Err(err) => Some(Err(err)),
+            Err(err) => Some(err),
         };
-        if let Some(reply) = done {
-            if let Some((_, respond)) = left.take() {
-                drop(left);
-                respond(reply);
-            }
+        if failure.is_none() && waiting.left > 0 {
+            return;
         }
+        let Some(Open {
+            vectors, respond, ..
+        }) = open.take()
+        else {
+            return;
+        };
+        drop(open);
+        respond(match failure {
+            Some(err) => Err(err),
+            None => Ok(vectors
+                .into_iter()
+                .zip(&self.facts)
+                .map(|(vector, &(tokens, truncated))| Embedding {
+                    vector,
+                    tokens,
+                    truncated,
+                })
+                .collect()),
+        });
     }
 }
 
