@@ -154,6 +154,11 @@ pub struct ModelConfig {
     /// Use the cache only; a missing file is an error naming it.
     #[arg(long, env = "HARNESS_OFFLINE", global = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub offline: bool,
+
+    /// Connections a fetch opens at once: byte ranges of a large file, and
+    /// several files. A CDN that limits each connection is this many times faster.
+    #[arg(long, env = "HARNESS_DOWNLOAD_CONNECTIONS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64), global = true)]
+    pub download_connections: u32,
 }
 
 /// Where the model's files come from, resolved from the settings.
@@ -212,7 +217,10 @@ impl ModelConfig {
             endpoint: self.hf_endpoint.clone(),
             token: self.hf_token.clone().filter(|t| !t.expose().is_empty()),
             offline: self.offline,
-            options: FetchOptions::default(),
+            options: FetchOptions {
+                connections: self.download_connections as usize,
+                ..FetchOptions::default()
+            },
         }))
     }
 }

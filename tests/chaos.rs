@@ -632,6 +632,7 @@ async fn the_hub_fault_matrix_in_one_fetch() {
             retry_base: Duration::from_millis(20),
             retry_max: Duration::from_millis(200),
             progress_every: Duration::from_millis(100),
+            connections: 8,
         },
     };
     let started = Instant::now();

@@ -89,36 +89,64 @@ async fn fetch_prints_the_local_paths_and_keeps_the_token_out_of_its_logs() {
     assert!(stderr.contains("HARNESS_MODEL_FILES"), "{stderr}");
 }
 
+/// A fetch's record of its pieces: the bytes done of each, by piece.
+fn read_record(path: &Path) -> Option<(u64, Vec<u64>)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut lines = text.lines().skip(2);
+    let piece = lines.next()?.strip_prefix("piece ")?.parse().ok()?;
+    let done = lines
+        .next()?
+        .strip_prefix("done ")?
+        .split(' ')
+        .map(|d| d.parse().ok())
+        .collect::<Option<Vec<u64>>>()?;
+    Some((piece, done))
+}
+
+/// `bytes=N-M` → (N, M + 1).
+fn range_of(served: &support::hub::Served) -> Option<(u64, u64)> {
+    let (from, to) = served
+        .range
+        .as_deref()?
+        .strip_prefix("bytes=")?
+        .split_once('-')?;
+    Some((from.parse().ok()?, to.parse::<u64>().ok()? + 1))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fetch_killed_mid_download_resumes_on_the_next_run() {
-    let published = publish_model(4_000_000).await;
+async fn a_parallel_fetch_killed_mid_download_fetches_no_finished_range_again() {
+    // 40 MiB: ten 4 MiB pieces, eight at a time, each connection at 2 MiB/s, so
+    // the first eight finish together and the last two are under way at the kill.
+    const LEN: u64 = 40 << 20;
+    let published = publish_model(LEN as usize).await;
     let (hub, model) = (&published.hub, published.bytes("model.pt"));
-    hub.set_rate(Some(1_000_000));
+    hub.set_connection_rate(Some(2 << 20));
     let cache = &published.cache;
     let blob_name = sha256(model);
-    let part = repo_dir(cache.path())
-        .join("blobs")
-        .join(format!("{blob_name}.incomplete"));
+    let blobs = repo_dir(cache.path()).join("blobs");
+    let record = blobs.join(format!("{blob_name}.pieces.incomplete"));
 
     let mut child = fetch_command(hub, cache.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0) < 1_000_000 {
-        assert!(Instant::now() < deadline, "the download never got going");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (piece, done_at_kill) = loop {
+        assert!(Instant::now() < deadline, "no piece ever finished");
+        if let Some((piece, done)) = read_record(&record) {
+            let finished = done.iter().filter(|&&d| d == piece).count();
+            if finished >= 1 && done.iter().any(|&d| d > 0 && d < piece) {
+                break (piece, done);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     child.kill().unwrap(); // SIGKILL: no chance to clean up
     child.wait().unwrap();
-    let kept = std::fs::metadata(&part).unwrap().len();
-    assert!(kept > 0 && kept < model.len() as u64, "{kept}");
+    assert_eq!(done_at_kill.len(), 10, "{done_at_kill:?}");
     assert!(
-        !repo_dir(cache.path())
-            .join("blobs")
-            .join(&blob_name)
-            .exists(),
+        !blobs.join(&blob_name).exists(),
         "no half file under its final name"
     );
     assert!(
@@ -126,28 +154,40 @@ async fn a_fetch_killed_mid_download_resumes_on_the_next_run() {
         "nothing in a snapshot"
     );
 
-    hub.set_rate(None);
+    hub.set_connection_rate(None);
     hub.clear_served();
     let out = run(fetch_command(hub, cache.path())).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let path = text(&out.stdout).lines().next().unwrap().to_string();
     assert_eq!(sha256(&std::fs::read(path).unwrap()), blob_name);
-    let gets: Vec<_> = hub
-        .served()
-        .into_iter()
-        .filter(|s| s.method == "GET" && s.path.starts_with("/cdn/"))
+    let gets = hub.download_gets(&blob_name);
+    assert!(!gets.is_empty());
+    for get in &gets {
+        let (from, to) = range_of(get).expect("every GET of a resumed fetch is ranged");
+        for (i, &done) in done_at_kill.iter().enumerate() {
+            let start = i as u64 * piece;
+            let piece_end = (start + piece).min(LEN);
+            // Nothing the killed fetch had written is asked for again.
+            let written = start..start + done;
+            assert!(
+                to <= written.start || from >= written.end,
+                "{:?} fetched bytes {from}..{to} again; piece {i} had {done} of {}",
+                get.range,
+                piece_end - start
+            );
+        }
+    }
+    let finished: Vec<usize> = (0..done_at_kill.len())
+        .filter(|&i| done_at_kill[i] == piece)
         .collect();
-    assert_eq!(gets.len(), 1, "{gets:?}");
-    let start: u64 = gets[0]
-        .range
-        .as_deref()
-        .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
-        .expect("a Range request");
     assert!(
-        start >= kept.min(1_000_000),
-        "resumed at {start}, had {kept}"
+        gets.len() <= done_at_kill.len() - finished.len(),
+        "one GET per unfinished piece: {gets:?}"
     );
-    assert!(!part.exists());
+    assert!(!blobs
+        .join(format!("{blob_name}.ranged.incomplete"))
+        .exists());
+    assert!(!record.exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,24 +1,57 @@
-//! One blob's transfer: locked against other processes, resumed with `Range`,
-//! retried with backoff, verified, and only then given its final name.
+//! One blob's transfer: locked against other processes, cut into byte ranges
+//! fetched on several connections at once (one stream when the server ignores
+//! `Range`), each range retried with backoff and resumed where it stopped, the
+//! whole verified, and only then given its final name.
 
 use std::io::ErrorKind;
 use std::path::Path;
 use std::time::Duration;
 
+use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use reqwest::header;
 use reqwest::{Method, StatusCode};
 use sha2::{Digest, Sha256};
+use tokio::sync::{Semaphore, SemaphorePermit};
 
-use super::blob_writer::BlobWriter;
+use super::blob_writer::{BlobWriter, Buffered};
 use super::cache::{BlobLock, RepoCache};
 use super::hub::{Attempt, FileMeta, Hub};
+use super::pieces::{Partial, Pieces};
 use super::progress::{FetchProgress, FileMeter};
 use super::retry::Retries;
 use super::{FetchError, FetchOptions};
 
 /// How many times wrong content is fetched again before giving up.
 const CONTENT_ATTEMPTS: u32 = 3;
+
+/// At most this many bytes off the network and not yet on disk, per fetch.
+const BUFFERED_BYTES: usize = 16 << 20;
+
+/// What one fetch's files share: the connections (`HARNESS_DOWNLOAD_CONNECTIONS`)
+/// and the memory for bytes on their way to disk.
+pub(super) struct Transfers {
+    connections: Semaphore,
+    count: usize,
+    buffered: Buffered,
+}
+
+impl Transfers {
+    pub fn new(connections: usize) -> Self {
+        let count = connections.max(1);
+        Transfers {
+            connections: Semaphore::new(count),
+            count,
+            buffered: Buffered::new(BUFFERED_BYTES),
+        }
+    }
+
+    /// How many connections may be open at once, and so how many files are
+    /// fetched at once at most.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+}
 
 /// Makes `blobs/<etag>` hold the verified file. Safe to run from several processes
 /// at once: one downloads, the others wait for the lock and find the blob there.
@@ -28,6 +61,7 @@ pub(super) async fn ensure_blob(
     meta: &FileMeta,
     progress: &FetchProgress,
     options: &FetchOptions,
+    transfers: &Transfers,
 ) -> Result<(), FetchError> {
     let blob = cache.blob_path(&meta.etag);
     if blob_is_whole(&blob, meta.size) {
@@ -40,35 +74,33 @@ pub(super) async fn ensure_blob(
         progress.add_done(meta.size);
         return Ok(());
     }
-    let part = cache.incomplete_path(&meta.etag);
-    super::cache::create_dir_all(part.parent().expect("a blob has a folder"))?;
-    let mut meter = FileMeter::start(progress, &meta.file, meta.size, options.progress_every);
-    let mut retries = Retries::new(options, meta.download_url.clone(), meta.file.clone());
+    let partial = Partial::new(&blob);
+    super::cache::create_dir_all(blob.parent().expect("a blob has a folder"))?;
+    let meter = FileMeter::start(progress, &meta.file, meta.size, options.progress_every);
+    let file = FileFetch {
+        hub,
+        meta,
+        partial: &partial,
+        meter: &meter,
+        options,
+        transfers,
+    };
     let mut bad_content = 0u32;
     loop {
-        let before = file_len(&part);
-        let digest = match transfer(hub, meta, &part, &mut meter).await {
-            Ok(digest) => digest,
-            Err(failure) => {
-                if file_len(&part) > before {
-                    retries.progressed();
-                }
-                retries.after(failure).await?;
-                continue;
-            }
-        };
-        match check_content(&part, meta, digest.as_deref()) {
+        let digest = file.download().await?;
+        match check_content(&partial.data, meta, digest.as_deref()) {
             None => {
-                std::fs::rename(&part, &blob).map_err(|source| FetchError::Io {
+                std::fs::rename(&partial.data, &blob).map_err(|source| FetchError::Io {
                     path: blob.clone(),
                     source,
                 })?;
+                partial.remove();
                 meter.finish();
                 return Ok(());
             }
             Some(got) => {
                 bad_content += 1;
-                let _ = std::fs::remove_file(&part);
+                partial.remove();
                 meter.resume_at(0);
                 let expected = meta.sha256().unwrap_or(&meta.etag).to_string();
                 if bad_content >= CONTENT_ATTEMPTS {
@@ -85,198 +117,298 @@ pub(super) async fn ensure_blob(
     }
 }
 
-/// One GET into the `.incomplete` file, resuming after what it already holds.
-/// `Ok` means the file now holds exactly the announced size; for an LFS file it
-/// carries the sha256 of the whole file, hashed as the bytes arrived (so a
-/// gigabyte is not read back from disk to be checked).
-async fn transfer(
-    hub: &Hub,
-    meta: &FileMeta,
-    part: &Path,
-    meter: &mut FileMeter<'_>,
-) -> Result<Option<String>, Attempt> {
-    let (mut have, mut hasher) = resume_point(meta, part, meter).await?;
-    if have == meta.size {
-        return Ok(hasher.map(hex_digest));
-    }
-    let (url, response) = get_following_redirects(hub, meta, have).await?;
-    if starts_over(hub, meta, part, &url, &response, have)? {
-        have = 0;
-        meter.resume_at(0);
-        hasher = hasher.map(|_| Sha256::new());
-    }
-    let body = Body {
-        hub,
-        meta,
-        part,
-        url: &url,
-    };
-    let hasher = body.write(response, have, hasher, meter).await?;
-    Ok(hasher.map(hex_digest))
-}
-
-/// Where the `.incomplete` file resumes (a longer one than the file starts over),
-/// with the sha256 of what it already holds for an LFS file.
-async fn resume_point(
-    meta: &FileMeta,
-    part: &Path,
-    meter: &mut FileMeter<'_>,
-) -> Result<(u64, Option<Sha256>), Attempt> {
-    let mut have = file_len(part);
-    if have > meta.size {
-        truncate(part, 0, meta.size)?;
-        have = 0;
-    }
-    meter.resume_at(have);
-    let hasher = match meta.sha256() {
-        Some(_) => Some(
-            hash_prefix(part, have)
-                .await
-                .map_err(|e| Attempt::Fatal(write_error(part, e, meta.size)))?,
-        ),
-        None => None,
-    };
-    Ok((have, hasher))
-}
-
-/// GET the file from byte `have` on, following up to 5 redirects (the Hub sends
-/// LFS files to its CDN); the URL that answered, and its response.
-async fn get_following_redirects(
-    hub: &Hub,
-    meta: &FileMeta,
-    have: u64,
-) -> Result<(String, reqwest::Response), Attempt> {
-    let mut url = meta.download_url.clone();
-    let mut redirects = 0;
-    loop {
-        let mut req = hub.request(Method::GET, &url);
-        if have > 0 {
-            req = req.header(header::RANGE, format!("bytes={have}-"));
-        }
-        let response = req.send().await.map_err(|e| hub.transport(&url, e))?;
-        if response.status().is_redirection() && redirects < 5 {
-            let next = response
-                .headers()
-                .get(header::LOCATION)
-                .and_then(|l| l.to_str().ok())
-                .and_then(|l| reqwest::Url::parse(&url).ok()?.join(l).ok());
-            if let Some(next) = next {
-                url = next.to_string();
-                redirects += 1;
-                continue;
-            }
-        }
-        return Ok((url, response));
-    }
-}
-
-/// Reads the response's status against the resume point: `true` when the body is
-/// the whole file again (a server that ignores `Range`), so the file starts over.
-fn starts_over(
-    hub: &Hub,
-    meta: &FileMeta,
-    part: &Path,
-    url: &str,
-    response: &reqwest::Response,
-    have: u64,
-) -> Result<bool, Attempt> {
-    match response.status() {
-        StatusCode::PARTIAL_CONTENT => {
-            let start = response
-                .headers()
-                .get(header::CONTENT_RANGE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(content_range_start);
-            if start != Some(have) {
-                truncate(part, 0, meta.size)?;
-                return Err(retry_now(
-                    "the server answered another range than asked; starting over",
-                ));
-            }
-            Ok(false)
-        }
-        StatusCode::OK if have > 0 => {
-            truncate(part, 0, meta.size)?;
-            Ok(true)
-        }
-        StatusCode::OK => Ok(false),
-        StatusCode::RANGE_NOT_SATISFIABLE => {
-            truncate(part, 0, meta.size)?;
-            Err(retry_now(
-                "the server refused the resume range; starting over",
-            ))
-        }
-        _ => Err(hub.status_failure(url, Some(&meta.file), response)),
-    }
-}
-
-/// A response body on its way into the `.incomplete` file.
-struct Body<'a> {
+/// One file's download: its pieces, each on a connection of the fetch's.
+struct FileFetch<'a> {
     hub: &'a Hub,
     meta: &'a FileMeta,
-    part: &'a Path,
-    url: &'a str,
+    partial: &'a Partial,
+    meter: &'a FileMeter<'a>,
+    options: &'a FetchOptions,
+    transfers: &'a Transfers,
 }
 
-impl Body<'_> {
-    /// Streams the body after the file's first `have` bytes, hashing as it goes.
-    /// Whatever happens, what arrived reaches the disk, so that the next attempt
-    /// (or the next process) resumes after it.
-    async fn write(
-        &self,
-        response: reqwest::Response,
-        mut have: u64,
-        hasher: Option<Sha256>,
-        meter: &mut FileMeter<'_>,
-    ) -> Result<Option<Sha256>, Attempt> {
-        let (part, size) = (self.part, self.meta.size);
-        let writer = BlobWriter::start(part, hasher)
-            .map_err(|e| Attempt::Fatal(write_error(part, e, size)))?;
-        let mut body = response.bytes_stream();
-        let mut broken = None;
-        let mut overflow = false;
-        while let Some(chunk) = body.next().await {
-            let chunk = match chunk {
-                Ok(chunk) => chunk,
-                Err(err) => {
-                    broken = Some(self.hub.transport(self.url, err));
-                    break;
-                }
-            };
-            let len = chunk.len() as u64;
-            if have + len > size {
-                overflow = true;
-                break;
+/// A response whose body is piece `piece`'s bytes from where it stands, with
+/// the connection it holds and the URL that answered.
+struct Answer<'a> {
+    url: String,
+    response: reqwest::Response,
+    _connection: SemaphorePermit<'a>,
+}
+
+impl<'a> FileFetch<'a> {
+    /// Fetches every unfinished piece into the partial file. `Ok` means the file
+    /// is whole on disk; for an LFS file it carries the sha256 of the whole
+    /// file, hashed as its prefix became whole (so a gigabyte is not read back
+    /// from disk to be checked).
+    async fn download(&self) -> Result<Option<String>, FetchError> {
+        let size = self.meta.size;
+        let pieces = self
+            .partial
+            .load(size, self.transfers.count)
+            .map_err(|e| write_error(&self.partial.data, e, size))?;
+        self.meter.resume_at(pieces.bytes_done());
+        // The first request goes alone: its answer says whether the server
+        // serves ranges, before other connections are opened.
+        let (pieces, first) = match pieces.unfinished().first() {
+            Some(&i) => {
+                let (pieces, i, answer) = self.probe(pieces, i).await?;
+                (pieces, Some((i, answer)))
             }
-            if !writer.write(chunk).await {
-                break; // the disk side failed: finish() says why
-            }
-            have += len;
-            meter.advance(len);
-        }
-        let hasher = writer.finish().await.map_err(|e| {
-            // Progress shows what is on disk, not what arrived and was not written.
-            meter.resume_at(file_len(part));
-            Attempt::Fatal(write_error(part, e, size))
+            None => (pieces, None),
+        };
+        let writer = BlobWriter::start(
+            self.partial,
+            pieces.clone(),
+            self.meta.sha256().is_some(),
+            &self.transfers.buffered,
+        )
+        .map_err(|e| write_error(&self.partial.data, e, size))?;
+        let fetched = self.pieces(&writer, &pieces, first).await;
+        let finished = writer.finish().await;
+        // The disk's error, when there is one, is the real one.
+        let finished = finished.map_err(|e| {
+            self.meter.resume_at(file_len(&self.partial.data).min(size));
+            write_error(&self.partial.data, e, size)
         })?;
-        if overflow {
-            truncate(part, 0, size)?;
-            return Err(retry_now(
-                "the server sent more bytes than it announced; starting over",
-            ));
-        }
-        if let Some(broken) = broken {
-            return Err(broken);
-        }
-        if have < size {
-            return Err(Attempt::Retry {
-                reason: format!("the transfer ended early, at {have} of {size} bytes"),
-                after: None,
-                status: None,
+        fetched?;
+        if !finished.pieces.is_complete() {
+            return Err(FetchError::Io {
+                path: self.partial.data.clone(),
+                source: std::io::Error::other("a piece ended without its bytes written"),
             });
         }
-        Ok(hasher)
+        Ok(finished.hasher.map(hex_digest))
     }
+
+    /// Every unfinished piece, the first on its answer already there, as many at
+    /// once as the fetch has connections (which other files share).
+    async fn pieces(
+        &self,
+        writer: &BlobWriter,
+        pieces: &Pieces,
+        first: Option<(usize, Answer<'a>)>,
+    ) -> Result<(), FetchError> {
+        let Some((first, answer)) = first else {
+            return Ok(());
+        };
+        let mut jobs = vec![self.piece(writer, pieces, first, Some(answer))];
+        for i in pieces.unfinished().into_iter().filter(|&i| i != first) {
+            jobs.push(self.piece(writer, pieces, i, None));
+        }
+        at_most(self.transfers.count, jobs).await
+    }
+
+    /// The first request of this download, for piece `i`, retried until it has a
+    /// usable answer: a server that ignores `Range` answers the whole file, which
+    /// is then fetched as one stream from its first byte.
+    async fn probe(
+        &self,
+        mut pieces: Pieces,
+        mut i: usize,
+    ) -> Result<(Pieces, usize, Answer<'a>), FetchError> {
+        let mut retries = Retries::new(
+            self.options,
+            self.meta.download_url.clone(),
+            self.meta.file.clone(),
+        );
+        loop {
+            let (from, end) = (pieces.next_byte(i), pieces.range(i).1);
+            let ranged = is_ranged(&pieces, from);
+            match self.request(from, end, ranged).await {
+                Ok(answer) if ranged && answer.response.status() == StatusCode::OK => {
+                    if pieces.count() > 1 || pieces.bytes_done() > 0 {
+                        tracing::info!(file = %self.meta.file, "the server does not serve byte ranges; downloading {} as one stream", self.meta.file);
+                    }
+                    self.partial.remove();
+                    pieces = Pieces::whole(self.meta.size);
+                    i = 0;
+                    self.meter.resume_at(0);
+                    return Ok((pieces, i, answer));
+                }
+                Ok(answer) => match self.check(from, ranged, answer) {
+                    Ok(answer) => return Ok((pieces, i, answer)),
+                    Err(failure) => retries.after(failure).await?,
+                },
+                Err(failure) => retries.after(failure).await?,
+            }
+        }
+    }
+
+    /// Piece `i` from where it stands to its end, retried with backoff; each
+    /// attempt holds one of the fetch's connections, and none while it waits.
+    async fn piece(
+        &self,
+        writer: &BlobWriter,
+        pieces: &Pieces,
+        i: usize,
+        mut answer: Option<Answer<'a>>,
+    ) -> Result<(), FetchError> {
+        let (start, end) = pieces.range(i);
+        let mut at = pieces.next_byte(i);
+        let mut retries = Retries::new(
+            self.options,
+            self.meta.download_url.clone(),
+            format!(
+                "{} (bytes {start}-{})",
+                self.meta.file,
+                end.saturating_sub(1)
+            ),
+        );
+        while at < end {
+            let attempt = match answer.take() {
+                Some(answer) => Ok(answer),
+                None => {
+                    let ranged = is_ranged(pieces, at);
+                    match self.request(at, end, ranged).await {
+                        Ok(answer) => self.check(at, ranged, answer),
+                        Err(failure) => Err(failure),
+                    }
+                }
+            };
+            let failure = match attempt {
+                Ok(answer) => {
+                    let before = at;
+                    let written = self.body(writer, i, answer, &mut at, end).await;
+                    if at > before {
+                        retries.progressed();
+                    }
+                    match written {
+                        Ok(()) => continue,
+                        Err(failure) => failure,
+                    }
+                }
+                Err(failure) => failure,
+            };
+            retries.after(failure).await?;
+        }
+        Ok(())
+    }
+
+    /// GET bytes `from..end` (`ranged`: with `Range`, else the whole file) on
+    /// one of the fetch's connections, following up to 5 redirects (the Hub
+    /// sends LFS files to its CDN).
+    async fn request(&self, from: u64, end: u64, ranged: bool) -> Result<Answer<'a>, Attempt> {
+        let connection = self
+            .transfers
+            .connections
+            .acquire()
+            .await
+            .expect("the connections are never closed");
+        let range = ranged.then(|| format!("bytes={from}-{}", end - 1));
+        let mut url = self.meta.download_url.clone();
+        for _ in 0..=5 {
+            let mut req = self.hub.request(Method::GET, &url);
+            if let Some(range) = &range {
+                req = req.header(header::RANGE, range);
+            }
+            let response = req.send().await.map_err(|e| self.hub.transport(&url, e))?;
+            if response.status().is_redirection() {
+                let next = response
+                    .headers()
+                    .get(header::LOCATION)
+                    .and_then(|l| l.to_str().ok())
+                    .and_then(|l| reqwest::Url::parse(&url).ok()?.join(l).ok());
+                if let Some(next) = next {
+                    url = next.to_string();
+                    continue;
+                }
+            }
+            return Ok(Answer {
+                url,
+                response,
+                _connection: connection,
+            });
+        }
+        Err(retry_now("the server redirected more than 5 times"))
+    }
+
+    /// The answer's status against what was asked: bytes from `from`, `ranged`.
+    fn check(&self, from: u64, ranged: bool, answer: Answer<'a>) -> Result<Answer<'a>, Attempt> {
+        let response = &answer.response;
+        match response.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                let start = response
+                    .headers()
+                    .get(header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(content_range_start);
+                if start != Some(from) {
+                    return Err(retry_now("the server answered another range than asked"));
+                }
+                Ok(answer)
+            }
+            StatusCode::OK if !ranged => Ok(answer),
+            StatusCode::OK => Err(retry_now(
+                "the server answered the whole file to a range request",
+            )),
+            StatusCode::RANGE_NOT_SATISFIABLE => Err(retry_now("the server refused the range")),
+            _ => Err(self
+                .hub
+                .status_failure(&answer.url, Some(&self.meta.file), response)),
+        }
+    }
+
+    /// Streams the answer's body into piece `i` from `at` to `end`, moving `at`
+    /// as bytes are queued for the disk. Bytes past `end` (a server that sends
+    /// more than asked) are not taken.
+    async fn body(
+        &self,
+        writer: &BlobWriter,
+        i: usize,
+        answer: Answer<'a>,
+        at: &mut u64,
+        end: u64,
+    ) -> Result<(), Attempt> {
+        let mut body = answer.response.bytes_stream();
+        while *at < end {
+            let Some(chunk) = body.next().await else {
+                return Err(Attempt::Retry {
+                    reason: format!("the transfer ended early, at byte {at} of {end}"),
+                    after: None,
+                    status: None,
+                });
+            };
+            let mut chunk = chunk.map_err(|e| self.hub.transport(&answer.url, e))?;
+            let room = end - *at;
+            if chunk.len() as u64 > room {
+                chunk.truncate(room as usize);
+            }
+            let len = chunk.len() as u64;
+            if !writer.write(i, chunk).await {
+                // The disk side failed: the writer's finish says why.
+                return Err(Attempt::Fatal(FetchError::Io {
+                    path: self.partial.data.clone(),
+                    source: std::io::Error::other("the writer stopped"),
+                }));
+            }
+            *at += len;
+            self.meter.advance(len);
+        }
+        Ok(())
+    }
+}
+
+/// Runs `jobs`, at most `limit` at once, starting them in order; the first
+/// error ends them all.
+pub(super) async fn at_most<F>(limit: usize, jobs: Vec<F>) -> Result<(), FetchError>
+where
+    F: std::future::Future<Output = Result<(), FetchError>>,
+{
+    let mut waiting = jobs.into_iter();
+    let mut running: FuturesUnordered<F> = waiting.by_ref().take(limit.max(1)).collect();
+    while let Some(done) = running.next().await {
+        done?;
+        if let Some(job) = waiting.next() {
+            running.push(job);
+        }
+    }
+    Ok(())
+}
+
+/// Whether bytes from `from` are asked for with `Range`: always, except the
+/// whole file from its first byte.
+fn is_ranged(pieces: &Pieces, from: u64) -> bool {
+    pieces.count() > 1 || from > 0
 }
 
 /// `None` when the file is right; else what its digest (or size) was.
@@ -298,29 +430,6 @@ fn check_content(part: &Path, meta: &FileMeta, digest: Option<&str>) -> Option<S
     (got != etag).then_some(got)
 }
 
-/// The sha256 state after the first `len` bytes of `path`.
-async fn hash_prefix(path: &Path, len: u64) -> std::io::Result<Sha256> {
-    if len == 0 {
-        return Ok(Sha256::new());
-    }
-    let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut hasher = Sha256::new();
-        let mut file = std::fs::File::open(&path)?.take(len);
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                return Ok(hasher);
-            }
-            hasher.update(&buf[..n]);
-        }
-    })
-    .await
-    .map_err(std::io::Error::other)?
-}
-
 fn hex_digest(hasher: Sha256) -> String {
     hasher
         .finalize()
@@ -335,16 +444,6 @@ fn blob_is_whole(blob: &Path, size: u64) -> bool {
 
 fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
-}
-
-fn truncate(path: &Path, len: u64, size: u64) -> Result<(), Attempt> {
-    match std::fs::OpenOptions::new().write(true).open(path) {
-        Ok(file) => file
-            .set_len(len)
-            .map_err(|e| Attempt::Fatal(write_error(path, e, size))),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Attempt::Fatal(write_error(path, e, size))),
-    }
 }
 
 fn write_error(path: &Path, err: std::io::Error, size: u64) -> FetchError {

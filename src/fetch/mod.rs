@@ -19,6 +19,7 @@ mod download;
 mod error;
 mod files;
 mod hub;
+mod pieces;
 pub mod progress;
 mod resolve;
 mod retry;
@@ -30,7 +31,7 @@ use std::time::Duration;
 
 pub use error::FetchError;
 pub use files::{index_shards, FileSet, FileSpec, Weights};
-pub use progress::{FetchProgress, ProgressSnapshot};
+pub use progress::{FetchProgress, FileProgress, ProgressSnapshot};
 pub use verify::{evict, verify_files, Corrupt};
 
 use cache::{is_commit, RepoCache};
@@ -84,6 +85,9 @@ pub struct FetchOptions {
     pub retry_max: Duration,
     /// How often a progress line is logged during a transfer.
     pub progress_every: Duration,
+    /// Connections open at once (`HARNESS_DOWNLOAD_CONNECTIONS`): byte ranges of
+    /// a large file, and several files.
+    pub connections: usize,
 }
 
 impl Default for FetchOptions {
@@ -95,6 +99,7 @@ impl Default for FetchOptions {
             retry_base: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
             progress_every: Duration::from_secs(5),
+            connections: 8,
         }
     }
 }
@@ -274,11 +279,24 @@ async fn online(
         found.metas.len()
     );
 
-    let (mut names, mut files) = (Vec::new(), Vec::new());
+    // Several files at once, their ranges sharing the fetch's connections.
+    let transfers = download::Transfers::new(spec.options.connections);
+    let mut jobs = Vec::new();
     for (i, meta) in found.metas.iter().enumerate() {
         if found.downloaded != Some(i) {
-            download::ensure_blob(hub, cache, meta, progress, &spec.options).await?;
+            jobs.push(download::ensure_blob(
+                hub,
+                cache,
+                meta,
+                progress,
+                &spec.options,
+                &transfers,
+            ));
         }
+    }
+    download::at_most(transfers.count(), jobs).await?;
+    let (mut names, mut files) = (Vec::new(), Vec::new());
+    for meta in &found.metas {
         files.push(cache.link(&commit, &meta.file, &meta.etag)?);
         names.push(meta.file.clone());
     }

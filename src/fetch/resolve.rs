@@ -55,7 +55,9 @@ pub(super) async fn on_hub(
         match asker.head_if_there(weights.index).await? {
             Some(index) => {
                 progress.set_total(total_size(&metas) + index.size);
-                download::ensure_blob(hub, cache, &index, progress, &spec.options).await?;
+                let transfers = download::Transfers::new(spec.options.connections);
+                download::ensure_blob(hub, cache, &index, progress, &spec.options, &transfers)
+                    .await?;
                 let bytes = std::fs::read(cache.blob_path(&index.etag)).map_err(|source| {
                     FetchError::Io {
                         path: cache.blob_path(&index.etag),

@@ -8,9 +8,17 @@
 //! without the token) and the Hub's `X-Error-Code` on 404 are served (a file
 //! missing at an existing commit: `EntryNotFound`, with that commit's
 //! `X-Repo-Commit`, as the Hub answers). Faults are queued and each spoils the
-//! next matching request (or the next download of one file): statuses,
-//! `Retry-After`, stalls, truncated bodies, wrong bytes, ignored `Range`. Every
-//! request is counted.
+//! next matching request (or the next download of one file, or a later range of
+//! one): statuses, `Retry-After`, stalls, truncated bodies, wrong bytes, ignored
+//! `Range`. Every request is counted, with the TCP connection it came on.
+//!
+//! `Range: bytes=N-` and `bytes=N-M` are answered 206 with exactly those bytes. The
+//! model API that `huggingface_hub` calls (`HfApi.model_info`, `list_repo_tree`,
+//! so `snapshot_download`) is served too: `/api/models/{repo}[/revision/{rev}]`
+//! and `/api/models/{repo}/tree/{rev}[/{path}]`. No `X-Xet-*` header is ever sent,
+//! so Python's client downloads over plain HTTP. Bodies can be throttled per
+//! body ([`TestHub::set_rate`]) and per TCP connection, across all the responses
+//! on it, as a CDN does ([`TestHub::set_connection_rate`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -37,6 +45,9 @@ pub enum On {
     Download,
     /// `GET` of the bytes of the file of this name (its path in the repo) only.
     DownloadOf(&'static str),
+    /// `GET` of the bytes of the file of this name (its path in the repo) whose
+    /// `Range` starts after byte 0: a later part of a split download, or a resume.
+    LaterRangeOf(&'static str),
 }
 
 /// One spoiled answer.
@@ -48,7 +59,7 @@ pub enum Fault {
     Stall { after: u64 },
     /// Send this many bytes, then break the connection.
     Truncate { after: u64 },
-    /// Send the whole body with one byte changed.
+    /// Send the body with its first byte changed (whatever range is served).
     WrongBytes,
     /// Answer a `Range` request with the whole file (200).
     IgnoreRange,
@@ -62,6 +73,9 @@ pub struct Served {
     pub range: Option<String>,
     pub authorization: Option<String>,
     pub status: u16,
+    /// The TCP connection it came on: counted from 0 per hub, in accept order
+    /// (the hub's and the CDN's connections alike).
+    pub conn: u64,
 }
 
 #[derive(Clone)]
@@ -88,6 +102,10 @@ struct State {
     served: Vec<Served>,
     /// Bytes per second for every body, when set.
     rate: Option<u64>,
+    /// Bytes per second for every TCP connection, all its bodies together.
+    conn_rate: Option<u64>,
+    /// Connections accepted so far (the next one's id).
+    conns: u64,
     commits_made: u64,
 }
 
@@ -224,6 +242,15 @@ impl TestHub {
         self.state.lock().unwrap().rate = bytes_per_sec;
     }
 
+    /// Throttles every TCP connection, as a CDN does: all the bodies sent on one
+    /// connection (kept alive across requests) share `bytes_per_sec`, and each
+    /// connection has its own (so 8 connections get 8 times the bandwidth of 1).
+    /// An idle connection saves up at most ~50 ms of credit. Applies to bodies
+    /// already under way too. None: as fast as possible.
+    pub fn set_connection_rate(&self, bytes_per_sec: Option<u64>) {
+        self.state.lock().unwrap().conn_rate = bytes_per_sec;
+    }
+
     /// Every request served so far.
     pub fn served(&self) -> Vec<Served> {
         self.state.lock().unwrap().served.clone()
@@ -237,8 +264,48 @@ impl TestHub {
             .count()
     }
 
+    /// The `GET`s of a file's bytes whose path contains `file_sha_or_name`, in
+    /// order: `/cdn/<sha256>` for LFS files, `/resolve/` (not its redirects) for
+    /// small ones.
+    pub fn download_gets(&self, file_sha_or_name: &str) -> Vec<Served> {
+        self.served()
+            .into_iter()
+            .filter(|s| {
+                s.method == "GET"
+                    && s.path.contains(file_sha_or_name)
+                    && (s.path.starts_with("/cdn/")
+                        || (s.path.contains("/resolve/") && !(300..400).contains(&s.status)))
+            })
+            .collect()
+    }
+
     pub fn clear_served(&self) {
         self.state.lock().unwrap().served.clear();
+    }
+}
+
+/// One accepted TCP connection: its id and its pacer.
+#[derive(Clone)]
+struct Conn {
+    id: u64,
+    /// When the connection may next send a body byte, at the connection rate.
+    next_free: Arc<Mutex<tokio::time::Instant>>,
+}
+
+/// How much credit an idle connection saves up.
+const BURST: Duration = Duration::from_millis(50);
+
+impl Conn {
+    /// Waits until `bytes` more body bytes may go on this connection at `rate`.
+    async fn pace(&self, bytes: usize, rate: u64) {
+        let start = {
+            let mut next_free = self.next_free.lock().unwrap();
+            let now = tokio::time::Instant::now();
+            let start = (*next_free).max(now.checked_sub(BURST).unwrap_or(now));
+            *next_free = start + Duration::from_secs_f64(bytes as f64 / rate.max(1) as f64);
+            start
+        };
+        tokio::time::sleep_until(start).await;
     }
 }
 
@@ -248,10 +315,19 @@ async fn serve(listener: TcpListener, state: Arc<Mutex<State>>, cdn: SocketAddr)
             continue;
         };
         let state = state.clone();
+        let conn = {
+            let mut state = state.lock().unwrap();
+            state.conns += 1;
+            Conn {
+                id: state.conns - 1,
+                next_free: Arc::new(Mutex::new(tokio::time::Instant::now())),
+            }
+        };
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, cdn, req).await) }
+                let conn = conn.clone();
+                async move { Ok::<_, Infallible>(handle(&state, cdn, &conn, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -288,13 +364,25 @@ pub fn content(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// What `route` needs of a request.
+struct Req<'a> {
+    method: &'a Method,
+    path: &'a str,
+    query: &'a str,
+    range: Option<&'a str>,
+    authorization: Option<&'a str>,
+    if_none_match: Option<&'a str>,
+}
+
 async fn handle(
     state: &Arc<Mutex<State>>,
     addr: SocketAddr,
+    conn: &Conn,
     req: Request<hyper::body::Incoming>,
 ) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
     let header = |name: &str| {
         req.headers()
             .get(name)
@@ -308,11 +396,15 @@ async fn handle(
     let response = route(
         state,
         addr,
-        &method,
-        &path,
-        range.as_deref(),
-        authorization.as_deref(),
-        if_none_match.as_deref(),
+        conn,
+        &Req {
+            method: &method,
+            path: &path,
+            query: &query,
+            range: range.as_deref(),
+            authorization: authorization.as_deref(),
+            if_none_match: if_none_match.as_deref(),
+        },
     )
     .await;
     state.lock().unwrap().served.push(Served {
@@ -321,6 +413,7 @@ async fn handle(
         range,
         authorization,
         status: response.status().as_u16(),
+        conn: conn.id,
     });
     response
 }
@@ -336,16 +429,64 @@ fn take_fault_where(state: &Arc<Mutex<State>>, matches: impl Fn(On) -> bool) -> 
     state.faults.remove(i).map(|(_, f)| f)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A repo's files at one commit, as a request with `authorization` may see them.
+struct Found {
+    commit: String,
+    files: HashMap<String, FileEntry>,
+    private: bool,
+}
+
+/// `revision` of `repo` (a branch or a commit), or the Hub's answer when it
+/// cannot be read: a 307 to `moved(new name)` for a renamed repo, 401/404 with
+/// the Hub's `X-Error-Code` otherwise.
+fn look_up(
+    state: &Arc<Mutex<State>>,
+    repo: &str,
+    revision: &str,
+    authorization: Option<&str>,
+    moved: impl FnOnce(&str) -> String,
+) -> Result<Found, Box<Response<Body>>> {
+    let state = state.lock().unwrap();
+    if let Some(new) = state.renamed.get(repo) {
+        let location = moved(new);
+        return Err(Box::new(status(307, &[("location", location.as_str())])));
+    }
+    let Some(repo_state) = state.repos.get(repo) else {
+        // As the Hub: without a token, a missing repo is 401 (it could be
+        // private), told apart from a gated one only by its error code.
+        let code = if authorization.is_some() { 404 } else { 401 };
+        return Err(Box::new(status(code, &[("x-error-code", "RepoNotFound")])));
+    };
+    if let Some(token) = &repo_state.token {
+        if authorization != Some(format!("Bearer {token}").as_str()) {
+            return Err(Box::new(status(401, &[("x-error-code", "GatedRepo")])));
+        }
+    }
+    let commit = repo_state
+        .branches
+        .get(revision)
+        .cloned()
+        .unwrap_or(revision.to_string());
+    let Some(files) = repo_state.commits.get(&commit) else {
+        return Err(Box::new(status(
+            404,
+            &[("x-error-code", "RevisionNotFound")],
+        )));
+    };
+    Ok(Found {
+        commit,
+        files: files.clone(),
+        private: repo_state.token.is_some(),
+    })
+}
+
 async fn route(
     state: &Arc<Mutex<State>>,
     addr: SocketAddr,
-    method: &Method,
-    path: &str,
-    range: Option<&str>,
-    authorization: Option<&str>,
-    if_none_match: Option<&str>,
+    conn: &Conn,
+    req: &Req<'_>,
 ) -> Response<Body> {
+    let path = req.path;
     if let Some(sha) = path.strip_prefix("/cdn/") {
         let entry = {
             let state = state.lock().unwrap();
@@ -360,13 +501,16 @@ async fn route(
         return match entry {
             Some(entry) => serve_bytes(
                 state,
-                method,
+                conn,
+                req,
                 &entry,
-                range,
                 Response::builder().header("etag", format!("\"{}\"", entry.etag)),
             ),
             None => status(404, &[("x-error-code", "EntryNotFound")]),
         };
+    }
+    if let Some(rest) = path.strip_prefix("/api/models/") {
+        return model_api(state, req, rest);
     }
 
     let Some((repo, rest)) = split_resolve(path) else {
@@ -380,45 +524,25 @@ async fn route(
         None => return status(404, &[]),
     };
 
-    let (commit, entry) = {
-        let state = state.lock().unwrap();
-        if let Some(new) = state.renamed.get(&repo) {
-            let location = format!("/{new}/resolve/{rest}");
-            return status(307, &[("location", location.as_str())]);
-        }
-        let Some(repo_state) = state.repos.get(&repo) else {
-            // As the Hub: without a token, a missing repo is 401 (it could be
-            // private), told apart from a gated one only by its error code.
-            let code = if authorization.is_some() { 404 } else { 401 };
-            return status(code, &[("x-error-code", "RepoNotFound")]);
-        };
-        if let Some(token) = &repo_state.token {
-            if authorization != Some(format!("Bearer {token}").as_str()) {
-                return status(401, &[("x-error-code", "GatedRepo")]);
-            }
-        }
-        let commit = repo_state
-            .branches
-            .get(&revision)
-            .cloned()
-            .unwrap_or(revision.clone());
-        let Some(files) = repo_state.commits.get(&commit) else {
-            return status(404, &[("x-error-code", "RevisionNotFound")]);
-        };
-        let Some(entry) = files.get(&file).cloned() else {
-            return status(
-                404,
-                &[
-                    ("x-error-code", "EntryNotFound"),
-                    ("x-repo-commit", commit.as_str()),
-                ],
-            );
-        };
-        (commit, entry)
+    let found = match look_up(state, &repo, &revision, req.authorization, |new| {
+        format!("/{new}/resolve/{rest}")
+    }) {
+        Ok(found) => found,
+        Err(answer) => return *answer,
+    };
+    let commit = found.commit;
+    let Some(entry) = found.files.get(&file).cloned() else {
+        return status(
+            404,
+            &[
+                ("x-error-code", "EntryNotFound"),
+                ("x-repo-commit", commit.as_str()),
+            ],
+        );
     };
 
     let quoted = format!("\"{}\"", entry.etag);
-    if if_none_match == Some(quoted.as_str()) {
+    if req.if_none_match == Some(quoted.as_str()) {
         let mut builder = Response::builder()
             .status(304)
             .header("x-repo-commit", &commit)
@@ -446,7 +570,7 @@ async fn route(
     let builder = Response::builder()
         .header("x-repo-commit", &commit)
         .header("etag", &quoted);
-    serve_bytes(state, method, &entry, range, builder)
+    serve_bytes(state, conn, req, &entry, builder)
 }
 
 /// `/org/name/resolve/rest` → (`org/name`, `rest`).
@@ -457,17 +581,216 @@ fn split_resolve(path: &str) -> Option<(String, String)> {
         .then(|| (repo.to_string(), rest.to_string()))
 }
 
+/// `/api/models/{rest}`: `org/name` (the `main` branch), `org/name/revision/{rev}`
+/// (as `HfApi.model_info`), `org/name/tree/{rev}[/{path}]` (as `list_repo_tree`).
+fn model_api(state: &Arc<Mutex<State>>, req: &Req<'_>, rest: &str) -> Response<Body> {
+    let segments: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
+    let (repo, revision, tree) = match segments.as_slice() {
+        [org, name] => (format!("{org}/{name}"), "main".to_string(), None),
+        [org, name, "revision", rev] => (format!("{org}/{name}"), percent_decode(rev), None),
+        [org, name, "tree", rev, path @ ..] => (
+            format!("{org}/{name}"),
+            percent_decode(rev),
+            Some(percent_decode(&path.join("/"))),
+        ),
+        _ => return status(404, &[]),
+    };
+    if let Some(Fault::Status { code, retry_after }) = take_fault(state, On::Resolve) {
+        return fault_status(code, retry_after);
+    }
+    let org = segments[0];
+    let found = match look_up(state, &repo, &revision, req.authorization, |new| {
+        let tail = segments[2..].join("/");
+        if tail.is_empty() {
+            format!("/api/models/{new}")
+        } else {
+            format!("/api/models/{new}/{tail}")
+        }
+    }) {
+        Ok(found) => found,
+        Err(answer) => return *answer,
+    };
+    let mut files: Vec<&FileEntry> = found.files.values().collect();
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    let query = |key: &str| {
+        req.query.split('&').any(|pair| {
+            pair.split_once('=')
+                .is_some_and(|(k, v)| k == key && (v.eq_ignore_ascii_case("true") || v == "1"))
+        })
+    };
+
+    let json = match tree {
+        None => {
+            // The Hub's model info; `?blobs=true` (`files_metadata=True`) adds
+            // each file's size, blob id and LFS details.
+            let blobs = query("blobs");
+            let siblings: Vec<serde_json::Value> = files
+                .iter()
+                .map(|f| {
+                    let mut sibling = serde_json::json!({ "rfilename": f.name });
+                    if blobs {
+                        sibling["size"] = f.content.len().into();
+                        sibling["blobId"] = blob_id(f).into();
+                        if f.lfs {
+                            sibling["lfs"] = serde_json::json!({
+                                "sha256": f.etag,
+                                "size": f.content.len(),
+                                "pointerSize": lfs_pointer(f).len(),
+                            });
+                        }
+                    }
+                    sibling
+                })
+                .collect();
+            let used: usize = files.iter().map(|f| f.content.len()).sum();
+            serde_json::json!({
+                "_id": &hex(&Sha256::digest(repo.as_bytes()))[..24],
+                "id": repo,
+                "modelId": repo,
+                "author": org,
+                "sha": found.commit,
+                "lastModified": "2024-01-01T00:00:00.000Z",
+                "createdAt": "2024-01-01T00:00:00.000Z",
+                "private": found.private,
+                "gated": false,
+                "disabled": false,
+                "downloads": 0,
+                "likes": 0,
+                "tags": [],
+                "siblings": siblings,
+                "spaces": [],
+                "usedStorage": used,
+            })
+        }
+        Some(dir) => {
+            // The Hub's tree listing: the folder's files and folders (all below
+            // it with `?recursive=true`), folders first at each level.
+            let recursive = query("recursive");
+            let prefix = if dir.is_empty() {
+                String::new()
+            } else {
+                format!("{dir}/")
+            };
+            let mut folders = std::collections::BTreeSet::new();
+            let mut listed = Vec::new();
+            for f in &files {
+                let Some(below) = f.name.strip_prefix(&prefix) else {
+                    continue;
+                };
+                let parts: Vec<&str> = below.split('/').collect();
+                let depth = if recursive { parts.len() - 1 } else { 1 };
+                for i in 1..=depth.min(parts.len() - 1) {
+                    folders.insert(format!("{prefix}{}", parts[..i].join("/")));
+                }
+                if recursive || parts.len() == 1 {
+                    let mut entry = serde_json::json!({
+                        "type": "file",
+                        "oid": blob_id(f),
+                        "size": f.content.len(),
+                        "path": f.name,
+                    });
+                    if f.lfs {
+                        entry["lfs"] = serde_json::json!({
+                            "oid": f.etag,
+                            "size": f.content.len(),
+                            "pointerSize": lfs_pointer(f).len(),
+                        });
+                    }
+                    listed.push(entry);
+                }
+            }
+            if listed.is_empty() && folders.is_empty() && !dir.is_empty() {
+                return status(
+                    404,
+                    &[
+                        ("x-error-code", "EntryNotFound"),
+                        ("x-repo-commit", found.commit.as_str()),
+                    ],
+                );
+            }
+            let folders = folders.into_iter().map(|path| {
+                serde_json::json!({
+                    "type": "directory",
+                    "oid": git_blob_id(format!("tree {path}").as_bytes()),
+                    "size": 0,
+                    "path": path,
+                })
+            });
+            serde_json::Value::Array(folders.chain(listed).collect())
+        }
+    };
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/json; charset=utf-8")
+        .header("x-repo-commit", &found.commit)
+        .body(
+            Full::new(Bytes::from(json.to_string()))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .unwrap()
+}
+
+/// The git-lfs pointer file the repo's git tree holds for an LFS file.
+fn lfs_pointer(entry: &FileEntry) -> String {
+    format!(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize {}\n",
+        entry.etag,
+        entry.content.len()
+    )
+}
+
+/// The file's git blob id: of its pointer file for an LFS file, as on the Hub.
+fn blob_id(entry: &FileEntry) -> String {
+    if entry.lfs {
+        git_blob_id(lfs_pointer(entry).as_bytes())
+    } else {
+        entry.etag.clone()
+    }
+}
+
+/// `%XX` escapes decoded (a revision such as `refs%2Fpr%2F1`, a path).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex_at = |j: usize| {
+            bytes
+                .get(j)
+                .and_then(|b| (*b as char).to_digit(16))
+                .map(|d| d as u8)
+        };
+        match (bytes[i], hex_at(i + 1), hex_at(i + 2)) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push(hi << 4 | lo);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn serve_bytes(
     state: &Arc<Mutex<State>>,
-    method: &Method,
+    conn: &Conn,
+    req: &Req<'_>,
     entry: &FileEntry,
-    range: Option<&str>,
     builder: hyper::http::response::Builder,
 ) -> Response<Body> {
     let total = entry.content.len() as u64;
-    let fault = if method == Method::GET {
-        take_fault_where(state, |on| {
-            on == On::Download || matches!(on, On::DownloadOf(name) if name == entry.name)
+    let asked = req.range.and_then(parse_range);
+    let later = asked.is_some_and(|(start, _)| start > 0);
+    let fault = if req.method == Method::GET {
+        take_fault_where(state, |on| match on {
+            On::Download => true,
+            On::DownloadOf(name) => name == entry.name,
+            On::LaterRangeOf(name) => later && name == entry.name,
+            On::Resolve => false,
         })
     } else {
         None
@@ -475,61 +798,96 @@ fn serve_bytes(
     if let Some(Fault::Status { code, retry_after }) = fault {
         return fault_status(code, retry_after);
     }
-    let range = if fault == Some(Fault::IgnoreRange) {
+    let asked = if fault == Some(Fault::IgnoreRange) {
         None
     } else {
-        range.and_then(parse_range)
+        asked
     };
-    let (start, builder) = match range {
-        Some(start) if start >= total => {
+    // [start, end) of the file.
+    let (start, end, builder) = match asked {
+        Some((start, _)) if start >= total => {
             return status(
                 416,
                 &[("content-range", format!("bytes */{total}").as_str())],
             );
         }
-        Some(start) => (
-            start,
-            builder.status(206).header(
-                "content-range",
-                format!("bytes {start}-{}/{total}", total - 1),
-            ),
-        ),
-        None => (0, builder.status(200)),
+        // `bytes=N-M` with M < N is not a range: ignored, as HTTP says.
+        Some((start, Some(last))) if last < start => (0, total, builder.status(200)),
+        Some((start, last)) => {
+            let end = last.map_or(total, |last| last.min(total - 1) + 1);
+            (
+                start,
+                end,
+                builder.status(206).header(
+                    "content-range",
+                    format!("bytes {start}-{}/{total}", end - 1),
+                ),
+            )
+        }
+        None => (0, total, builder.status(200)),
     };
     let builder = builder
-        .header("content-length", total - start)
+        .header("content-length", end - start)
         .header("accept-ranges", "bytes");
-    if method == Method::HEAD {
+    if req.method == Method::HEAD {
         return builder.body(empty()).unwrap();
     }
     let rate = state.lock().unwrap().rate;
     builder
-        .body(stream_body(entry.content.clone(), start, fault, rate))
+        .body(stream_body(
+            entry.content.clone(),
+            start..end,
+            fault,
+            rate,
+            Pacing {
+                state: state.clone(),
+                conn: conn.clone(),
+            },
+        ))
         .unwrap()
 }
 
-/// `bytes=N-` or `bytes=N-M` → N (we always send to the end, as the Hub's CDN may).
-fn parse_range(value: &str) -> Option<u64> {
-    value
-        .strip_prefix("bytes=")?
-        .split('-')
-        .next()?
-        .parse()
-        .ok()
+/// `bytes=N-` → (N, None); `bytes=N-M` → (N, Some(M)), M inclusive.
+fn parse_range(value: &str) -> Option<(u64, Option<u64>)> {
+    let (start, last) = value.strip_prefix("bytes=")?.trim().split_once('-')?;
+    let start = start.trim().parse().ok()?;
+    let last = match last.trim() {
+        "" => None,
+        last => Some(last.parse().ok()?),
+    };
+    Some((start, last))
 }
 
-/// The body from `start`, in 64 KiB frames, at `rate`, spoiled by `fault`.
-fn stream_body(content: Arc<Vec<u8>>, start: u64, fault: Option<Fault>, rate: Option<u64>) -> Body {
+/// The connection a body goes on, paced at the hub's connection rate.
+struct Pacing {
+    state: Arc<Mutex<State>>,
+    conn: Conn,
+}
+
+/// The bytes `range` of `content`, in 64 KiB frames (smaller when throttled), at
+/// `rate` and the connection's rate, spoiled by `fault`.
+fn stream_body(
+    content: Arc<Vec<u8>>,
+    range: std::ops::Range<u64>,
+    fault: Option<Fault>,
+    rate: Option<u64>,
+    pacing: Pacing,
+) -> Body {
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
     tokio::spawn(async move {
-        // Small frames when throttled, so the rate holds from the first byte.
-        let chunk_size = rate.map_or(64 * 1024, |r| (r as usize / 20).clamp(1, 64 * 1024));
         let mut sent: u64 = 0;
-        let mut pos = start as usize;
-        let wrong_at = (content.len() as u64 / 2) as usize;
+        let mut pos = range.start as usize;
+        let stop = range.end as usize;
         let began = tokio::time::Instant::now();
-        while pos < content.len() {
-            let mut end = (pos + chunk_size).min(content.len());
+        while pos < stop {
+            let conn_rate = pacing.state.lock().unwrap().conn_rate;
+            // Small frames when throttled, so the rate holds from the first byte.
+            let chunk_size = [rate, conn_rate]
+                .into_iter()
+                .flatten()
+                .min()
+                .map_or(64 * 1024, |r| (r as usize / 20).clamp(1, 64 * 1024));
+            let mut end = (pos + chunk_size).min(stop);
             match fault {
                 Some(Fault::Stall { after }) | Some(Fault::Truncate { after })
                     if sent + (end - pos) as u64 > after =>
@@ -539,9 +897,12 @@ fn stream_body(content: Arc<Vec<u8>>, start: u64, fault: Option<Fault>, rate: Op
                 _ => {}
             }
             if end > pos {
+                if let Some(conn_rate) = conn_rate {
+                    pacing.conn.pace(end - pos, conn_rate).await;
+                }
                 let mut chunk = content[pos..end].to_vec();
-                if fault == Some(Fault::WrongBytes) && (pos..end).contains(&wrong_at) {
-                    chunk[wrong_at - pos] ^= 0xff;
+                if fault == Some(Fault::WrongBytes) && sent == 0 {
+                    chunk[0] ^= 0xff;
                 }
                 if tx.send(Ok(Frame::data(Bytes::from(chunk)))).await.is_err() {
                     return;
