@@ -1094,3 +1094,133 @@ fn a_local_generation_folder_follows_the_same_rules() {
         "{err:?}"
     );
 }
+
+/// Three shards of `len` bytes each, published as `REPO`.
+async fn three_shards(len: usize) -> ModelRepo {
+    let shards: Vec<Vec<u8>> = (0..3).map(|i| content(len, 10 + i)).collect();
+    let files: Vec<(&str, &[u8], bool)> = SHARDS
+        .iter()
+        .zip(&shards)
+        .map(|(name, bytes)| (*name, bytes.as_slice(), true))
+        .collect();
+    ModelRepo::publish(REPO, &files).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_connections_fetch_a_sharded_repo_in_under_a_third_of_one_connections_time() {
+    // A CDN that gives each connection 20 MiB/s; 36 MiB in three shards.
+    let f = three_shards(12 << 20).await;
+    f.hub.set_connection_rate(Some(20 << 20));
+    let mut timed = Vec::new();
+    for connections in [1, 8] {
+        let cache = tempfile::tempdir().unwrap();
+        let mut spec = spec(&f.hub, cache.path(), "main", &SHARDS);
+        spec.options.connections = connections;
+        f.hub.clear_served();
+        let started = Instant::now();
+        let snap = fetch::fetch(&spec, &FetchProgress::default())
+            .await
+            .expect("fetched");
+        timed.push(started.elapsed());
+        for (name, path) in snap.named() {
+            assert_eq!(std::fs::read(path).unwrap(), f.bytes(&name), "{name}");
+        }
+        assert_no_partial_files(cache.path());
+        // The budget holds: one connection for all three files, or up to eight.
+        let gets = f.hub.download_gets("/cdn/");
+        let mut used: Vec<u64> = gets.iter().map(|g| g.conn).collect();
+        used.sort();
+        used.dedup();
+        match connections {
+            1 => assert_eq!(used.len(), 1, "{gets:?}"),
+            _ => assert!((3..=8).contains(&used.len()), "{gets:?}"),
+        }
+    }
+    let (one, eight) = (timed[0], timed[1]);
+    eprintln!("36 MiB at 20 MiB/s a connection: 1 connection {one:?}, 8 connections {eight:?}");
+    assert!(
+        eight * 3 < one,
+        "8 connections took {eight:?}, 1 connection {one:?}"
+    );
+}
+
+/// The byte range a GET asked for: `bytes=N-M` → (N, M).
+fn asked(served: &support::hub::Served) -> Option<(u64, u64)> {
+    let (from, to) = served
+        .range
+        .as_deref()?
+        .strip_prefix("bytes=")?
+        .split_once('-')?;
+    Some((from.parse().ok()?, to.parse().ok()?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fault_on_one_range_of_a_parallel_fetch_still_ends_verified() {
+    // 16 MiB: four 4 MiB pieces; each fault hits a range that starts after byte 0.
+    let f = fixture(16 << 20).await;
+    let sha = sha256(f.bytes("model.pt"));
+    let status = |code, retry_after| Fault::Status { code, retry_after };
+    let faults = [
+        status(503, None),
+        status(429, Some(1)),
+        status(500, None),
+        status(502, None),
+        Fault::Truncate { after: 100_000 },
+        Fault::IgnoreRange,
+        Fault::Stall { after: 50_000 },
+        Fault::WrongBytes,
+    ];
+    for fault in faults {
+        let cache = tempfile::tempdir().unwrap();
+        f.hub.clear_served();
+        f.hub.fault(On::LaterRangeOf("model.pt"), fault.clone());
+        let snap = fetch_model(&f.hub, cache.path())
+            .await
+            .unwrap_or_else(|e| panic!("{fault:?}: {e}"));
+        assert_eq!(
+            std::fs::read(&snap.files[0]).unwrap(),
+            f.bytes("model.pt"),
+            "{fault:?}"
+        );
+        assert_no_partial_files(cache.path());
+
+        let gets = f.hub.download_gets(&sha);
+        let ranges: Vec<(u64, u64, u16)> = gets
+            .iter()
+            .map(|g| {
+                let (from, to) = asked(g).unwrap_or_else(|| panic!("{fault:?}: unranged {g:?}"));
+                (from, to, g.status)
+            })
+            .collect();
+        // The spoiled answer, on a range after the first byte.
+        let spoiled = ranges
+            .iter()
+            .position(|&(from, _, code)| from > 0 && code != 206)
+            .or_else(|| ranges.iter().position(|&(from, _, _)| from > 0));
+        let (from, to, code) = ranges[spoiled.unwrap()];
+        match fault {
+            Fault::Status { code: want, .. } => {
+                assert_eq!(code, want, "{fault:?}: {ranges:?}");
+                // The same range again, answered.
+                assert!(ranges.contains(&(from, to, 206)), "{fault:?}: {ranges:?}");
+            }
+            Fault::IgnoreRange => {
+                assert_eq!(code, 200, "{ranges:?}");
+                assert!(ranges.contains(&(from, to, 206)), "{ranges:?}");
+            }
+            Fault::Truncate { after } | Fault::Stall { after } => {
+                // The piece resumed where its bytes stopped; nothing else was
+                // asked for twice.
+                let resumed = ranges
+                    .iter()
+                    .any(|&(f2, t2, c)| c == 206 && t2 == to && f2 >= from + after);
+                assert!(resumed, "{fault:?}: {ranges:?}");
+                assert_eq!(ranges.len(), 5, "{fault:?}: {ranges:?}");
+            }
+            Fault::WrongBytes => {
+                // The whole file failed its sha256 and was fetched again.
+                assert_eq!(ranges.len(), 8, "{ranges:?}");
+            }
+        }
+    }
+}
