@@ -1224,3 +1224,83 @@ async fn every_fault_on_one_range_of_a_parallel_fetch_still_ends_verified() {
         }
     }
 }
+
+#[tokio::test]
+async fn model_files_patterns_resolve_at_the_pinned_commit_then_from_the_cache() {
+    let model: Vec<Vec<u8>> = (0..3).map(|i| content(100_000, 20 + i)).collect();
+    let mut files: Vec<(&str, &[u8], bool)> = SHARDS
+        .iter()
+        .zip(&model)
+        .map(|(name, bytes)| (*name, bytes.as_slice(), true))
+        .collect();
+    files.extend([
+        ("tokenizer.json", b"{\"t\": 1}".as_slice(), false),
+        ("tokenizer_config.json", b"{}".as_slice(), false),
+        ("config.json", b"{\"c\": 2}".as_slice(), false),
+        ("README.md", b"# not wanted".as_slice(), false),
+        ("onnx/model.onnx", b"not wanted either".as_slice(), true),
+    ]);
+    let f = ModelRepo::publish(REPO, &files).await;
+    let patterns = ["*.safetensors", "tokenizer*", "config.json"];
+    let snap = fetch::fetch(
+        &spec(&f.hub, f.cache.path(), "main", &patterns),
+        &FetchProgress::default(),
+    )
+    .await
+    .expect("fetched");
+    let mut wanted: Vec<&str> = SHARDS.to_vec();
+    wanted.extend(["tokenizer.json", "tokenizer_config.json", "config.json"]);
+    assert_eq!(snap.names, wanted);
+    for (name, path) in snap.named() {
+        assert_eq!(std::fs::read(path).unwrap(), f.bytes(&name), "{name}");
+    }
+    // The list was asked for once, and every file at the commit it gave.
+    assert_eq!(f.hub.count("GET", "/api/models/"), 1);
+    let heads: Vec<_> = f
+        .hub
+        .served()
+        .into_iter()
+        .filter(|s| s.method == "HEAD")
+        .collect();
+    assert_eq!(heads.len(), 6, "{heads:?}");
+    assert!(heads.iter().all(|h| h.path.contains(&f.commit)), "{heads:?}");
+
+    // At the pinned commit, and offline, the cache resolves the patterns alone.
+    f.hub.clear_served();
+    let pinned = fetch::fetch(
+        &spec(&f.hub, f.cache.path(), &f.commit, &patterns),
+        &FetchProgress::default(),
+    )
+    .await
+    .expect("from the cache");
+    assert_eq!(pinned.names, wanted);
+    let mut offline = spec_without_hub(f.cache.path(), "main", &patterns);
+    offline.offline = true;
+    let cached = fetch::fetch(&offline, &FetchProgress::default())
+        .await
+        .expect("offline");
+    assert_eq!(cached.names, wanted);
+    assert!(f.hub.served().is_empty(), "{:?}", f.hub.served());
+
+    // A pattern that matches nothing is an error naming it, online or not.
+    let other = tempfile::tempdir().unwrap();
+    let err = fetch::fetch(
+        &spec(&f.hub, other.path(), "main", &["config.json", "*.gguf"]),
+        &FetchProgress::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, FetchError::NoMatch { pattern, listed: 8, .. } if pattern == "*.gguf"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("\"*.gguf\""), "{err}");
+    assert!(err.to_string().contains("HARNESS_MODEL_FILES"), "{err}");
+
+    // A local folder resolves patterns against its own files.
+    let dir = snap.files[0].parent().unwrap();
+    let local = fetch::local_dir(dir, &FileSet::exact(["*.safetensors"])).unwrap();
+    assert_eq!(local.names, SHARDS.to_vec());
+    let err = fetch::local_dir(dir, &FileSet::exact(["*.bin"])).unwrap_err();
+    assert!(matches!(err, FetchError::NoMatch { .. }), "{err:?}");
+}

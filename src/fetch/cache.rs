@@ -6,6 +6,8 @@
 //!     refs/<revision>               the commit a branch or tag pointed at
 //!     snapshots/<commit>/<file>     relative symlink to ../../blobs/<etag>
 //!     .no_exist/<commit>/<file>     empty: the repo has no such file at that commit
+//!     .listing/<commit>             the repo's files at that commit (harness's own,
+//!                                   for HARNESS_MODEL_FILES patterns)
 //! <cache>/huggingface/hub/.locks/models--org--name/<etag>.lock
 //! ```
 //!
@@ -25,6 +27,7 @@ use super::FetchError;
 #[derive(Debug, Clone)]
 pub struct RepoCache {
     hub_dir: PathBuf,
+    repo_id: String,
     repo: Repo,
     folder: String,
 }
@@ -36,6 +39,7 @@ impl RepoCache {
         let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
         RepoCache {
             hub_dir: hub_dir(cache_root),
+            repo_id: repo_id.to_string(),
             folder: repo.folder_name(),
             repo,
         }
@@ -43,6 +47,11 @@ impl RepoCache {
 
     pub fn repo(&self) -> &Repo {
         &self.repo
+    }
+
+    /// `org/name`.
+    pub fn repo_id(&self) -> &str {
+        &self.repo_id
     }
 
     fn root(&self) -> PathBuf {
@@ -99,6 +108,25 @@ impl RepoCache {
     /// `commit`, as Python's `huggingface_hub` writes and reads it.
     pub fn no_exist_path(&self, commit: &str, file: &str) -> PathBuf {
         self.root().join(".no_exist").join(commit).join(file)
+    }
+
+    /// `.listing/<commit>`: the repo's files at `commit`, one per line, kept so
+    /// that `HARNESS_MODEL_FILES` patterns resolve without the Hub once fetched.
+    fn listing_path(&self, commit: &str) -> PathBuf {
+        self.root().join(".listing").join(commit)
+    }
+
+    /// The repo's files at `commit`, as the Hub listed them, when recorded.
+    pub fn listing(&self, commit: &str) -> Option<Vec<String>> {
+        let text = std::fs::read_to_string(self.listing_path(commit)).ok()?;
+        Some(text.lines().map(str::to_string).collect())
+    }
+
+    /// Records the repo's files at `commit` (a commit never changes), atomically.
+    pub fn write_listing(&self, commit: &str, files: &[String]) -> Result<(), FetchError> {
+        let mut text = files.join("\n");
+        text.push('\n');
+        write_atomically(&self.listing_path(commit), text.as_bytes())
     }
 
     /// Whether the cache records that the repo has no `file` at `commit`.

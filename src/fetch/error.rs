@@ -38,6 +38,13 @@ pub enum FetchError {
         /// Bytes of it on disk, kept for resuming.
         kept_bytes: u64,
     },
+    #[error("the pattern {pattern:?} in HARNESS_MODEL_FILES matches none of the {listed} files of {repo} at {revision}: check HARNESS_MODEL_FILES")]
+    NoMatch {
+        pattern: String,
+        repo: String,
+        revision: String,
+        listed: usize,
+    },
     #[error("cannot write the cache at {path}: {source}")]
     Io {
         path: PathBuf,

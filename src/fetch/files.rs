@@ -69,6 +69,50 @@ impl FileSet {
         self.required.is_empty() && self.optional.is_empty() && self.weights.is_none()
     }
 
+    /// The patterns among the required files (`*.safetensors`, `tokenizer*`),
+    /// resolved against the repo's file list at the pinned commit.
+    pub fn patterns(&self) -> impl Iterator<Item = &str> {
+        self.required
+            .iter()
+            .map(String::as_str)
+            .filter(|f| is_pattern(f))
+    }
+
+    /// The set with each pattern replaced by the files of `listing` it matches
+    /// (in name order, each file once); the first pattern that matches nothing
+    /// is the error.
+    pub fn expand(&self, listing: &[String]) -> Result<FileSet, String> {
+        let mut listing: Vec<&String> = listing.iter().collect();
+        listing.sort();
+        let mut required: Vec<String> = Vec::new();
+        for entry in &self.required {
+            if !is_pattern(entry) {
+                if !required.contains(entry) {
+                    required.push(entry.clone());
+                }
+                continue;
+            }
+            let pattern = glob::Pattern::new(entry).map_err(|_| entry.clone())?;
+            let matched: Vec<&String> = listing
+                .iter()
+                .copied()
+                .filter(|name| pattern.matches(name))
+                .collect();
+            if matched.is_empty() {
+                return Err(entry.clone());
+            }
+            for name in matched {
+                if !required.contains(name) {
+                    required.push(name.clone());
+                }
+            }
+        }
+        Ok(FileSet {
+            required,
+            ..self.clone()
+        })
+    }
+
     /// Every name the set itself gives (not the shards an index will name).
     pub fn declared(&self) -> impl Iterator<Item = &str> {
         let weights = self.weights.iter().flat_map(|w| [w.index, w.single]);
@@ -78,6 +122,11 @@ impl FileSet {
             .map(String::as_str)
             .chain(weights)
     }
+}
+
+/// Whether a `HARNESS_MODEL_FILES` entry is a pattern rather than a file name.
+pub fn is_pattern(entry: &str) -> bool {
+    entry.contains(['*', '?', '['])
 }
 
 impl From<FileSpec> for FileSet {

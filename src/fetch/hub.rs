@@ -100,6 +100,40 @@ impl Hub {
         )
     }
 
+    /// The repo's files at `revision` and the commit it resolves to, from the
+    /// Hub's model API (`GET /api/models/{repo}/revision/{revision}`, its `sha`
+    /// and `siblings`), as Python's `snapshot_download` asks.
+    pub async fn list_files(&self, revision: &str) -> Result<(String, Vec<String>), Attempt> {
+        #[derive(serde::Deserialize)]
+        struct Info {
+            sha: String,
+            siblings: Vec<Sibling>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Sibling {
+            rfilename: String,
+        }
+        let endpoint = self.endpoint.as_str().trim_end_matches('/');
+        let url = format!(
+            "{endpoint}/api/models/{}/revision/{}",
+            self.repo,
+            revision.replace('/', "%2F")
+        );
+        let response = self
+            .request(Method::GET, &url)
+            .send()
+            .await
+            .map_err(|e| self.transport(&url, e))?;
+        if !response.status().is_success() {
+            return Err(self.status_failure(&url, None, &response));
+        }
+        let body = response.bytes().await.map_err(|e| self.transport(&url, e))?;
+        let info: Info = serde_json::from_slice(&body)
+            .map_err(|_| protocol(&url, "the model's info as JSON with sha and siblings"))?;
+        let files = info.siblings.into_iter().map(|s| s.rfilename).collect();
+        Ok((info.sha, files))
+    }
+
     /// A request, with the token only where the Hub itself is asked: a CDN URL is
     /// signed and must not see it.
     pub fn request(&self, method: Method, url: &str) -> RequestBuilder {

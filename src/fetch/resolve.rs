@@ -40,18 +40,22 @@ pub(super) async fn on_hub(
         hub,
         commit: None,
     };
+    let files = match spec.files.patterns().next() {
+        None => spec.files.clone(),
+        Some(_) => asker.expand().await?,
+    };
     let (mut metas, mut absent) = (Vec::new(), Vec::new());
-    for file in &spec.files.required {
+    for file in &files.required {
         metas.push(asker.head(file).await?);
     }
-    for file in &spec.files.optional {
+    for file in &files.optional {
         match asker.head_if_there(file).await? {
             Some(meta) => metas.push(meta),
             None => absent.push(file.clone()),
         }
     }
     let mut downloaded = None;
-    if let Some(weights) = spec.files.weights {
+    if let Some(weights) = files.weights {
         match asker.head_if_there(weights.index).await? {
             Some(index) => {
                 progress.set_total(total_size(&metas) + index.size);
@@ -130,6 +134,32 @@ struct Asker<'a> {
 }
 
 impl Asker<'_> {
+    /// The set with its patterns resolved against the repo's files, listed at
+    /// the revision's commit (which every later question then asks at), and
+    /// the list recorded in the cache.
+    async fn expand(&mut self) -> Result<FileSet, FetchError> {
+        let (spec, hub) = (self.spec, self.hub);
+        let url = format!("{}/api/models/{}", spec.endpoint, spec.repo);
+        let mut retries = Retries::new(&spec.options, url.clone(), "listing the repo's files".into());
+        let (commit, listing) = loop {
+            match hub.list_files(&spec.revision).await {
+                Ok(found) => break found,
+                Err(failure) => retries.after(failure).await?,
+            }
+        };
+        if !is_commit(&commit) {
+            return Err(FetchError::Protocol {
+                url,
+                what: format!("a 40-hex sha (got {commit:?})"),
+            });
+        }
+        self.cache.write_listing(&commit, &listing)?;
+        let files = expand(spec, &spec.files, &listing)?;
+        tracing::info!(files = %files, "HARNESS_MODEL_FILES resolved at {}: {files}", &commit[..10]);
+        self.commit = Some(commit);
+        Ok(files)
+    }
+
     async fn head(&mut self, file: &str) -> Result<FileMeta, FetchError> {
         let hub = self.hub;
         let revision = self.commit.as_deref().unwrap_or(&self.spec.revision);
@@ -167,6 +197,17 @@ impl Asker<'_> {
             Err(err) => Err(err),
         }
     }
+}
+
+/// `set`'s patterns resolved against `listing`, or the error naming the
+/// pattern that matches nothing.
+fn expand(spec: &FetchSpec, set: &FileSet, listing: &[String]) -> Result<FileSet, FetchError> {
+    set.expand(listing).map_err(|pattern| FetchError::NoMatch {
+        pattern,
+        repo: spec.repo.clone(),
+        revision: spec.revision.clone(),
+        listed: listing.len(),
+    })
 }
 
 /// Runs `attempt` until it succeeds, fails for good, or runs out of attempts.
@@ -217,11 +258,36 @@ pub(super) trait Shelf {
     /// The shards the index at `path` names; `None` when this copy cannot be used
     /// (then the index counts as missing).
     fn shards(&self, index: &str, path: &Path) -> Result<Option<Vec<String>>, FetchError>;
+    /// The repo's files, for `HARNESS_MODEL_FILES` patterns, when known here.
+    fn listing(&self) -> Option<Vec<String>>;
+    /// The repo and revision this shelf holds, for errors.
+    fn origin(&self) -> (String, String);
 }
 
 /// The files of `set` on `shelf`, by the same rules as on the Hub.
 pub(super) fn on_shelf(set: &FileSet, shelf: &impl Shelf) -> Result<Shelved, FetchError> {
     let mut out = Shelved::default();
+    let expanded;
+    let set = match (set.patterns().next(), shelf.listing()) {
+        (None, _) => set,
+        (Some(_), Some(listing)) => {
+            expanded = set.expand(&listing).map_err(|pattern| {
+                let (repo, revision) = shelf.origin();
+                FetchError::NoMatch {
+                    pattern,
+                    repo,
+                    revision,
+                    listed: listing.len(),
+                }
+            })?;
+            &expanded
+        }
+        // Patterns need the repo's list, which is not here.
+        (Some(_), None) => {
+            out.missing.extend(set.patterns().map(str::to_string));
+            return Ok(out);
+        }
+    };
     for file in &set.required {
         out.take(file, shelf.find(file));
     }
@@ -281,6 +347,15 @@ impl Shelf for CacheShelf<'_> {
             .is_some_and(|commit| self.cache.is_absent(commit, file))
     }
 
+    fn listing(&self) -> Option<Vec<String>> {
+        self.cache.listing(self.commit.as_deref()?)
+    }
+
+    fn origin(&self) -> (String, String) {
+        let revision = self.cache.repo().revision().to_string();
+        (self.cache.repo_id().to_string(), revision)
+    }
+
     /// A cached index was parsed when it was fetched: one that no longer parses
     /// has changed on disk. If its hash says so, it is removed, so that the next
     /// fetch downloads it again.
@@ -315,6 +390,27 @@ impl Shelf for DirShelf<'_> {
 
     fn known_absent(&self, _file: &str) -> bool {
         true
+    }
+
+    /// Every file under the folder, by its path inside it.
+    fn listing(&self) -> Option<Vec<String>> {
+        let mut files = Vec::new();
+        let mut folders = vec![self.dir.to_path_buf()];
+        while let Some(folder) = folders.pop() {
+            for entry in std::fs::read_dir(&folder).ok()?.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    folders.push(path);
+                } else if let Ok(inside) = path.strip_prefix(self.dir) {
+                    files.push(inside.to_string_lossy().into_owned());
+                }
+            }
+        }
+        Some(files)
+    }
+
+    fn origin(&self) -> (String, String) {
+        (self.dir.display().to_string(), "local".to_string())
     }
 
     fn shards(&self, index: &str, path: &Path) -> Result<Option<Vec<String>>, FetchError> {
