@@ -32,13 +32,16 @@ const HASH_BLOCK: usize = 1 << 20;
 /// this bounds the fetch's memory whatever the number of files and connections.
 pub(super) struct Buffered {
     kib: Arc<Semaphore>,
+    capacity: u32,
 }
 
 impl Buffered {
     /// At most `bytes` queued for the disk at once.
     pub fn new(bytes: usize) -> Self {
+        let capacity = bytes.div_ceil(1024).clamp(1, u32::MAX as usize);
         Buffered {
-            kib: Arc::new(Semaphore::new(bytes.div_ceil(1024).max(1))),
+            kib: Arc::new(Semaphore::new(capacity)),
+            capacity: capacity as u32,
         }
     }
 }
@@ -58,6 +61,7 @@ struct Progress {
 pub(super) struct BlobWriter {
     chunks: mpsc::UnboundedSender<(usize, Bytes, u32)>,
     buffered: Arc<Semaphore>,
+    capacity: u32,
     writer: tokio::task::JoinHandle<io::Result<()>>,
     hasher: Option<tokio::task::JoinHandle<io::Result<Sha256>>>,
     shared: Arc<Shared>,
@@ -103,6 +107,7 @@ impl BlobWriter {
         Ok(BlobWriter {
             chunks,
             buffered: buffered.kib.clone(),
+            capacity: buffered.capacity,
             writer,
             hasher,
             shared,
@@ -113,7 +118,8 @@ impl BlobWriter {
     /// too much queued; `false` when the writer has stopped on an error, which
     /// [`BlobWriter::finish`] then returns.
     pub async fn write(&self, piece: usize, chunk: Bytes) -> bool {
-        let kib = (chunk.len().div_ceil(1024) as u32).max(1);
+        // A chunk larger than the whole room takes all of it rather than wait forever.
+        let kib = (chunk.len().div_ceil(1024) as u32).clamp(1, self.capacity);
         let Ok(permit) = self.buffered.acquire_many(kib).await else {
             return false;
         };
