@@ -57,7 +57,7 @@ pub fn init_logging(format: LogFormat, default_filter: &str) {
 
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(|| LogWriter);
     let fmt = match format {
         LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).boxed(),
         LogFormat::Json => fmt.json().boxed(),
@@ -67,6 +67,44 @@ pub fn init_logging(format: LogFormat, default_filter: &str) {
         .with(QuietSessionEnds)
         .with(fmt)
         .try_init();
+}
+
+/// A way for log lines to stderr: a terminal drawing progress bars prints them
+/// above the bars, so that neither tears the other.
+pub type LogRoute = Box<dyn Fn(&[u8]) + Send + Sync>;
+
+static LOG_ROUTE: std::sync::RwLock<Option<LogRoute>> = std::sync::RwLock::new(None);
+
+/// Sends the log lines of [`init_logging`]'s subscriber through `route`, one
+/// whole event per call, instead of straight to stderr; `None` goes back to
+/// stderr.
+pub fn route_logs(route: Option<LogRoute>) {
+    *LOG_ROUTE
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = route;
+}
+
+/// The log writer: stderr, or the route while one is set. The fmt layer writes
+/// each event whole, in one `write_all`.
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let route = LOG_ROUTE
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match route.as_ref() {
+            Some(route) => {
+                route(bytes);
+                Ok(bytes.len())
+            }
+            None => std::io::Write::write(&mut std::io::stderr(), bytes),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::Write::flush(&mut std::io::stderr())
+    }
 }
 
 /// Drops ractor_cluster's warning for a session that ended normally (the peer

@@ -6,6 +6,7 @@
 mod demo;
 mod fetch;
 mod gpu_check;
+mod progress_bar;
 mod serve;
 
 use std::process::ExitCode;
