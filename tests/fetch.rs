@@ -1144,16 +1144,6 @@ async fn eight_connections_fetch_a_sharded_repo_in_under_a_third_of_one_connecti
     );
 }
 
-/// The byte range a GET asked for: `bytes=N-M` → (N, M).
-fn asked(served: &support::hub::Served) -> Option<(u64, u64)> {
-    let (from, to) = served
-        .range
-        .as_deref()?
-        .strip_prefix("bytes=")?
-        .split_once('-')?;
-    Some((from.parse().ok()?, to.parse().ok()?))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fault_on_one_range_of_a_parallel_fetch_still_ends_verified() {
     // 16 MiB: four 4 MiB pieces; each fault hits a range that starts after byte 0.
@@ -1188,8 +1178,10 @@ async fn every_fault_on_one_range_of_a_parallel_fetch_still_ends_verified() {
         let ranges: Vec<(u64, u64, u16)> = gets
             .iter()
             .map(|g| {
-                let (from, to) = asked(g).unwrap_or_else(|| panic!("{fault:?}: unranged {g:?}"));
-                (from, to, g.status)
+                let asked = g
+                    .asked()
+                    .unwrap_or_else(|| panic!("{fault:?}: unranged {g:?}"));
+                (asked.start, asked.end, g.status)
             })
             .collect();
         // The spoiled answer, on a range after the first byte.
@@ -1263,7 +1255,10 @@ async fn model_files_patterns_resolve_at_the_pinned_commit_then_from_the_cache()
         .filter(|s| s.method == "HEAD")
         .collect();
     assert_eq!(heads.len(), 6, "{heads:?}");
-    assert!(heads.iter().all(|h| h.path.contains(&f.commit)), "{heads:?}");
+    assert!(
+        heads.iter().all(|h| h.path.contains(&f.commit)),
+        "{heads:?}"
+    );
 
     // At the pinned commit, and offline, the cache resolves the patterns alone.
     f.hub.clear_served();

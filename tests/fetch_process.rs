@@ -103,16 +103,6 @@ fn read_record(path: &Path) -> Option<(u64, Vec<u64>)> {
     Some((piece, done))
 }
 
-/// `bytes=N-M` → (N, M + 1).
-fn range_of(served: &support::hub::Served) -> Option<(u64, u64)> {
-    let (from, to) = served
-        .range
-        .as_deref()?
-        .strip_prefix("bytes=")?
-        .split_once('-')?;
-    Some((from.parse().ok()?, to.parse::<u64>().ok()? + 1))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parallel_fetch_killed_mid_download_fetches_no_finished_range_again() {
     // 40 MiB: ten 4 MiB pieces, eight at a time, each connection at 2 MiB/s, so
@@ -163,7 +153,8 @@ async fn a_parallel_fetch_killed_mid_download_fetches_no_finished_range_again() 
     let gets = hub.download_gets(&blob_name);
     assert!(!gets.is_empty());
     for get in &gets {
-        let (from, to) = range_of(get).expect("every GET of a resumed fetch is ranged");
+        let asked = get.asked().expect("every GET of a resumed fetch is ranged");
+        let (from, to) = (asked.start, asked.end);
         for (i, &done) in done_at_kill.iter().enumerate() {
             let start = i as u64 * piece;
             let piece_end = (start + piece).min(LEN);

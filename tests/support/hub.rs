@@ -78,6 +78,18 @@ pub struct Served {
     pub conn: u64,
 }
 
+impl Served {
+    /// The bytes its `Range: bytes=N-M` asked for, as `N..M + 1`.
+    pub fn asked(&self) -> Option<std::ops::Range<u64>> {
+        let (from, to) = self
+            .range
+            .as_deref()?
+            .strip_prefix("bytes=")?
+            .split_once('-')?;
+        Some(from.parse().ok()?..to.parse::<u64>().ok()? + 1)
+    }
+}
+
 #[derive(Clone)]
 struct FileEntry {
     /// The file's path in the repo.
