@@ -1155,6 +1155,8 @@ async fn every_fault_on_one_range_of_a_parallel_fetch_still_ends_verified() {
         status(429, Some(1)),
         status(500, None),
         status(502, None),
+        // A CDN refusing its signed URL (expired): the Hub is asked for a new one.
+        status(403, None),
         Fault::Truncate { after: 100_000 },
         Fault::IgnoreRange,
         Fault::Stall { after: 50_000 },
@@ -1193,6 +1195,8 @@ async fn every_fault_on_one_range_of_a_parallel_fetch_still_ends_verified() {
         match fault {
             Fault::Status { code: want, .. } => {
                 assert_eq!(code, want, "{fault:?}: {ranges:?}");
+                let heads = f.hub.count("HEAD", "model.pt");
+                assert_eq!(heads, if want == 403 { 2 } else { 1 }, "{fault:?}");
                 // The same range again, answered.
                 assert!(ranges.contains(&(from, to, 206)), "{fault:?}: {ranges:?}");
             }
@@ -1298,4 +1302,29 @@ async fn model_files_patterns_resolve_at_the_pinned_commit_then_from_the_cache()
     assert_eq!(local.names, SHARDS.to_vec());
     let err = fetch::local_dir(dir, &FileSet::exact(["*.bin"])).unwrap_err();
     assert!(matches!(err, FetchError::NoMatch { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_server_that_never_serves_ranges_still_completes_a_broken_stream() {
+    // One piece: after the stream breaks, every resume is answered with the whole
+    // file, whose first bytes are skipped rather than written again.
+    let f = fixture(1_000_000).await;
+    f.hub
+        .fault(On::Download, Fault::Truncate { after: 300_000 });
+    for _ in 0..5 {
+        f.hub
+            .fault(On::LaterRangeOf("model.pt"), Fault::IgnoreRange);
+    }
+    let snap = fetch_model(&f.hub, f.cache.path())
+        .await
+        .expect("completed");
+    assert_eq!(std::fs::read(&snap.files[0]).unwrap(), f.bytes("model.pt"));
+    let gets = f.hub.download_gets(&sha256(f.bytes("model.pt")));
+    let asked: Vec<(Option<String>, u16)> =
+        gets.iter().map(|g| (g.range.clone(), g.status)).collect();
+    assert_eq!(
+        asked,
+        [(None, 200), (Some("bytes=300000-999999".to_string()), 200)]
+    );
+    assert_no_partial_files(f.cache.path());
 }

@@ -302,3 +302,51 @@ async fn fetch_of_a_generation_repo_takes_the_tasks_set_and_then_works_offline()
     assert!(again.status.success(), "{}", text(&again.stderr));
     assert_eq!(text(&again.stdout), stdout);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_failing_while_another_downloads_ends_the_fetch_at_once() {
+    // Two LFS files at once; the small one is refused for good while the large
+    // one is still coming (1 MiB/s a connection: it would take seconds). The
+    // process must end with the error, its other file's threads stopped.
+    let large = content(20 << 20, 3);
+    let small = content(100_000, 4);
+    let published = ModelRepo::publish(
+        REPO,
+        &[("large.bin", &large, true), ("small.bin", &small, true)],
+    )
+    .await;
+    let hub = &published.hub;
+    hub.set_connection_rate(Some(1 << 20));
+    hub.fault(
+        support::hub::On::DownloadOf("small.bin"),
+        support::hub::Fault::Status {
+            code: 404,
+            retry_after: None,
+        },
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let mut child = hub
+        .fetch_command(cache.path(), REPO, &["large.bin", "small.bin"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("harness fetch hung after one file failed");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("small.bin"), "{stderr}");
+    // The large file was cut short, not finished first.
+    let blobs = repo_dir(cache.path()).join("blobs");
+    assert!(!blobs.join(sha256(&large)).exists());
+}

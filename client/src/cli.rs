@@ -73,7 +73,9 @@ pub fn init_logging(format: LogFormat, default_filter: &str) {
 /// above the bars, so that neither tears the other.
 pub type LogRoute = Box<dyn Fn(&[u8]) + Send + Sync>;
 
-static LOG_ROUTE: std::sync::RwLock<Option<LogRoute>> = std::sync::RwLock::new(None);
+type SharedRoute = std::sync::Arc<dyn Fn(&[u8]) + Send + Sync>;
+
+static LOG_ROUTE: std::sync::RwLock<Option<SharedRoute>> = std::sync::RwLock::new(None);
 
 /// Sends the log lines of [`init_logging`]'s subscriber through `route`, one
 /// whole event per call, instead of straight to stderr; `None` goes back to
@@ -81,7 +83,7 @@ static LOG_ROUTE: std::sync::RwLock<Option<LogRoute>> = std::sync::RwLock::new(N
 pub fn route_logs(route: Option<LogRoute>) {
     *LOG_ROUTE
         .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = route;
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = route.map(SharedRoute::from);
 }
 
 /// The log writer: stderr, or the route while one is set. The fmt layer writes
@@ -90,10 +92,13 @@ struct LogWriter;
 
 impl std::io::Write for LogWriter {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        // Taken out of the lock before it runs: a route that logs, or a
+        // `route_logs` meanwhile, never waits on this lock.
         let route = LOG_ROUTE
             .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match route.as_ref() {
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match route {
             Some(route) => {
                 route(bytes);
                 Ok(bytes.len())

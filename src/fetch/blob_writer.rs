@@ -135,17 +135,13 @@ impl BlobWriter {
     /// file to disk and returns the whole file's hasher (with `hash`).
     pub async fn finish(self) -> io::Result<Finished> {
         drop(self.chunks);
-        let written = self.writer.await.map_err(io::Error::other)?;
-        {
-            let mut progress = self.shared.pieces.lock().unwrap();
-            progress.closed = true;
-        }
-        self.shared.advanced.notify_all();
+        // The writer's end tells the hasher to finish what is whole.
+        let written = self.writer.await.map_err(io::Error::other);
         let hashed = match self.hasher {
             Some(hasher) => Some(hasher.await.map_err(io::Error::other)?),
             None => None,
         };
-        written?;
+        written??;
         let pieces = self.shared.pieces.lock().unwrap().pieces.clone();
         Ok(Finished {
             hasher: hashed.transpose()?,
@@ -161,6 +157,23 @@ pub(super) struct Finished {
     pub pieces: Pieces,
 }
 
+/// Tells the hasher the writer has stopped, however it stops (finished, failed,
+/// panicked, or dropped with its fetch cancelled), so the hasher never waits on.
+struct Closes<'a>(&'a Shared);
+
+impl Drop for Closes<'_> {
+    fn drop(&mut self) {
+        let mut progress = self
+            .0
+            .pieces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        progress.closed = true;
+        drop(progress);
+        self.0.advanced.notify_all();
+    }
+}
+
 fn write_pieces(
     file: &std::fs::File,
     shared: &Shared,
@@ -168,6 +181,7 @@ fn write_pieces(
     mut queue: mpsc::UnboundedReceiver<(usize, Bytes, u32)>,
     buffered: &Semaphore,
 ) -> io::Result<()> {
+    let _closes = Closes(shared);
     let mut unsynced = 0u64;
     let mut saved = Instant::now();
     let result = (|| -> io::Result<()> {

@@ -5,7 +5,7 @@
 
 use std::io::ErrorKind;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
@@ -80,6 +80,8 @@ pub(super) async fn ensure_blob(
     let file = FileFetch {
         hub,
         meta,
+        url: std::sync::Mutex::new(meta.download_url.clone()),
+        refreshed: AtomicU32::new(0),
         partial: &partial,
         meter: &meter,
         options,
@@ -121,6 +123,11 @@ pub(super) async fn ensure_blob(
 struct FileFetch<'a> {
     hub: &'a Hub,
     meta: &'a FileMeta,
+    /// Where the bytes are now: the CDN's signed URL, asked for again when the
+    /// CDN refuses it (it expires, and ranges start long after the first).
+    url: std::sync::Mutex<String>,
+    /// How many times the URL was asked for again.
+    refreshed: AtomicU32,
     partial: &'a Partial,
     meter: &'a FileMeter<'a>,
     options: &'a FetchOptions,
@@ -132,6 +139,9 @@ struct FileFetch<'a> {
 struct Answer<'a> {
     url: String,
     response: reqwest::Response,
+    /// The byte the body starts at: where the range asked, or 0 for the whole
+    /// file from a server that ignored `Range`.
+    starts_at: u64,
     _connection: SemaphorePermit<'a>,
 }
 
@@ -145,7 +155,7 @@ impl<'a> FileFetch<'a> {
         let pieces = self
             .partial
             .load(size, self.transfers.count)
-            .map_err(|e| write_error(&self.partial.data, e, size))?;
+            .map_err(|e| self.disk_error(e))?;
         self.meter.resume_at(pieces.bytes_done());
         // The first request goes alone: its answer says whether the server
         // serves ranges, before other connections are opened.
@@ -162,14 +172,10 @@ impl<'a> FileFetch<'a> {
             self.meta.sha256().is_some(),
             &self.transfers.buffered,
         )
-        .map_err(|e| write_error(&self.partial.data, e, size))?;
+        .map_err(|e| self.disk_error(e))?;
         let fetched = self.pieces(&writer, &pieces, first).await;
-        let finished = writer.finish().await;
         // The disk's error, when there is one, is the real one.
-        let finished = finished.map_err(|e| {
-            self.meter.resume_at(file_len(&self.partial.data).min(size));
-            write_error(&self.partial.data, e, size)
-        })?;
+        let finished = writer.finish().await.map_err(|e| self.disk_error(e))?;
         fetched?;
         if !finished.pieces.is_complete() {
             return Err(FetchError::Io {
@@ -178,6 +184,14 @@ impl<'a> FileFetch<'a> {
             });
         }
         Ok(finished.hasher.map(hex_digest))
+    }
+
+    /// A disk error, with the bytes the record keeps for the next attempt
+    /// (progress shows what is on disk, not what arrived and was not written).
+    fn disk_error(&self, err: std::io::Error) -> FetchError {
+        let kept = self.partial.recorded_bytes(self.meta.size);
+        self.meter.resume_at(kept);
+        write_error(&self.partial.data, err, self.meta.size, kept)
     }
 
     /// Every unfinished piece, the first on its answer already there, as many at
@@ -225,11 +239,11 @@ impl<'a> FileFetch<'a> {
                     self.meter.resume_at(0);
                     return Ok((pieces, i, answer));
                 }
-                Ok(answer) => match self.check(from, ranged, answer) {
+                Ok(answer) => match self.check(from, ranged, false, answer) {
                     Ok(answer) => return Ok((pieces, i, answer)),
-                    Err(failure) => retries.after(failure).await?,
+                    Err(failure) => self.recover(&mut retries, failure).await?,
                 },
-                Err(failure) => retries.after(failure).await?,
+                Err(failure) => self.recover(&mut retries, failure).await?,
             }
         }
     }
@@ -260,7 +274,7 @@ impl<'a> FileFetch<'a> {
                 None => {
                     let ranged = is_ranged(pieces, at);
                     match self.request(at, end, ranged).await {
-                        Ok(answer) => self.check(at, ranged, answer),
+                        Ok(answer) => self.check(at, ranged, pieces.count() == 1, answer),
                         Err(failure) => Err(failure),
                     }
                 }
@@ -279,9 +293,44 @@ impl<'a> FileFetch<'a> {
                 }
                 Err(failure) => failure,
             };
-            retries.after(failure).await?;
+            self.recover(&mut retries, failure).await?;
         }
         Ok(())
+    }
+
+    /// After a failed attempt: a CDN that refuses its signed URL (expired) gets
+    /// the URL asked for again from the Hub, at most 3 times per file; every
+    /// other failure waits and retries, or ends the file's fetch.
+    async fn recover(&self, retries: &mut Retries<'_>, failure: Attempt) -> Result<(), FetchError> {
+        if let Attempt::Fatal(FetchError::Unauthorized { url, .. }) = &failure {
+            if !self.hub.is_own(url) && self.refresh(url).await {
+                return Ok(());
+            }
+        }
+        retries.after(failure).await
+    }
+
+    /// Asks the Hub where the file is now, unless another piece already did
+    /// since `refused` failed; `false` when it cannot help.
+    async fn refresh(&self, refused: &str) -> bool {
+        if *self.url.lock().unwrap() != refused {
+            return true;
+        }
+        if self.refreshed.fetch_add(1, Ordering::Relaxed) >= 3 {
+            return false;
+        }
+        tracing::info!(file = %self.meta.file, "the CDN refused {}'s URL; asking the Hub for a new one", self.meta.file);
+        match self
+            .hub
+            .head(&self.meta.commit, &self.meta.file, None)
+            .await
+        {
+            Ok(fresh) if fresh.etag == self.meta.etag && fresh.size == self.meta.size => {
+                *self.url.lock().unwrap() = fresh.download_url;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// GET bytes `from..end` (`ranged`: with `Range`, else the whole file) on
@@ -295,7 +344,7 @@ impl<'a> FileFetch<'a> {
             .await
             .expect("the connections are never closed");
         let range = ranged.then(|| format!("bytes={from}-{}", end - 1));
-        let mut url = self.meta.download_url.clone();
+        let mut url = self.url.lock().unwrap().clone();
         for _ in 0..=5 {
             let mut req = self.hub.request(Method::GET, &url);
             if let Some(range) = &range {
@@ -316,14 +365,25 @@ impl<'a> FileFetch<'a> {
             return Ok(Answer {
                 url,
                 response,
+                starts_at: from,
                 _connection: connection,
             });
         }
-        Err(retry_now("the server redirected more than 5 times"))
+        Err(retry("the server redirected more than 5 times"))
     }
 
     /// The answer's status against what was asked: bytes from `from`, `ranged`.
-    fn check(&self, from: u64, ranged: bool, answer: Answer<'a>) -> Result<Answer<'a>, Attempt> {
+    /// With `one_stream` (a file of one piece), the whole file answered to a
+    /// range is taken, its first bytes skipped; otherwise it is a failed
+    /// attempt, retried (a server that serves no range at all is found by the
+    /// first request, which makes the file one stream).
+    fn check(
+        &self,
+        from: u64,
+        ranged: bool,
+        one_stream: bool,
+        mut answer: Answer<'a>,
+    ) -> Result<Answer<'a>, Attempt> {
         let response = &answer.response;
         match response.status() {
             StatusCode::PARTIAL_CONTENT => {
@@ -333,15 +393,20 @@ impl<'a> FileFetch<'a> {
                     .and_then(|v| v.to_str().ok())
                     .and_then(content_range_start);
                 if start != Some(from) {
-                    return Err(retry_now("the server answered another range than asked"));
+                    return Err(retry("the server answered another range than asked"));
                 }
                 Ok(answer)
             }
             StatusCode::OK if !ranged => Ok(answer),
-            StatusCode::OK => Err(retry_now(
+            StatusCode::OK if one_stream => {
+                tracing::info!(file = %self.meta.file, "the server ignored Range; skipping the first {} of {} it sends again", super::progress::human_bytes(from), self.meta.file);
+                answer.starts_at = 0;
+                Ok(answer)
+            }
+            StatusCode::OK => Err(retry(
                 "the server answered the whole file to a range request",
             )),
-            StatusCode::RANGE_NOT_SATISFIABLE => Err(retry_now("the server refused the range")),
+            StatusCode::RANGE_NOT_SATISFIABLE => Err(retry("the server refused the range")),
             _ => Err(self
                 .hub
                 .status_failure(&answer.url, Some(&self.meta.file), response)),
@@ -360,6 +425,8 @@ impl<'a> FileFetch<'a> {
         end: u64,
     ) -> Result<(), Attempt> {
         let mut body = answer.response.bytes_stream();
+        // Bytes before `at` that a whole-file answer sends again.
+        let mut skip = *at - answer.starts_at.min(*at);
         while *at < end {
             let Some(chunk) = body.next().await else {
                 return Err(Attempt::Retry {
@@ -369,6 +436,14 @@ impl<'a> FileFetch<'a> {
                 });
             };
             let mut chunk = chunk.map_err(|e| self.hub.transport(&answer.url, e))?;
+            if skip > 0 {
+                let skipped = skip.min(chunk.len() as u64);
+                let _ = chunk.split_to(skipped as usize);
+                skip -= skipped;
+                if chunk.is_empty() {
+                    continue;
+                }
+            }
             let room = end - *at;
             if chunk.len() as u64 > room {
                 chunk.truncate(room as usize);
@@ -446,9 +521,8 @@ fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
-fn write_error(path: &Path, err: std::io::Error, size: u64) -> FetchError {
+fn write_error(path: &Path, err: std::io::Error, size: u64, kept: u64) -> FetchError {
     if err.kind() == ErrorKind::StorageFull || err.kind() == ErrorKind::QuotaExceeded {
-        let kept = file_len(path);
         FetchError::DiskFull {
             path: path.to_path_buf(),
             needed_bytes: size.saturating_sub(kept),
@@ -463,10 +537,11 @@ fn write_error(path: &Path, err: std::io::Error, size: u64) -> FetchError {
     }
 }
 
-fn retry_now(reason: &str) -> Attempt {
+/// A failed attempt the server caused, retried with backoff.
+fn retry(reason: &str) -> Attempt {
     Attempt::Retry {
         reason: reason.to_string(),
-        after: Some(Duration::ZERO),
+        after: None,
         status: None,
     }
 }

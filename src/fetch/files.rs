@@ -69,6 +69,15 @@ impl FileSet {
         self.required.is_empty() && self.optional.is_empty() && self.weights.is_none()
     }
 
+    /// The first pattern that is not one (`x[`), with why.
+    pub fn invalid_pattern(&self) -> Option<(String, String)> {
+        self.patterns().find_map(|p| {
+            glob::Pattern::new(p)
+                .err()
+                .map(|e| (p.to_string(), e.msg.to_string()))
+        })
+    }
+
     /// The patterns among the required files (`*.safetensors`, `tokenizer*`),
     /// resolved against the repo's file list at the pinned commit.
     pub fn patterns(&self) -> impl Iterator<Item = &str> {
@@ -80,9 +89,11 @@ impl FileSet {
 
     /// The set with each pattern replaced by the files of `listing` it matches
     /// (in name order, each file once); the first pattern that matches nothing
-    /// is the error.
+    /// is the error. A listed name that is not a plain path inside the repo
+    /// (`..`, absolute, control characters: a hostile or broken Hub) is never
+    /// matched, so it can never become a path in the cache.
     pub fn expand(&self, listing: &[String]) -> Result<FileSet, String> {
-        let mut listing: Vec<&String> = listing.iter().collect();
+        let mut listing: Vec<&String> = listing.iter().filter(|n| is_safe_file_name(n)).collect();
         listing.sort();
         let mut required: Vec<String> = Vec::new();
         for entry in &self.required {
@@ -241,6 +252,7 @@ impl<'de> serde::Deserialize<'de> for WeightMap {
 pub(crate) fn is_safe_file_name(file: &str) -> bool {
     !file.is_empty()
         && !file.starts_with('/')
+        && !file.contains(|c: char| c.is_control() || c == '\\')
         && file
             .split('/')
             .all(|part| !part.is_empty() && part != "." && part != "..")
@@ -251,7 +263,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn patterns_match_as_fnmatch_and_never_a_name_outside_the_repo() {
+        let listing: Vec<String> = [
+            "b.safetensors",
+            "a.safetensors",
+            "onnx/c.safetensors",
+            "tokenizer.json",
+            "../../../etc/x.safetensors",
+            "/abs.safetensors",
+            "config.json",
+        ]
+        .map(String::from)
+        .to_vec();
+        let set = FileSet::exact(["config.json", "*.safetensors", "a.safetensors"]);
+        let expanded = set.expand(&listing).unwrap();
+        assert_eq!(
+            expanded.required,
+            [
+                "config.json",
+                "a.safetensors",
+                "b.safetensors",
+                "onnx/c.safetensors"
+            ]
+        );
+        assert_eq!(
+            FileSet::exact(["*.gguf"]).expand(&listing),
+            Err("*.gguf".to_string())
+        );
+        assert_eq!(FileSet::exact(["x["]).invalid_pattern().unwrap().0, "x[");
+        assert!(FileSet::exact(["tok*"]).invalid_pattern().is_none());
+    }
+
+    #[test]
     fn file_names_stay_inside_the_repo() {
+        assert!(!is_safe_file_name("a\nb"));
+        assert!(!is_safe_file_name("a\\..\\b"));
         assert!(is_safe_file_name("model.pt"));
         assert!(is_safe_file_name("onnx/model.onnx"));
         for bad in ["", "/etc/passwd", "../x", "a/../b", "a//b", "./a"] {

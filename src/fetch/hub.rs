@@ -94,9 +94,10 @@ impl Hub {
         // (hf-hub builds this only with its own HTTP clients compiled in.)
         let endpoint = self.endpoint.as_str().trim_end_matches('/');
         format!(
-            "{endpoint}/{}/resolve/{}/{file}",
+            "{endpoint}/{}/resolve/{}/{}",
             self.repo,
-            revision.replace('/', "%2F")
+            revision.replace('/', "%2F"),
+            encode_path(file)
         )
     }
 
@@ -127,11 +128,22 @@ impl Hub {
         if !response.status().is_success() {
             return Err(self.status_failure(&url, None, &response));
         }
-        let body = response.bytes().await.map_err(|e| self.transport(&url, e))?;
+        let body =
+            limited_body(response, MAX_LISTING_BYTES)
+                .await
+                .map_err(|failure| match failure {
+                    Some(e) => self.transport(&url, e),
+                    None => Attempt::Fatal(protocol(&url, "a model info under 32 MiB")),
+                })?;
         let info: Info = serde_json::from_slice(&body)
             .map_err(|_| protocol(&url, "the model's info as JSON with sha and siblings"))?;
         let files = info.siblings.into_iter().map(|s| s.rfilename).collect();
         Ok((info.sha, files))
+    }
+
+    /// Whether `url` is on the Hub itself (not its CDN).
+    pub fn is_own(&self, url: &str) -> bool {
+        reqwest::Url::parse(url).is_ok_and(|u| u.origin() == self.endpoint.origin())
     }
 
     /// A request, with the token only where the Hub itself is asked: a CDN URL is
@@ -300,6 +312,40 @@ impl Hub {
     }
 }
 
+/// The largest model info read: a repo of tens of thousands of files lists in
+/// a few MiB; more is a broken or hostile server, not a repo.
+const MAX_LISTING_BYTES: usize = 32 << 20;
+
+/// A response's body, at most `limit` bytes (`Err(None)` past it).
+async fn limited_body(response: Response, limit: usize) -> Result<Vec<u8>, Option<reqwest::Error>> {
+    use futures_util::StreamExt;
+    let mut body = Vec::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(Some)?;
+        if body.len() + chunk.len() > limit {
+            return Err(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// A repo path for a URL: each byte outside the unreserved set and `/`
+/// percent-encoded, as the Hub's clients quote it (`my file.json` →
+/// `my%20file.json`).
+fn encode_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for byte in path.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
 /// `reqwest`'s error with its causes, which hold the useful part ("connection refused").
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
@@ -345,6 +391,12 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_paths_are_quoted_for_urls() {
+        assert_eq!(encode_path("onnx/model.onnx"), "onnx/model.onnx");
+        assert_eq!(encode_path("a b#?%.json"), "a%20b%23%3F%25.json");
+    }
 
     #[test]
     fn etags_lose_their_quotes_and_weakness() {

@@ -191,6 +191,11 @@ async fn fetch_or_find(spec: &FetchSpec, progress: &FetchProgress) -> Result<Sna
             "{bad:?} is not a file path inside a repo (no leading /, no .., not empty)"
         )));
     }
+    if let Some((pattern, why)) = spec.files.invalid_pattern() {
+        return Err(FetchError::Config(format!(
+            "{pattern:?} in HARNESS_MODEL_FILES is not a valid pattern ({why}): use * and ? wildcards, [abc] sets"
+        )));
+    }
     progress.reset();
     let cache = RepoCache::new(&spec.cache_dir, &spec.repo, &spec.revision);
 

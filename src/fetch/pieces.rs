@@ -129,13 +129,12 @@ impl Pieces {
             .split(' ')
             .map(|d| d.parse().ok())
             .collect::<Option<Vec<u64>>>()?;
-        if recorded != size || piece == 0 {
+        // The count first: a record naming tiny pieces of a large file must
+        // not make a huge plan.
+        if recorded != size || piece == 0 || size.div_ceil(piece).max(1) != done.len() as u64 {
             return None;
         }
         let mut pieces = Self::cut(size, piece);
-        if done.len() != pieces.count() {
-            return None;
-        }
         for (i, d) in done.into_iter().enumerate() {
             let (start, end) = pieces.range(i);
             if d > end - start {
@@ -198,7 +197,10 @@ impl Partial {
         match stream_len {
             Some(len) if len <= size => {
                 std::fs::rename(&self.stream, &self.data)?;
-                Ok(plan.with_prefix(len))
+                let pieces = plan.with_prefix(len);
+                // Recorded at once: a data file without a record is started over.
+                self.save(&pieces)?;
+                Ok(pieces)
             }
             _ => {
                 let _ = std::fs::remove_file(&self.stream);
@@ -211,16 +213,29 @@ impl Partial {
     /// Writes the record aside, then renames it into place: a kill leaves the
     /// old record or the new one, never half of one.
     pub fn save(&self, pieces: &Pieces) -> std::io::Result<()> {
-        let mut tmp = self.record.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
+        let tmp = self.record_aside();
         std::fs::write(&tmp, pieces.to_text())?;
         std::fs::rename(&tmp, &self.record)
     }
 
+    fn record_aside(&self) -> PathBuf {
+        let mut tmp = self.record.as_os_str().to_owned();
+        tmp.push(".tmp");
+        PathBuf::from(tmp)
+    }
+
+    /// The bytes the record counts as written (the data file is sparse: its
+    /// length is its furthest byte, not what it holds).
+    pub fn recorded_bytes(&self, size: u64) -> u64 {
+        std::fs::read_to_string(&self.record)
+            .ok()
+            .and_then(|text| Pieces::from_text(&text, size))
+            .map_or(0, |pieces| pieces.bytes_done())
+    }
+
     /// Forgets the partial download (wrong content, or done).
     pub fn remove(&self) {
-        for path in [&self.data, &self.record, &self.stream] {
+        for path in [&self.data, &self.record, &self.stream, &self.record_aside()] {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -307,5 +322,14 @@ mod tests {
         let loaded = partial.load(12 * MIB, 8).unwrap();
         assert_eq!(loaded.frontier(), 1000);
         assert!(partial.data.exists() && !partial.stream.exists());
+        // ... and recorded at once, so a kill now keeps it.
+        assert_eq!(partial.recorded_bytes(12 * MIB), 1000);
+        assert_eq!(partial.load(12 * MIB, 8).unwrap().frontier(), 1000);
+    }
+
+    #[test]
+    fn a_record_of_tiny_pieces_for_a_large_file_is_refused_without_a_plan() {
+        let text = "harness-pieces 1\nsize 10000000000000\npiece 1\ndone 0\n";
+        assert_eq!(Pieces::from_text(text, 10_000_000_000_000), None);
     }
 }

@@ -140,7 +140,11 @@ impl Asker<'_> {
     async fn expand(&mut self) -> Result<FileSet, FetchError> {
         let (spec, hub) = (self.spec, self.hub);
         let url = format!("{}/api/models/{}", spec.endpoint, spec.repo);
-        let mut retries = Retries::new(&spec.options, url.clone(), "listing the repo's files".into());
+        let mut retries = Retries::new(
+            &spec.options,
+            url.clone(),
+            "listing the repo's files".into(),
+        );
         let (commit, listing) = loop {
             match hub.list_files(&spec.revision).await {
                 Ok(found) => break found,
@@ -392,17 +396,27 @@ impl Shelf for DirShelf<'_> {
         true
     }
 
-    /// Every file under the folder, by its path inside it.
+    /// Every file under the folder, by its path inside it (a file linked to,
+    /// as a snapshot's are, counts). Linked folders are not followed, so a
+    /// loop of links cannot make the walk endless; an unreadable folder is
+    /// skipped.
     fn listing(&self) -> Option<Vec<String>> {
         let mut files = Vec::new();
         let mut folders = vec![self.dir.to_path_buf()];
         while let Some(folder) = folders.pop() {
-            for entry in std::fs::read_dir(&folder).ok()?.flatten() {
+            let Ok(entries) = std::fs::read_dir(&folder) else {
+                tracing::warn!(folder = %folder.display(), "cannot read {}; its files are not matched", folder.display());
+                continue;
+            };
+            for entry in entries.flatten() {
                 let path = entry.path();
-                if path.is_dir() {
+                let is_folder = entry.file_type().is_ok_and(|t| t.is_dir());
+                if is_folder {
                     folders.push(path);
-                } else if let Ok(inside) = path.strip_prefix(self.dir) {
-                    files.push(inside.to_string_lossy().into_owned());
+                } else if path.is_file() {
+                    if let Ok(inside) = path.strip_prefix(self.dir) {
+                        files.push(inside.to_string_lossy().into_owned());
+                    }
                 }
             }
         }

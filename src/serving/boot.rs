@@ -188,7 +188,8 @@ async fn fetch_model(
 
 /// A fetch error, and whether fetching again could help: a repo, revision or file
 /// that does not exist, a refused token, files missing offline, or an index that
-/// is broken or names a shard the repo lacks stay so.
+/// is broken or names a shard the repo lacks, or a file pattern that matches
+/// nothing, stay so.
 fn fetch_failure(err: FetchError) -> LoadFailure {
     let permanent = matches!(
         err,
@@ -200,6 +201,7 @@ fn fetch_failure(err: FetchError) -> LoadFailure {
             | FetchError::NoWeights { .. }
             | FetchError::MissingShard { .. }
             | FetchError::BadIndex { .. }
+            | FetchError::NoMatch { .. }
     );
     LoadFailure {
         message: err.to_string(),
