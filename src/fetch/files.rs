@@ -72,7 +72,7 @@ impl FileSet {
     /// The first pattern that is not one (`x[`), with why.
     pub fn invalid_pattern(&self) -> Option<(String, String)> {
         self.patterns().find_map(|p| {
-            glob::Pattern::new(p)
+            glob::Pattern::new(&as_glob(p))
                 .err()
                 .map(|e| (p.to_string(), e.msg.to_string()))
         })
@@ -103,7 +103,7 @@ impl FileSet {
                 }
                 continue;
             }
-            let pattern = glob::Pattern::new(entry).map_err(|_| entry.clone())?;
+            let pattern = glob::Pattern::new(&as_glob(entry)).map_err(|_| entry.clone())?;
             let matched: Vec<&String> = listing
                 .iter()
                 .copied()
@@ -137,7 +137,15 @@ impl FileSet {
 
 /// Whether a `HARNESS_MODEL_FILES` entry is a pattern rather than a file name.
 pub fn is_pattern(entry: &str) -> bool {
-    entry.contains(['*', '?', '['])
+    entry.contains(['*', '?', '[']) || entry.ends_with('/')
+}
+
+/// A folder (`onnx/`) means every file under it, as `huggingface_hub` reads it.
+fn as_glob(entry: &str) -> String {
+    match entry.strip_suffix('/') {
+        Some(folder) => format!("{folder}/*"),
+        None => entry.to_string(),
+    }
 }
 
 impl From<FileSpec> for FileSet {
@@ -292,6 +300,9 @@ mod tests {
         );
         assert_eq!(FileSet::exact(["x["]).invalid_pattern().unwrap().0, "x[");
         assert!(FileSet::exact(["tok*"]).invalid_pattern().is_none());
+        // A folder is every file under it.
+        let onnx = FileSet::exact(["onnx/"]).expand(&listing).unwrap();
+        assert_eq!(onnx.required, ["onnx/c.safetensors"]);
     }
 
     #[test]

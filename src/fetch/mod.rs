@@ -186,7 +186,13 @@ async fn fetch_or_find(spec: &FetchSpec, progress: &FetchProgress) -> Result<Sna
             "no files to fetch: set HARNESS_MODEL_FILES".to_string(),
         ));
     }
-    if let Some(bad) = spec.files.declared().find(|f| !is_safe_file_name(f)) {
+    // (A folder, `onnx/`, is a pattern: every file under it.)
+    let folder_or_file = |f: &str| f.strip_suffix('/').unwrap_or(f).to_string();
+    if let Some(bad) = spec
+        .files
+        .declared()
+        .find(|f| !is_safe_file_name(&folder_or_file(f)))
+    {
         return Err(FetchError::Config(format!(
             "{bad:?} is not a file path inside a repo (no leading /, no .., not empty)"
         )));
