@@ -178,14 +178,15 @@ fn write_pieces(
     file: &std::fs::File,
     shared: &Shared,
     partial: &Partial,
-    mut queue: mpsc::UnboundedReceiver<(usize, Bytes, u32)>,
+    queue: mpsc::UnboundedReceiver<(usize, Bytes, u32)>,
     buffered: &Semaphore,
 ) -> io::Result<()> {
     let _closes = Closes(shared);
+    let mut queue = Queue { queue, buffered };
     let mut unsynced = 0u64;
     let mut saved = Instant::now();
     let result = (|| -> io::Result<()> {
-        while let Some((piece, chunk, kib)) = queue.blocking_recv() {
+        while let Some((piece, chunk, kib)) = queue.queue.blocking_recv() {
             let at = shared.pieces.lock().unwrap().pieces.next_byte(piece);
             let wrote = file.write_all_at(&chunk, at);
             buffered.add_permits(kib as usize);
@@ -211,11 +212,9 @@ fn write_pieces(
         Ok(())
     })();
     // Whatever happened, the record counts what reached the file, so the next
-    // attempt resumes after it; chunks left in the queue give their room back.
-    queue.close();
-    while let Ok((_, _, kib)) = queue.try_recv() {
-        buffered.add_permits(kib as usize);
-    }
+    // attempt resumes after it; chunks left in the queue give their room back
+    // (when `queue` is dropped, even on a panic).
+    drop(queue);
     save(shared, partial)?;
     result?;
     if shared.pieces.lock().unwrap().pieces.is_complete() {
@@ -223,6 +222,22 @@ fn write_pieces(
         file.sync_data()?;
     }
     Ok(())
+}
+
+/// The writer's queue: dropped, it gives the room of every chunk still in it
+/// back to the fetch's byte budget, so other files never wait for it.
+struct Queue<'a> {
+    queue: mpsc::UnboundedReceiver<(usize, Bytes, u32)>,
+    buffered: &'a Semaphore,
+}
+
+impl Drop for Queue<'_> {
+    fn drop(&mut self) {
+        self.queue.close();
+        while let Ok((_, _, kib)) = self.queue.try_recv() {
+            self.buffered.add_permits(kib as usize);
+        }
+    }
 }
 
 fn save(shared: &Shared, partial: &Partial) -> io::Result<()> {
