@@ -289,6 +289,10 @@ pub struct Status {
     pub queue_depth: u64,
     pub in_flight: u64,
     pub uptime_s: u64,
+    /// The Fly machine this node runs on (`FLY_MACHINE_ID`, which Fly sets), so
+    /// a caller waking machines can tell which one serves; absent elsewhere.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<String>,
     pub versions: Versions,
     /// The generation task's slots and memory (absent for other tasks).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -315,6 +319,9 @@ pub fn status(shared: &ServingShared) -> Status {
         queue_depth: shared.queue_depth(),
         in_flight: shared.in_flight(),
         uptime_s: shared.started.elapsed().as_secs(),
+        machine_id: std::env::var("FLY_MACHINE_ID")
+            .ok()
+            .filter(|id| !id.is_empty()),
         versions: Versions {
             harness: env!("CARGO_PKG_VERSION"),
             libtorch: crate::engine::gpu::LIBTORCH_VERSION,

@@ -294,6 +294,81 @@ pub struct CallArgs {
     /// for within it).
     #[arg(long, default_value_t = 30_000)]
     pub deadline_ms: u64,
+
+    /// When no serving is ready, start the Fly app's stopped machines
+    /// (HARNESS_FLY_APP, FLY_API_TOKEN) and wait for one within the deadline;
+    /// what the wake does is printed on stderr.
+    #[arg(long)]
+    pub wake: bool,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub fly: FlyArgs,
+}
+
+/// Where to wake stopped machines: the Fly app, a token, the Machines API.
+#[derive(Clone, clap::Args)]
+pub struct FlyArgs {
+    /// The Fly app whose stopped machines a wake starts.
+    #[arg(long, env = "HARNESS_FLY_APP")]
+    pub fly_app: Option<String>,
+
+    /// A Fly API token allowed to start the app's machines
+    /// (`fly tokens create deploy -a APP`). Never logged.
+    #[arg(long, env = "FLY_API_TOKEN", hide_env_values = true)]
+    pub fly_api_token: Option<String>,
+
+    /// The Fly Machines API (inside Fly's network: http://_api.internal:4280).
+    #[arg(long, env = "FLY_API_HOSTNAME", default_value = crate::wake::DEFAULT_API)]
+    pub fly_api_hostname: String,
+}
+
+impl std::fmt::Debug for FlyArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlyArgs")
+            .field("fly_app", &self.fly_app)
+            .field(
+                "fly_api_token",
+                &self.fly_api_token.as_ref().map(|_| "[redacted]"),
+            )
+            .field("fly_api_hostname", &self.fly_api_hostname)
+            .finish()
+    }
+}
+
+impl FlyArgs {
+    /// The wake's settings, or what is missing.
+    pub fn config(&self) -> Result<crate::wake::WakeConfig, CliError> {
+        let set = |v: &Option<String>| v.clone().filter(|v| !v.trim().is_empty());
+        let (Some(app), Some(token)) = (set(&self.fly_app), set(&self.fly_api_token)) else {
+            return Err(CliError::Usage(
+                "waking needs HARNESS_FLY_APP (the app) and FLY_API_TOKEN (`fly tokens create deploy -a APP`)".to_string(),
+            ));
+        };
+        let mut config = crate::wake::WakeConfig::new(app, crate::wake::FlyToken::new(token));
+        config.api = self.fly_api_hostname.clone();
+        Ok(config)
+    }
+}
+
+/// `wake`: start the Fly app's stopped machines and wait until a serving is
+/// ready, printing what happens on stderr and the ready serving's status (JSON)
+/// on stdout.
+#[derive(Debug, Clone, clap::Args)]
+#[command(after_help = EXIT_CODES_HELP)]
+pub struct WakeArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub client: ClientArgs,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub fly: FlyArgs,
+
+    /// How long to wait for a ready serving, in milliseconds (a cold start
+    /// downloads nothing again, but loads the model).
+    #[arg(long, default_value_t = 600_000)]
+    pub deadline_ms: u64,
 }
 
 impl CallArgs {
@@ -454,6 +529,12 @@ pub fn call(args: &CallArgs, program: &str) -> ExitCode {
     finish(program, try_call(args))
 }
 
+/// Runs `wake` and returns the exit code, as [`call`] does.
+pub fn wake(args: &WakeArgs, program: &str) -> ExitCode {
+    init_logging(args.client.log_format, CLIENT_LOG_FILTER);
+    finish(program, try_wake(args))
+}
+
 /// Runs `status` and returns the exit code, as [`call`] does.
 pub fn status(args: &StatusArgs, program: &str) -> ExitCode {
     init_logging(args.client.log_format, CLIENT_LOG_FILTER);
@@ -470,21 +551,47 @@ fn finish(program: &str, result: Result<(), CliError>) -> ExitCode {
     }
 }
 
-/// Connects a client and runs `work` with it on a runtime of its own.
-fn with_client<T, E, F, Fut>(args: &ClientArgs, work: F) -> Result<T, CliError>
+/// Connects a client and runs `work` with it on a runtime of its own; with
+/// `wake`, stopped machines are started when no serving is ready, and what the
+/// wake does is printed on stderr.
+fn with_client<T, E, F, Fut>(
+    args: &ClientArgs,
+    wake: Option<crate::wake::WakeConfig>,
+    work: F,
+) -> Result<T, CliError>
 where
     F: FnOnce(HarnessClient) -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
     CliError: From<E>,
 {
-    let config = args.config()?;
+    let mut config = args.config()?;
+    config.wake = wake;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
         let client = HarnessClient::connect(config).await?;
+        if let Some(mut events) = client.wake_events() {
+            tokio::spawn(async move {
+                while let Ok(event) = events.recv().await {
+                    eprintln!("wake: {event}");
+                }
+            });
+        }
         Ok(work(client).await?)
     })
+}
+
+fn try_wake(args: &WakeArgs) -> Result<(), CliError> {
+    let wake = args.fly.config()?;
+    let deadline = Duration::from_millis(args.deadline_ms);
+    let status = with_client(&args.client, Some(wake), |client| async move {
+        client.wake(deadline).await
+    })?;
+    let json = serde_json::to_string(&status)
+        .map_err(|e| CliError::Usage(format!("cannot print the status: {e}")))?;
+    println!("{json}");
+    Ok(())
 }
 
 /// Parses `1,4:0.1,0.2,0.3,0.4` (shape, then the f32 values) into a tensor.
@@ -525,9 +632,13 @@ pub fn parse_tensor(text: &str) -> Result<WireTensor, CliError> {
 
 fn try_call(args: &CallArgs) -> Result<(), CliError> {
     let deadline = Some(Duration::from_millis(args.deadline_ms));
+    let wake = match args.wake {
+        true => Some(args.fly.config()?),
+        false => None,
+    };
     if let Some(prompt) = args.generation_prompt() {
         let options = args.generation.options();
-        let end = with_client(&args.client, |client| async move {
+        let end = with_client(&args.client, wake, |client| async move {
             let stream = client.generate_stream(prompt, options, deadline).await?;
             print_stream(stream, &mut std::io::stdout()).await
         })?;
@@ -538,7 +649,7 @@ fn try_call(args: &CallArgs) -> Result<(), CliError> {
     }
     if !args.texts.is_empty() {
         let texts = args.texts.clone();
-        let embeddings = with_client(&args.client, |client| async move {
+        let embeddings = with_client(&args.client, wake, |client| async move {
             client.embed(texts, deadline).await
         })?;
         // One JSON object per line: readable, and ready for `jq`.
@@ -559,7 +670,7 @@ fn try_call(args: &CallArgs) -> Result<(), CliError> {
         .iter()
         .map(|t| parse_tensor(t))
         .collect::<Result<Vec<_>, _>>()?;
-    let outputs = with_client(&args.client, |client| async move {
+    let outputs = with_client(&args.client, wake, |client| async move {
         client.run(inputs, deadline).await
     })?;
     for output in outputs {
@@ -619,7 +730,7 @@ async fn print_stream(
 
 fn try_status(args: &StatusArgs) -> Result<(), CliError> {
     let deadline = Some(Duration::from_millis(args.deadline_ms));
-    let status = with_client(&args.client, |client| async move {
+    let status = with_client(&args.client, None, |client| async move {
         client.status(deadline).await
     })?;
     let json = serde_json::to_string(&status)

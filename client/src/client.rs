@@ -32,6 +32,9 @@ pub struct ClientConfig {
     pub max_message_bytes: usize,
     /// TLS to the nodes (when they run with `HARNESS_TLS_CERT`); `None`: plain TCP.
     pub tls: Option<ClientTls>,
+    /// Start the app's stopped machines when a call finds no ready serving
+    /// (`HARNESS_FLY_APP`, `FLY_API_TOKEN`); `None`: never.
+    pub wake: Option<crate::wake::WakeConfig>,
 }
 
 /// TLS settings of a client, as PEM files.
@@ -55,6 +58,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("default_deadline", &self.default_deadline)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("tls", &self.tls)
+            .field("wake", &self.wake)
             .finish()
     }
 }
@@ -72,6 +76,7 @@ impl ClientConfig {
             default_deadline: Duration::from_secs(30),
             max_message_bytes: 64 << 20,
             tls: None,
+            wake: None,
         }
     }
 }
@@ -154,6 +159,16 @@ pub enum ClientError {
         /// What happened.
         reason: String,
     },
+    /// Waking the stopped nodes failed: the Fly Machines API refused (a token it
+    /// does not accept, an app it does not know) or a machine could not start;
+    /// the message carries the API's reason. Never carries the token.
+    #[error("{message}")]
+    Wake {
+        /// What was asked and what the API answered.
+        message: String,
+        /// The API's HTTP status, when it answered.
+        status: Option<u16>,
+    },
     /// The client's own node could not start, or is gone.
     #[error("the client node could not start: {0}")]
     Internal(String),
@@ -175,6 +190,10 @@ impl ClientError {
                 | ClientError::Deadline { .. }
                 | ClientError::NoServing { .. }
                 | ClientError::StreamLost { .. }
+                | ClientError::Wake {
+                    status: None | Some(408 | 429 | 500..),
+                    ..
+                }
                 | ClientError::Serving(
                     ServingError::NotReady { .. }
                         | ServingError::Overloaded { .. }
@@ -306,6 +325,8 @@ pub struct HarnessClient {
     pool: Arc<crate::pool::Pool>,
     /// This client's member of its caller group.
     caller: CallerMember,
+    /// Wakes stopped machines, when configured.
+    waker: Option<Arc<crate::wake::Waker>>,
 }
 
 /// A client's member of its [`caller_group`], stopped when this is dropped (and
@@ -499,6 +520,15 @@ impl HarnessClient {
             }
         }
         let pool = crate::pool::Pool::start(&config.serving);
+        let waker = match &config.wake {
+            Some(wake) => {
+                let sessions = sessions.clone();
+                Some(crate::wake::Waker::new(wake.clone(), move || {
+                    sessions.retry_now()
+                })?)
+            }
+            None => None,
+        };
         Ok(HarnessClient {
             config,
             server,
@@ -506,7 +536,69 @@ impl HarnessClient {
             sessions,
             pool,
             caller,
+            waker,
         })
+    }
+
+    /// What waking the stopped machines does, as it happens (machines started,
+    /// the serving's phases, ready), for an application to show; `None` when
+    /// the client has no [`ClientConfig::wake`].
+    pub fn wake_events(&self) -> Option<tokio::sync::broadcast::Receiver<crate::wake::WakeEvent>> {
+        self.waker.as_ref().map(|w| w.subscribe())
+    }
+
+    /// Starts the app's stopped machines and waits until a serving is ready,
+    /// within `deadline`; its status. Needs [`ClientConfig::wake`].
+    pub async fn wake(&self, deadline: Duration) -> Result<ServingStatus, ClientError> {
+        let Some(waker) = &self.waker else {
+            return Err(ClientError::Wake {
+                message: "waking needs HARNESS_FLY_APP and FLY_API_TOKEN".to_string(),
+                status: None,
+            });
+        };
+        let started = Instant::now();
+        let mut last = None;
+        while let Some(left) = deadline
+            .checked_sub(started.elapsed())
+            .filter(|d| !d.is_zero())
+        {
+            if let Some(refused) = waker.failure() {
+                return Err(refused);
+            }
+            if self.pool.servings().is_empty() {
+                waker.ensure();
+                last = waker.describe();
+            } else {
+                match self.status(Some(left.min(Duration::from_secs(5)))).await {
+                    Ok(status) if status.phase == "ready" => {
+                        waker.observe("ready");
+                        return Ok(status);
+                    }
+                    Ok(status) => {
+                        waker.observe(&status.phase);
+                        last = waker.describe().or(Some(format!("phase {}", status.phase)));
+                    }
+                    Err(err) => last = Some(err.to_string()),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200).min(left)).await;
+        }
+        Err(ClientError::Deadline { deadline, last })
+    }
+
+    /// A booting serving's `reason` (`NotReady` in `phase`), with how far the
+    /// wake got when one is under way.
+    fn woken(&self, reason: String, phase: &str) -> String {
+        match &self.waker {
+            Some(waker) => {
+                waker.observe(phase);
+                match waker.describe() {
+                    Some(wake) => format!("{reason}; {wake}"),
+                    None => reason,
+                }
+            }
+            None => reason,
+        }
     }
 
     /// This client's presence group, `harness.caller.<id>` ([`caller_group`]),
@@ -721,8 +813,21 @@ impl HarnessClient {
         while started.elapsed() < deadline {
             let servings = self.pool.servings();
             if servings.is_empty() {
+                let woken = match &self.waker {
+                    Some(waker) => {
+                        if let Some(refused) = waker.failure() {
+                            return Err(refused);
+                        }
+                        waker.ensure();
+                        waker
+                            .describe()
+                            .map(|w| format!("; {w}"))
+                            .unwrap_or_default()
+                    }
+                    None => String::new(),
+                };
                 last = Some(format!(
-                    "no serving {} is ready yet{}",
+                    "no serving {} is ready yet{}{woken}",
                     self.config.serving,
                     self.sessions.describe_unready()
                 ));
@@ -767,6 +872,17 @@ impl HarnessClient {
                     Step::Done(value) => return Ok((value, serving, member)),
                     Step::Fail(err) => return Err(err),
                     Step::Retry(reason) => last = Some(reason),
+                    Step::NotReady(phase) => {
+                        last = Some(
+                            self.woken(
+                                ServingError::NotReady {
+                                    phase: phase.clone(),
+                                }
+                                .to_string(),
+                                &phase,
+                            ),
+                        );
+                    }
                 }
             }
             // Every serving there is took less than this request.
@@ -792,6 +908,8 @@ enum Step<T> {
     Done(T),
     Fail(ClientError),
     Retry(String),
+    /// The serving is booting, in this phase.
+    NotReady(String),
 }
 
 /// Sorts an answer: a result, an error retrying cannot fix, or a reason to retry
@@ -803,11 +921,10 @@ fn outcome<R: Request>(
     match answer {
         Ok(CallResult::Success(Payload(Ok(answer)))) => match R::output(answer) {
             Ok(value) => Step::Done(value),
-            Err(
-                err @ (ServingError::NotReady { .. }
-                | ServingError::Overloaded { .. }
-                | ServingError::Internal { .. }),
-            ) => Step::Retry(err.to_string()),
+            Err(ServingError::NotReady { phase }) => Step::NotReady(phase),
+            Err(err @ (ServingError::Overloaded { .. } | ServingError::Internal { .. })) => {
+                Step::Retry(err.to_string())
+            }
             Err(other) => Step::Fail(ClientError::Serving(other)),
         },
         Ok(CallResult::Success(Payload(Err(text)))) => Step::Retry(text),

@@ -170,6 +170,7 @@ pub mod protocol;
 mod sessions;
 mod stream;
 pub mod tls;
+pub mod wake;
 
 pub use client::{ClientConfig, ClientError, ClientTls, HarnessClient};
 pub use stream::GenerationStream;

@@ -68,6 +68,8 @@ pub(crate) struct Sessions {
     /// Configured nodes whose name did not resolve, and why.
     unresolved: Mutex<HashMap<String, String>>,
     changed: Notify,
+    /// Bumped by [`Sessions::retry_now`]: keepers waiting out a backoff try again.
+    retry: watch::Sender<u64>,
     stop: watch::Sender<bool>,
 }
 
@@ -109,6 +111,7 @@ impl Sessions {
             addresses: Mutex::new(HashMap::new()),
             unresolved: Mutex::new(HashMap::new()),
             changed: Notify::new(),
+            retry: watch::channel(0).0,
             stop: watch::channel(false).0,
         });
         let (tx, mut events) = mpsc::unbounded_channel();
@@ -240,6 +243,7 @@ impl Sessions {
     ) {
         let mut first = Some(first);
         let mut backoff = FIRST_BACKOFF;
+        let mut retry = self.retry.subscribe();
         let mut logged: Option<String> = None;
         loop {
             let (addrs, outcomes) = self.round(&node).await;
@@ -280,9 +284,18 @@ impl Sessions {
                 // A lost session is tried again at once, then with backoff.
                 continue;
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => backoff = (backoff * 2).min(MAX_BACKOFF),
+                // A machine was just started: try now, then from the first backoff.
+                _ = retry.changed() => backoff = FIRST_BACKOFF,
+            }
         }
+    }
+
+    /// Nodes not connected are tried again at once, then with the backoff from
+    /// its start (a woken machine's node is booting: it answers soon).
+    pub fn retry_now(&self) {
+        self.retry.send_modify(|n| *n += 1);
     }
 
     /// Resolves `node` and connects each of its addresses not connected yet, at

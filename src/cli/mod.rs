@@ -12,7 +12,7 @@ mod serve;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use harness_client::cli::{CallArgs, StatusArgs};
+use harness_client::cli::{CallArgs, StatusArgs, WakeArgs};
 
 use crate::config::Config;
 
@@ -56,6 +56,9 @@ pub enum Command {
     Call(CallArgs),
     /// Print a remote node's serving status as one JSON object.
     Status(StatusArgs),
+    /// Start the Fly app's stopped machines (HARNESS_FLY_APP, FLY_API_TOKEN) and
+    /// wait until a serving is ready, printing the phases; then its status.
+    Wake(WakeArgs),
     /// Download and verify the model's files into the cache (or find them there),
     /// print their local paths, and exit.
     Fetch(Box<Config>),
@@ -108,6 +111,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Call(args) => Ok(harness_client::cli::call(&args, "harness")),
         Command::Status(args) => Ok(harness_client::cli::status(&args, "harness")),
+        Command::Wake(args) => Ok(harness_client::cli::wake(&args, "harness")),
         Command::Demo {
             write_model,
             batch,

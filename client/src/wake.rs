@@ -1,0 +1,385 @@
+//! Waking a stopped node: a node stops itself when idle (`HARNESS_IDLE_SHUTDOWN_S`)
+//! and Fly's proxy never starts it again for cluster traffic, so a client with a
+//! Fly app and a token (`HARNESS_FLY_APP`, `FLY_API_TOKEN`) starts the app's
+//! stopped machines through the Fly Machines API when a call finds no ready
+//! serving, and the call waits for one within its own deadline.
+//!
+//! The API: `GET /v1/apps/{app}/machines`, `POST .../machines/{id}/start`,
+//! `GET .../machines/{id}/wait?state=started`. One wake runs at a time however
+//! many calls wait; it starts only machines the API lists as `stopped` or
+//! `suspended`, so each machine is started once.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::broadcast;
+
+use crate::ClientError;
+
+/// The public Machines API (`FLY_API_HOSTNAME`'s default). Inside Fly's private
+/// network `http://_api.internal:4280` reaches it without leaving the network.
+pub const DEFAULT_API: &str = "https://api.machines.dev";
+
+/// How often, at most, calls that still find no serving ask the API again.
+const RELIST_EVERY: Duration = Duration::from_secs(5);
+
+/// The longest one `wait` request asks the API to hold (its own limit is 60 s).
+const WAIT_S: u64 = 60;
+
+/// A Fly API token (`FLY_API_TOKEN`), which never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FlyToken(String);
+
+impl FlyToken {
+    /// The token as `fly tokens create` printed it.
+    pub fn new(token: impl Into<String>) -> Self {
+        FlyToken(token.into())
+    }
+
+    /// The `Authorization` header's value: tokens from `fly tokens create` start
+    /// with `FlyV1 ` and go as they are; others are bearer tokens.
+    fn authorization(&self) -> String {
+        let token = self.0.trim();
+        if token.starts_with("FlyV1 ") {
+            token.to_string()
+        } else {
+            format!("Bearer {token}")
+        }
+    }
+}
+
+impl std::fmt::Debug for FlyToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FlyToken([redacted])")
+    }
+}
+
+/// Where and how to wake the nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WakeConfig {
+    /// The Fly app the nodes run in (`HARNESS_FLY_APP`).
+    pub app: String,
+    /// A token allowed to start its machines (`FLY_API_TOKEN`).
+    pub token: FlyToken,
+    /// The Machines API's base URL (`FLY_API_HOSTNAME`), [`DEFAULT_API`] by default.
+    pub api: String,
+}
+
+impl WakeConfig {
+    /// `app` woken with `token` through the public Machines API.
+    pub fn new(app: impl Into<String>, token: FlyToken) -> Self {
+        WakeConfig {
+            app: app.into(),
+            token,
+            api: DEFAULT_API.to_string(),
+        }
+    }
+
+    /// From `HARNESS_FLY_APP`, `FLY_API_TOKEN` and `FLY_API_HOSTNAME`; `None`
+    /// unless both the app and the token are set.
+    pub fn from_env() -> Option<Self> {
+        let var = |name| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let mut config = WakeConfig::new(
+            var("HARNESS_FLY_APP")?,
+            FlyToken::new(var("FLY_API_TOKEN")?),
+        );
+        if let Some(api) = var("FLY_API_HOSTNAME") {
+            config.api = api;
+        }
+        Some(config)
+    }
+}
+
+/// What a wake has done so far, for an application to show (see
+/// [`crate::HarnessClient::wake_events`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WakeEvent {
+    /// A machine the API listed as stopped or suspended is being started.
+    Starting {
+        /// The machine's id.
+        machine: String,
+        /// Its state before (`stopped`, `suspended`).
+        from: String,
+    },
+    /// The API says the machine runs: its node is booting.
+    Started {
+        /// The machine's id.
+        machine: String,
+    },
+    /// The node's serving is in this phase (`starting`, `downloading`,
+    /// `loading`, `warming`).
+    Phase {
+        /// The phase, as the serving tells it.
+        phase: String,
+    },
+    /// A serving is ready: calls go through.
+    Ready,
+}
+
+impl std::fmt::Display for WakeEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WakeEvent::Starting { machine, from } => {
+                write!(f, "starting machine {machine} (it was {from})")
+            }
+            WakeEvent::Started { machine } => {
+                write!(f, "machine {machine} started; its node is booting")
+            }
+            WakeEvent::Phase { phase } => write!(f, "the serving is {phase}"),
+            WakeEvent::Ready => f.write_str("the serving is ready"),
+        }
+    }
+}
+
+/// Wakes the app's machines for a client: at most one wake at a time.
+pub(crate) struct Waker {
+    config: WakeConfig,
+    /// Called when a machine has started: the client connects to it at once.
+    on_started: Box<dyn Fn() + Send + Sync>,
+    http: reqwest::Client,
+    events: broadcast::Sender<WakeEvent>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    running: bool,
+    /// When the last wake ended: calls that still find no serving ask again
+    /// after [`RELIST_EVERY`].
+    ended: Option<Instant>,
+    /// The last event, for a call's deadline error.
+    last: Option<WakeEvent>,
+    /// A refusal no retry can fix (a token the API refuses, a machine that
+    /// cannot start): calls end with it at once.
+    failure: Option<ClientError>,
+}
+
+impl Waker {
+    pub fn new(
+        config: WakeConfig,
+        on_started: impl Fn() + Send + Sync + 'static,
+    ) -> Result<Arc<Self>, ClientError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("harness-client/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ClientError::Internal(format!("cannot build the HTTP client: {e}")))?;
+        let (events, _) = broadcast::channel(64);
+        Ok(Arc::new(Waker {
+            config,
+            on_started: Box::new(on_started),
+            http,
+            events,
+            state: Mutex::new(State::default()),
+        }))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<WakeEvent> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, event: WakeEvent) {
+        let mut state = self.state();
+        if state.last.as_ref() == Some(&event) {
+            return;
+        }
+        tracing::info!(app = %self.config.app, "wake: {event}");
+        state.last = Some(event.clone());
+        drop(state);
+        let _ = self.events.send(event);
+    }
+
+    /// The refusal that ends every call at once, if there is one.
+    pub fn failure(&self) -> Option<ClientError> {
+        self.state().failure.clone()
+    }
+
+    /// How far the wake got, for a call's deadline error.
+    pub fn describe(&self) -> Option<String> {
+        self.state()
+            .last
+            .as_ref()
+            .map(|event| format!("wake: {event}"))
+    }
+
+    /// A call saw the serving in `phase` (`NotReady`), or `ready`.
+    pub fn observe(&self, phase: &str) {
+        let seen_wake = self.state().last.is_some();
+        if !seen_wake {
+            return; // no wake under way: nothing to tell
+        }
+        match phase {
+            "ready" => self.emit(WakeEvent::Ready),
+            phase => self.emit(WakeEvent::Phase {
+                phase: phase.to_string(),
+            }),
+        }
+    }
+
+    /// Starts a wake in the background unless one runs, or one ended less than
+    /// [`RELIST_EVERY`] ago.
+    pub fn ensure(self: &Arc<Self>) {
+        {
+            let mut state = self.state();
+            let recent = state.ended.is_some_and(|t| t.elapsed() < RELIST_EVERY);
+            if state.running || recent || state.failure.is_some() {
+                return;
+            }
+            state.running = true;
+        }
+        let waker = self.clone();
+        tokio::spawn(async move {
+            let result = waker.wake().await;
+            let mut state = waker.state();
+            state.running = false;
+            state.ended = Some(Instant::now());
+            if let Err(err) = result {
+                tracing::warn!(app = %waker.config.app, "{err}");
+                if !err.is_temporary() {
+                    state.failure = Some(err);
+                }
+            }
+        });
+    }
+
+    /// Lists the app's machines, starts the stopped ones and waits until the
+    /// API says they run.
+    async fn wake(&self) -> Result<(), ClientError> {
+        let machines: Vec<Machine> = self.api(reqwest::Method::GET, "machines").await?;
+        let sleeping: Vec<&Machine> = machines
+            .iter()
+            .filter(|m| matches!(m.state.as_str(), "stopped" | "suspended"))
+            .collect();
+        for machine in &sleeping {
+            self.emit(WakeEvent::Starting {
+                machine: machine.id.clone(),
+                from: machine.state.clone(),
+            });
+            let _: serde_json::Value = self
+                .api(
+                    reqwest::Method::POST,
+                    &format!("machines/{}/start", machine.id),
+                )
+                .await?;
+        }
+        for machine in &sleeping {
+            loop {
+                let path = format!(
+                    "machines/{}/wait?state=started&timeout={WAIT_S}",
+                    machine.id
+                );
+                match self
+                    .api::<serde_json::Value>(reqwest::Method::GET, &path)
+                    .await
+                {
+                    Ok(_) => break,
+                    // The API's own timeout (408): ask again; the call's deadline
+                    // bounds the wait.
+                    Err(ClientError::Wake {
+                        status: Some(408), ..
+                    }) => continue,
+                    Err(err) => return Err(err),
+                }
+            }
+            self.emit(WakeEvent::Started {
+                machine: machine.id.clone(),
+            });
+            (self.on_started)();
+        }
+        Ok(())
+    }
+
+    /// One request to `{api}/v1/apps/{app}/{path}`, its JSON answer, or the
+    /// API's error: 401/403 (the token) and 4xx are refusals, the rest
+    /// (unreachable, 5xx) temporary.
+    async fn api<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<T, ClientError> {
+        let url = format!(
+            "{}/v1/apps/{}/{path}",
+            self.config.api.trim_end_matches('/'),
+            self.config.app
+        );
+        let what = format!(
+            "{method} /v1/apps/{}/{}",
+            self.config.app,
+            path.split('?').next().unwrap_or(path)
+        );
+        let response = self
+            .http
+            .request(method, &url)
+            .header(
+                reqwest::header::AUTHORIZATION,
+                self.config.token.authorization(),
+            )
+            // The wait request holds up to WAIT_S; anything else is quick.
+            .timeout(Duration::from_secs(WAIT_S + 15))
+            .send()
+            .await
+            .map_err(|e| ClientError::Wake {
+                message: format!(
+                    "{what}: the Fly Machines API at {} cannot be reached: {e}",
+                    self.config.api
+                ),
+                status: None,
+            })?;
+        let status = response.status();
+        let body = response.bytes().await.unwrap_or_default();
+        if !status.is_success() {
+            // The API's error body is `{"error": "..."}`.
+            let reason = serde_json::from_slice::<ApiError>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).chars().take(200).collect());
+            let advice = match status.as_u16() {
+                401 | 403 => ": check FLY_API_TOKEN (a token from `fly tokens create deploy -a APP`) and HARNESS_FLY_APP",
+                404 => ": check HARNESS_FLY_APP",
+                _ => "",
+            };
+            return Err(ClientError::Wake {
+                message: format!(
+                    "{what}: the Fly Machines API answered {status}: {reason}{advice}"
+                ),
+                status: Some(status.as_u16()),
+            });
+        }
+        serde_json::from_slice(&body).map_err(|e| ClientError::Wake {
+            message: format!("{what}: the Fly Machines API's answer is not what it documents: {e}"),
+            status: None,
+        })
+    }
+}
+
+/// A machine as `GET /v1/apps/{app}/machines` lists it (the fields used here).
+#[derive(serde::Deserialize)]
+struct Machine {
+    id: String,
+    state: String,
+}
+
+#[derive(serde::Deserialize)]
+struct ApiError {
+    error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_never_print_and_go_as_fly_expects() {
+        let token = FlyToken::new("FlyV1 fm2_secret");
+        assert!(!format!("{token:?}").contains("secret"));
+        assert_eq!(token.authorization(), "FlyV1 fm2_secret");
+        assert_eq!(FlyToken::new("abc").authorization(), "Bearer abc");
+        let config = WakeConfig::new("app", token);
+        assert!(!format!("{config:?}").contains("secret"));
+    }
+}
