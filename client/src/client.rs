@@ -831,6 +831,8 @@ impl HarnessClient {
                     self.config.serving,
                     self.sessions.describe_unready()
                 ));
+            } else if let Some(waker) = &self.waker {
+                waker.saw_serving();
             }
             // The least busy first; after a failure, the next one at once.
             let mut attempted = false;
@@ -891,7 +893,9 @@ impl HarnessClient {
             }
             let left = deadline.saturating_sub(started.elapsed());
             tokio::time::sleep(pause.min(left)).await;
-            pause = (pause * 2).min(Duration::from_millis(500));
+            let booting = self.waker.as_ref().is_some_and(|w| w.is_booting());
+            let most = Duration::from_millis(if booting { 50 } else { 500 });
+            pause = (pause * 2).min(most);
         }
         if !seen_serving && self.sessions.any_ready() && self.sessions.describe_unready().is_empty()
         {

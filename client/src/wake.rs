@@ -149,6 +149,9 @@ struct State {
     ended: Option<Instant>,
     /// The last event, for a call's deadline error.
     last: Option<WakeEvent>,
+    /// A wake began and no serving was found since: calls look for one often,
+    /// so the first answer comes soon after the node is ready.
+    booting: bool,
     /// A refusal no retry can fix (a token the API refuses, a machine that
     /// cannot start): calls end with it at once.
     failure: Option<ClientError>,
@@ -208,6 +211,23 @@ impl Waker {
             .map(|event| format!("wake: {event}"))
     }
 
+    /// A call found a serving: the next time none is found (the node stopped
+    /// again), a wake starts at once rather than after [`RELIST_EVERY`], which
+    /// only spaces the API's listings while a woken node boots.
+    pub fn saw_serving(&self) {
+        let mut state = self.state();
+        state.booting = false;
+        if !state.running {
+            state.ended = None;
+        }
+    }
+
+    /// Whether a woken node is booting: calls then look for its serving every
+    /// 50 ms rather than backing off to 500 ms.
+    pub fn is_booting(&self) -> bool {
+        self.state().booting
+    }
+
     /// A call saw the serving in `phase` (`NotReady`), or `ready`.
     pub fn observe(&self, phase: &str) {
         let seen_wake = self.state().last.is_some();
@@ -232,6 +252,7 @@ impl Waker {
                 return;
             }
             state.running = true;
+            state.booting = true;
         }
         let waker = self.clone();
         tokio::spawn(async move {

@@ -53,7 +53,7 @@ pub enum Command {
     /// Send a request to a remote node and print the answer: `--tensor` (Run),
     /// `--embed` (Embed), or `--generate` / `--chat` (a generation, printed as
     /// it is made).
-    Call(CallArgs),
+    Call(Box<CallArgs>),
     /// Print a remote node's serving status as one JSON object.
     Status(StatusArgs),
     /// Start the Fly app's stopped machines (HARNESS_FLY_APP, FLY_API_TOKEN) and

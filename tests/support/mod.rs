@@ -26,9 +26,11 @@
 //!   generations from them, made by `llm_fixtures.py` once per machine.
 //! - [`measure`]: [`measure::percentile`], and the benches' sizes from the
 //!   environment.
+//! - [`fly_api`]: [`fly_api::FlyApi`], a real HTTP server speaking the Fly Machines API.
 #![allow(dead_code)] // each test binary and bench uses its own subset
 
 pub mod client;
+pub mod fly_api;
 pub mod hub;
 pub mod llm;
 pub mod measure;

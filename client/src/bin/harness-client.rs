@@ -20,7 +20,7 @@ enum Command {
     /// Send a request to a serving and print the answer: `--tensor` (Run),
     /// `--embed` (Embed), or `--generate` / `--chat` (a generation, printed as
     /// it is made).
-    Call(CallArgs),
+    Call(Box<CallArgs>),
     /// Print a serving's status as one JSON object.
     Status(StatusArgs),
     /// Start the Fly app's stopped machines (HARNESS_FLY_APP, FLY_API_TOKEN) and
