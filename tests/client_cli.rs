@@ -244,7 +244,7 @@ fn options(help: &str) -> Vec<String> {
 fn harness_call_and_harness_client_take_the_same_client_options_and_exit_codes() {
     let harness = Path::new(env!("CARGO_BIN_EXE_harness"));
     let client = client_binaries().join("harness-client");
-    for verb in ["call", "status"] {
+    for verb in ["call", "status", "wake"] {
         let server_help = text(&run(harness, &[verb, "--help"], &[]).stdout);
         let client_help = text(&run(&client, &[verb, "--help"], &[]).stdout);
         let listed = options(&server_help);
@@ -302,10 +302,20 @@ fn harness_call_and_harness_client_take_the_same_client_options_and_exit_codes()
                 );
             }
         }
-        let bound = if verb == "call" {
-            14 + generation.len()
-        } else {
-            14
+        // call and wake: where to wake stopped machines (call: when asked).
+        let wake = ["fly-app", "fly-api-token", "fly-api-hostname"];
+        if verb != "status" {
+            for option in wake {
+                assert!(
+                    listed.contains(&option.to_string()),
+                    "--{option}: {listed:?}"
+                );
+            }
+        }
+        let bound = match verb {
+            "call" => 14 + generation.len() + wake.len() + 1,
+            "wake" => 14 + wake.len(),
+            _ => 14,
         };
         assert!(listed.len() <= bound, "{listed:?}");
         for env in [
@@ -315,6 +325,11 @@ fn harness_call_and_harness_client_take_the_same_client_options_and_exit_codes()
             "HARNESS_MAX_MESSAGE_BYTES",
         ] {
             assert!(server_help.contains(env), "{env}: {server_help}");
+        }
+        if verb != "status" {
+            for env in ["HARNESS_FLY_APP", "FLY_API_TOKEN", "FLY_API_HOSTNAME"] {
+                assert!(server_help.contains(env), "{env}: {server_help}");
+            }
         }
         assert!(
             server_help.contains("Exit codes") && server_help.contains("75"),

@@ -573,8 +573,12 @@ where
         let client = HarnessClient::connect(config).await?;
         if let Some(mut events) = client.wake_events() {
             tokio::spawn(async move {
-                while let Ok(event) = events.recv().await {
-                    eprintln!("wake: {event}");
+                loop {
+                    match events.recv().await {
+                        Ok(event) => eprintln!("wake: {event}"),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    }
                 }
             });
         }

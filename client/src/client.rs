@@ -160,8 +160,9 @@ pub enum ClientError {
         reason: String,
     },
     /// Waking the stopped nodes failed: the Fly Machines API refused (a token it
-    /// does not accept, an app it does not know) or a machine could not start;
-    /// the message carries the API's reason. Never carries the token.
+    /// does not accept, an app it does not know: calls end at once) or no
+    /// machine could start (the API's reason, in a deadline's `last`, retried).
+    /// Never carries the token.
     #[error("{message}")]
     Wake {
         /// What was asked and what the API answered.
@@ -190,8 +191,10 @@ impl ClientError {
                 | ClientError::Deadline { .. }
                 | ClientError::NoServing { .. }
                 | ClientError::StreamLost { .. }
+                // The API's refusals of a token or an app stay; a machine that
+                // cannot start yet (412 mid-deploy, 422 no capacity) may later.
                 | ClientError::Wake {
-                    status: None | Some(408 | 429 | 500..),
+                    status: None | Some(408 | 409 | 412 | 422 | 429 | 500..),
                     ..
                 }
                 | ClientError::Serving(
@@ -571,7 +574,7 @@ impl HarnessClient {
             } else {
                 match self.status(Some(left.min(Duration::from_secs(5)))).await {
                     Ok(status) if status.phase == "ready" => {
-                        waker.observe("ready");
+                        waker.answered();
                         return Ok(status);
                     }
                     Ok(status) => {
@@ -871,7 +874,12 @@ impl HarnessClient {
                     continue;
                 };
                 match outcome::<R>(answer) {
-                    Step::Done(value) => return Ok((value, serving, member)),
+                    Step::Done(value) => {
+                        if let Some(waker) = &self.waker {
+                            waker.answered();
+                        }
+                        return Ok((value, serving, member));
+                    }
                     Step::Fail(err) => return Err(err),
                     Step::Retry(reason) => last = Some(reason),
                     Step::NotReady(phase) => {
@@ -942,6 +950,9 @@ fn outcome<R: Request>(
 
 impl Drop for HarnessClient {
     fn drop(&mut self) {
+        if let Some(waker) = &self.waker {
+            waker.stop();
+        }
         self.sessions.stop();
         if self.owns_server {
             self.server.stop(None);

@@ -20,8 +20,19 @@ use crate::ClientError;
 /// network `http://_api.internal:4280` reaches it without leaving the network.
 pub const DEFAULT_API: &str = "https://api.machines.dev";
 
-/// How often, at most, calls that still find no serving ask the API again.
+/// How often, at most, calls that still find no serving ask the API again
+/// while a woken node boots.
 const RELIST_EVERY: Duration = Duration::from_secs(5);
+
+/// The least time between two listings, even when a serving was found between
+/// them (a serving that comes and goes must not hammer the API).
+const RELIST_AT_LEAST: Duration = Duration::from_secs(1);
+
+/// The longest one wake waits for its machines to start.
+const WAKE_AT_MOST: Duration = Duration::from_secs(300);
+
+/// The largest answer read from the API (its lists are a few KiB a machine).
+const MAX_ANSWER_BYTES: usize = 4 << 20;
 
 /// The longest one `wait` request asks the API to hold (its own limit is 60 s).
 const WAIT_S: u64 = 60;
@@ -144,6 +155,13 @@ pub(crate) struct Waker {
 #[derive(Default)]
 struct State {
     running: bool,
+    /// The running wake, aborted when the client goes.
+    task: Option<tokio::task::AbortHandle>,
+    /// A serving was found since the last wake began.
+    seen_serving: bool,
+    /// The last wake's error that a retry may fix (the API unreachable, a
+    /// machine that cannot start yet), for a call's deadline error.
+    last_error: Option<String>,
     /// When the last wake ended: calls that still find no serving ask again
     /// after [`RELIST_EVERY`].
     ended: Option<Instant>,
@@ -152,8 +170,8 @@ struct State {
     /// A wake began and no serving was found since: calls look for one often,
     /// so the first answer comes soon after the node is ready.
     booting: bool,
-    /// A refusal no retry can fix (a token the API refuses, a machine that
-    /// cannot start): calls end with it at once.
+    /// A refusal no retry can fix (a token the API refuses, an app it does not
+    /// know): calls end with it at once.
     failure: Option<ClientError>,
 }
 
@@ -205,33 +223,52 @@ impl Waker {
 
     /// How far the wake got, for a call's deadline error.
     pub fn describe(&self) -> Option<String> {
-        self.state()
-            .last
-            .as_ref()
-            .map(|event| format!("wake: {event}"))
-    }
-
-    /// A call found a serving: the next time none is found (the node stopped
-    /// again), a wake starts at once rather than after [`RELIST_EVERY`], which
-    /// only spaces the API's listings while a woken node boots.
-    pub fn saw_serving(&self) {
-        let mut state = self.state();
-        state.booting = false;
-        if !state.running {
-            state.ended = None;
+        let state = self.state();
+        let last = state.last.as_ref().map(|event| format!("wake: {event}"));
+        match (&state.last_error, last) {
+            (Some(err), Some(last)) => Some(format!("{last}; then {err}, retrying")),
+            (Some(err), None) => Some(format!("wake: {err}, retrying")),
+            (None, last) => last,
         }
     }
 
-    /// Whether a woken node is booting: calls then look for its serving every
-    /// 50 ms rather than backing off to 500 ms.
+    /// A call found a serving in the pool (ready or not): the next time none is
+    /// found (the node stopped again), a wake may start after
+    /// [`RELIST_AT_LEAST`] rather than [`RELIST_EVERY`], which spaces the API's
+    /// listings while a woken node boots.
+    pub fn saw_serving(&self) {
+        self.state().seen_serving = true;
+    }
+
+    /// A call was answered: a wake under way has reached its end.
+    pub fn answered(&self) {
+        let woke = {
+            let mut state = self.state();
+            let woke = state.booting;
+            state.booting = false;
+            woke
+        };
+        if woke {
+            self.emit(WakeEvent::Ready);
+        }
+    }
+
+    /// Whether a wake began and no call was answered since: calls then look
+    /// for a serving every 50 ms rather than backing off to 500 ms.
     pub fn is_booting(&self) -> bool {
         self.state().booting
     }
 
+    /// Stops the wake under way (the client is going).
+    pub fn stop(&self) {
+        if let Some(task) = self.state().task.take() {
+            task.abort();
+        }
+    }
+
     /// A call saw the serving in `phase` (`NotReady`), or `ready`.
     pub fn observe(&self, phase: &str) {
-        let seen_wake = self.state().last.is_some();
-        if !seen_wake {
+        if !self.state().booting {
             return; // no wake under way: nothing to tell
         }
         match phase {
@@ -242,78 +279,129 @@ impl Waker {
         }
     }
 
-    /// Starts a wake in the background unless one runs, or one ended less than
-    /// [`RELIST_EVERY`] ago.
+    /// Starts a wake in the background unless one runs, or the last one ended
+    /// less than [`RELIST_EVERY`] ago ([`RELIST_AT_LEAST`] when a serving was
+    /// found since).
     pub fn ensure(self: &Arc<Self>) {
         {
             let mut state = self.state();
-            let recent = state.ended.is_some_and(|t| t.elapsed() < RELIST_EVERY);
+            let interval = match state.seen_serving {
+                true => RELIST_AT_LEAST,
+                false => RELIST_EVERY,
+            };
+            let recent = state.ended.is_some_and(|t| t.elapsed() < interval);
             if state.running || recent || state.failure.is_some() {
                 return;
             }
             state.running = true;
             state.booting = true;
+            state.seen_serving = false;
+            state.last = None;
         }
         let waker = self.clone();
-        tokio::spawn(async move {
-            let result = waker.wake().await;
+        let task = tokio::spawn(async move {
+            let result = match tokio::time::timeout(WAKE_AT_MOST, waker.wake()).await {
+                Ok(result) => result,
+                Err(_) => Err(ClientError::Wake {
+                    message: format!("the machines did not start within {WAKE_AT_MOST:?}"),
+                    status: None,
+                }),
+            };
             let mut state = waker.state();
             state.running = false;
+            state.task = None;
             state.ended = Some(Instant::now());
+            state.last_error = None;
             if let Err(err) = result {
                 tracing::warn!(app = %waker.config.app, "{err}");
-                if !err.is_temporary() {
-                    state.failure = Some(err);
+                match err.is_temporary() {
+                    true => state.last_error = Some(err.to_string()),
+                    false => state.failure = Some(err),
                 }
             }
         });
+        let mut state = self.state();
+        if state.running {
+            state.task = Some(task.abort_handle());
+        }
     }
 
     /// Lists the app's machines, starts the stopped ones and waits until the
     /// API says they run.
     async fn wake(&self) -> Result<(), ClientError> {
         let machines: Vec<Machine> = self.api(reqwest::Method::GET, "machines").await?;
-        let sleeping: Vec<&Machine> = machines
+        let mut starting = Vec::new();
+        let mut refused = None;
+        for machine in machines
             .iter()
             .filter(|m| matches!(m.state.as_str(), "stopped" | "suspended"))
-            .collect();
-        for machine in &sleeping {
+        {
             self.emit(WakeEvent::Starting {
                 machine: machine.id.clone(),
                 from: machine.state.clone(),
             });
-            let _: serde_json::Value = self
-                .api(
-                    reqwest::Method::POST,
-                    &format!("machines/{}/start", machine.id),
-                )
-                .await?;
-        }
-        for machine in &sleeping {
-            loop {
-                let path = format!(
-                    "machines/{}/wait?state=started&timeout={WAIT_S}",
-                    machine.id
-                );
-                match self
-                    .api::<serde_json::Value>(reqwest::Method::GET, &path)
-                    .await
+            let path = format!("machines/{}/start", encode(&machine.id));
+            match self
+                .api::<serde_json::Value>(reqwest::Method::POST, &path)
+                .await
+            {
+                Ok(_) => starting.push(machine),
+                // One machine that cannot start does not keep the others down,
+                // and may start later (mid-deploy, no capacity, gone): retried.
+                Err(ClientError::Wake { message, status })
+                    if !matches!(status, Some(401 | 403)) =>
                 {
-                    Ok(_) => break,
-                    // The API's own timeout (408): ask again; the call's deadline
-                    // bounds the wait.
-                    Err(ClientError::Wake {
-                        status: Some(408), ..
-                    }) => continue,
-                    Err(err) => return Err(err),
+                    refused = refused.or(Some(ClientError::Wake {
+                        message: format!("machine {} did not start: {message}", machine.id),
+                        status: None,
+                    }))
                 }
+                Err(err) => return Err(err),
             }
+        }
+        if let (Some(err), true) = (refused, starting.is_empty()) {
+            return Err(err);
+        }
+        for machine in starting {
+            self.wait_started(&machine.id).await?;
             self.emit(WakeEvent::Started {
                 machine: machine.id.clone(),
             });
             (self.on_started)();
         }
         Ok(())
+    }
+
+    /// Waits until the API says the machine runs; asked again on the API's own
+    /// timeout (408) while the machine is still starting.
+    async fn wait_started(&self, id: &str) -> Result<(), ClientError> {
+        let id = encode(id);
+        loop {
+            let path = format!("machines/{id}/wait?state=started&timeout={WAIT_S}");
+            match self
+                .api::<serde_json::Value>(reqwest::Method::GET, &path)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(ClientError::Wake {
+                    status: Some(408), ..
+                }) => {
+                    let machine: Machine = self
+                        .api(reqwest::Method::GET, &format!("machines/{id}"))
+                        .await?;
+                    if machine.state != "starting" && machine.state != "started" {
+                        return Err(ClientError::Wake {
+                            message: format!(
+                                "machine {} is {} instead of starting",
+                                machine.id, machine.state
+                            ),
+                            status: None,
+                        });
+                    }
+                }
+                Err(err) => return Err(err),
+            }
+        }
     }
 
     /// One request to `{api}/v1/apps/{app}/{path}`, its JSON answer, or the
@@ -327,8 +415,16 @@ impl Waker {
         let url = format!(
             "{}/v1/apps/{}/{path}",
             self.config.api.trim_end_matches('/'),
-            self.config.app
+            encode(&self.config.app)
         );
+        let mut authorization =
+            reqwest::header::HeaderValue::from_str(&self.config.token.authorization()).map_err(
+                |_| ClientError::Wake {
+                    message: "FLY_API_TOKEN holds characters a header cannot carry: copy it again from `fly tokens create`".to_string(),
+                    status: Some(401),
+                },
+            )?;
+        authorization.set_sensitive(true);
         let what = format!(
             "{method} /v1/apps/{}/{}",
             self.config.app,
@@ -353,7 +449,7 @@ impl Waker {
                 status: None,
             })?;
         let status = response.status();
-        let body = response.bytes().await.unwrap_or_default();
+        let body = limited(response).await.unwrap_or_default();
         if !status.is_success() {
             // The API's error body is `{"error": "..."}`.
             let reason = serde_json::from_slice::<ApiError>(&body)
@@ -376,6 +472,34 @@ impl Waker {
             status: None,
         })
     }
+}
+
+/// A response's body, cut at [`MAX_ANSWER_BYTES`] (a longer one is no answer
+/// of the API's).
+async fn limited(response: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
+    let mut response = response;
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            break;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// A path segment for the API's URL: bytes outside `[A-Za-z0-9-_.~]`
+/// percent-encoded, so an app name or id can never change the request.
+fn encode(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for byte in segment.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 /// A machine as `GET /v1/apps/{app}/machines` lists it (the fields used here).
@@ -402,5 +526,11 @@ mod tests {
         assert_eq!(FlyToken::new("abc").authorization(), "Bearer abc");
         let config = WakeConfig::new("app", token);
         assert!(!format!("{config:?}").contains("secret"));
+    }
+
+    #[test]
+    fn names_cannot_change_the_request() {
+        assert_eq!(encode("harness-gpu"), "harness-gpu");
+        assert_eq!(encode("x/y?z#"), "x%2Fy%3Fz%23");
     }
 }
