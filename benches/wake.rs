@@ -10,7 +10,6 @@
 //!
 //! `HARNESS_BENCH_ROUNDS` (default 5) cold starts.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[path = "../tests/support/mod.rs"]
@@ -19,9 +18,8 @@ mod support;
 use harness_client::wake::{FlyToken, WakeConfig, WakeEvent};
 use harness_client::HarnessClient;
 use support::client::{client_config, demo_item};
-use support::fly_api::FlyApi;
+use support::fly_api::{FlyApi, NodeOnMachine};
 use support::measure::{env_or, percentile};
-use support::node::{free_port, ServeProcess};
 
 const COOKIE: &str = "bench-cookie";
 const APP: &str = "harness-bench";
@@ -36,31 +34,15 @@ fn median(mut xs: Vec<Duration>) -> Duration {
 async fn main() {
     let rounds = env_or("HARNESS_BENCH_ROUNDS", 5).max(1) as usize;
     let api = FlyApi::start(APP, TOKEN).await;
-    let node: Arc<Mutex<Option<ServeProcess>>> = Arc::default();
-    let machine = {
-        let node = node.clone();
-        api.add_machine("started", move || {
-            node.lock().unwrap().as_mut().expect("the node").restart()
-        })
-    };
-    *node.lock().unwrap() = Some(ServeProcess::start(
+    let node = NodeOnMachine::start(
+        &api,
         COOKIE,
-        "default",
         &[
             ("HARNESS_IDLE_SHUTDOWN_S", "1"),
-            ("FLY_MACHINE_ID", &machine),
             ("HARNESS_MAX_BATCH_DELAY_MS", "0"),
-            ("HARNESS_HTTP_ADDR", &format!("127.0.0.1:{}", free_port())),
         ],
-    ));
-    let cluster = node.lock().unwrap().as_ref().unwrap().cluster.clone();
-    {
-        let node = node.clone();
-        api.on_exit(&machine, move || {
-            let mut node = node.lock().unwrap();
-            node.as_mut().unwrap().child.try_wait().unwrap().is_some()
-        });
-    }
+    );
+    let (machine, cluster) = (node.machine.clone(), node.cluster.clone());
     let mut config = client_config(COOKIE, "default", &[&cluster], Duration::from_secs(120));
     let mut wake = WakeConfig::new(APP, FlyToken::new(TOKEN));
     wake.api = api.url();

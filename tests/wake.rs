@@ -4,14 +4,13 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use harness_client::wake::{FlyToken, WakeConfig, WakeEvent};
 use harness_client::{ClientError, HarnessClient};
 use support::client::{client_config, demo_item, ONE_CLIENT_AT_A_TIME};
-use support::fly_api::FlyApi;
-use support::node::{free_port, ServeProcess};
+use support::fly_api::{FlyApi, NodeOnMachine};
+use support::node::free_port;
 
 const COOKIE: &str = "wake-cookie";
 const APP: &str = "harness-gpu";
@@ -33,35 +32,9 @@ async fn client(nodes: &[&str], wake: WakeConfig) -> HarnessClient {
 async fn a_call_to_an_idle_stopped_node_starts_its_machine_once_and_is_answered() {
     let _one = ONE_CLIENT_AT_A_TIME.lock().await;
     let api = FlyApi::start(APP, TOKEN).await;
-    // The machine's start restarts the node (on the same ports) and returns once
-    // it is ready; the node's exit stops the machine, as on Fly.
-    let node: Arc<Mutex<Option<ServeProcess>>> = Arc::default();
-    let machine = {
-        let node = node.clone();
-        api.add_machine("started", move || {
-            node.lock().unwrap().as_mut().expect("the node").restart()
-        })
-    };
-    // The node, as Fly runs it: its machine id in the environment, and it
-    // stops itself after 2 s ready without a call.
-    *node.lock().unwrap() = Some(ServeProcess::start(
-        COOKIE,
-        "default",
-        &[
-            ("HARNESS_IDLE_SHUTDOWN_S", "2"),
-            ("FLY_MACHINE_ID", &machine),
-            ("HARNESS_HTTP_ADDR", &format!("127.0.0.1:{}", free_port())),
-        ],
-    ));
-    let cluster = node.lock().unwrap().as_ref().unwrap().cluster.clone();
-    {
-        let node = node.clone();
-        api.on_exit(&machine, move || {
-            let mut node = node.lock().unwrap();
-            let node = node.as_mut().unwrap();
-            node.child.try_wait().unwrap().is_some()
-        });
-    }
+    // The node, as Fly runs it; it stops itself after 2 s ready without a call.
+    let node = NodeOnMachine::start(&api, COOKIE, &[("HARNESS_IDLE_SHUTDOWN_S", "2")]);
+    let (machine, cluster) = (node.machine.clone(), node.cluster.clone());
     let client = client(&[&cluster], wake_config(&api, TOKEN)).await;
     let mut events = client.wake_events().expect("a client with a wake");
     let expected = client
@@ -70,23 +43,7 @@ async fn a_call_to_an_idle_stopped_node_starts_its_machine_once_and_is_answered(
         .expect("a running node answers");
 
     // Idle: the node exits 0 by itself, and its machine is stopped.
-    let (status, _) = tokio::task::spawn_blocking({
-        let node = node.clone();
-        move || {
-            node.lock()
-                .unwrap()
-                .as_mut()
-                .unwrap()
-                .wait_exit(Duration::from_secs(30))
-        }
-    })
-    .await
-    .unwrap();
-    assert_eq!(status.code(), Some(0));
-    assert!(
-        api.wait_state(&machine, "stopped", Duration::from_secs(5))
-            .await
-    );
+    assert_eq!(node.wait_stopped(&api).await.code(), Some(0));
 
     // Sixteen calls find no serving: one wake, one start, sixteen answers.
     let started = Instant::now();
@@ -120,8 +77,7 @@ async fn a_call_to_an_idle_stopped_node_starts_its_machine_once_and_is_answered(
     );
 
     // The node says which machine it is.
-    let http = node.lock().unwrap().as_ref().unwrap().http_addr();
-    let status = reqwest::get(format!("http://{http}/status"))
+    let status = reqwest::get(format!("http://{}/status", node.http_addr()))
         .await
         .unwrap()
         .text()
@@ -137,23 +93,7 @@ async fn a_call_to_an_idle_stopped_node_starts_its_machine_once_and_is_answered(
         vec!["wake"],
         vec!["call", "--wake", "--tensor", "1,4:0.1,0.2,0.3,0.4"],
     ] {
-        let (status, _) = tokio::task::spawn_blocking({
-            let node = node.clone();
-            move || {
-                node.lock()
-                    .unwrap()
-                    .as_mut()
-                    .unwrap()
-                    .wait_exit(Duration::from_secs(30))
-            }
-        })
-        .await
-        .unwrap();
-        assert_eq!(status.code(), Some(0));
-        assert!(
-            api.wait_state(&machine, "stopped", Duration::from_secs(5))
-                .await
-        );
+        assert_eq!(node.wait_stopped(&api).await.code(), Some(0));
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_harness"))
             .args(&verb)
             .args(["--node", &cluster])

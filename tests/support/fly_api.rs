@@ -750,3 +750,71 @@ fn rfc3339_now() -> String {
         rem % 60
     )
 }
+
+/// A `harness serve` of the demo model running as `api`'s machine, as Fly runs
+/// one: its machine id in `FLY_MACHINE_ID`, `settings` besides (an idle
+/// shutdown, say); the machine's start restarts it on the same ports (and
+/// returns once it is ready), and its exit stops the machine.
+pub struct NodeOnMachine {
+    pub machine: String,
+    /// `127.0.0.1:<port>` of its cluster listener.
+    pub cluster: String,
+    node: Arc<Mutex<Option<super::node::ServeProcess>>>,
+}
+
+impl NodeOnMachine {
+    pub fn start(api: &FlyApi, cookie: &str, settings: &[(&str, &str)]) -> NodeOnMachine {
+        let node: Arc<Mutex<Option<super::node::ServeProcess>>> = Arc::default();
+        let machine = {
+            let node = node.clone();
+            api.add_machine("started", move || {
+                node.lock().unwrap().as_mut().expect("the node").restart()
+            })
+        };
+        let http = format!("127.0.0.1:{}", super::node::free_port());
+        let mut all = vec![
+            ("FLY_MACHINE_ID", machine.as_str()),
+            ("HARNESS_HTTP_ADDR", &http),
+        ];
+        all.extend_from_slice(settings);
+        let process = super::node::ServeProcess::start(cookie, "default", &all);
+        let cluster = process.cluster.clone();
+        *node.lock().unwrap() = Some(process);
+        {
+            let node = node.clone();
+            api.on_exit(&machine, move || {
+                let mut node = node.lock().unwrap();
+                let node = node.as_mut().expect("the node");
+                node.child.try_wait().unwrap().is_some()
+            });
+        }
+        NodeOnMachine {
+            machine,
+            cluster,
+            node,
+        }
+    }
+
+    /// `127.0.0.1:<port>` of its HTTP listener.
+    pub fn http_addr(&self) -> String {
+        self.node.lock().unwrap().as_ref().unwrap().http_addr()
+    }
+
+    /// Waits until the node has exited by itself (within 30 s) and the API shows
+    /// its machine stopped; its exit status.
+    pub async fn wait_stopped(&self, api: &FlyApi) -> std::process::ExitStatus {
+        let node = self.node.clone();
+        let (status, _) = tokio::task::spawn_blocking(move || {
+            let mut node = node.lock().unwrap();
+            node.as_mut().unwrap().wait_exit(Duration::from_secs(30))
+        })
+        .await
+        .unwrap();
+        assert!(
+            api.wait_state(&self.machine, "stopped", Duration::from_secs(5))
+                .await,
+            "the machine did not stop"
+        );
+        status
+    }
+}
