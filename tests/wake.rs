@@ -22,7 +22,7 @@ fn wake_config(api: &FlyApi, token: &str) -> WakeConfig {
     config
 }
 
-async fn client(nodes: &[&str], wake: WakeConfig) -> HarnessClient {
+async fn wake_client(nodes: &[&str], wake: WakeConfig) -> HarnessClient {
     let mut config = client_config(COOKIE, "default", nodes, Duration::from_secs(60));
     config.wake = Some(wake);
     HarnessClient::connect(config).await.expect("connects")
@@ -35,7 +35,7 @@ async fn a_call_to_an_idle_stopped_node_starts_its_machine_once_and_is_answered(
     // The node, as Fly runs it; it stops itself after 2 s ready without a call.
     let node = NodeOnMachine::start(&api, COOKIE, &[("HARNESS_IDLE_SHUTDOWN_S", "2")]);
     let (machine, cluster) = (node.machine.clone(), node.cluster.clone());
-    let client = client(&[&cluster], wake_config(&api, TOKEN)).await;
+    let client = wake_client(&[&cluster], wake_config(&api, TOKEN)).await;
     let mut events = client.wake_events().expect("a client with a wake");
     let expected = client
         .run(demo_item(), None)
@@ -134,7 +134,7 @@ async fn a_refused_token_fails_the_call_at_once_and_never_prints() {
     let machine = api.add_machine("stopped", || {});
     // No node listens there: the call finds no serving and wakes.
     let nowhere = format!("127.0.0.1:{}", free_port());
-    let client = client(
+    let client = wake_client(
         &[&nowhere],
         wake_config(&api, "FlyV1 fm2_wrong_secret_value"),
     )
@@ -176,17 +176,8 @@ async fn a_machine_that_never_starts_ends_in_deadline_saying_how_far_it_got() {
     let machine = api.add_machine("stopped", || {});
     api.never_start(&machine);
     let nowhere = format!("127.0.0.1:{}", free_port());
-    let client = client(&[&nowhere], wake_config(&api, TOKEN)).await;
-    let err = client
-        .run(demo_item(), Some(Duration::from_secs(3)))
-        .await
-        .unwrap_err();
-    let ClientError::Deadline {
-        last: Some(last), ..
-    } = &err
-    else {
-        panic!("{err:?}");
-    };
+    let client = wake_client(&[&nowhere], wake_config(&api, TOKEN)).await;
+    let (_, last) = deadline_of_a_call(&client).await;
     assert!(
         last.contains(&format!("wake: starting machine {machine}")),
         "{last}"
@@ -199,7 +190,19 @@ async fn a_machine_that_never_starts_ends_in_deadline_saying_how_far_it_got() {
     let broken = other.add_machine("stopped", || {});
     other.fail_start(&broken, 422, "machine has no image");
     drop(client);
-    let client = client_fresh(&nowhere, wake_config(&other, TOKEN)).await;
+    let client = wake_client(&[&nowhere], wake_config(&other, TOKEN)).await;
+    let (err, last) = deadline_of_a_call(&client).await;
+    assert!(
+        last.contains(&format!("machine {broken} did not start"))
+            && last.contains("machine has no image"),
+        "{last}"
+    );
+    assert!(err.is_temporary());
+}
+
+/// A call with a 3 s deadline that finds no serving: its error, and the
+/// error's `last` (how far the wake got).
+async fn deadline_of_a_call(client: &HarnessClient) -> (ClientError, String) {
     let err = client
         .run(demo_item(), Some(Duration::from_secs(3)))
         .await
@@ -210,14 +213,6 @@ async fn a_machine_that_never_starts_ends_in_deadline_saying_how_far_it_got() {
     else {
         panic!("{err:?}");
     };
-    assert!(
-        last.contains(&format!("machine {broken} did not start"))
-            && last.contains("machine has no image"),
-        "{last}"
-    );
-    assert!(err.is_temporary());
-}
-
-async fn client_fresh(node: &str, wake: WakeConfig) -> HarnessClient {
-    client(&[node], wake).await
+    let last = last.clone();
+    (err, last)
 }
