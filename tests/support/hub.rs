@@ -118,6 +118,10 @@ struct State {
     conn_rate: Option<u64>,
     /// Connections accepted so far (the next one's id).
     conns: u64,
+    /// Bodies being sent now, and the most there were at once since
+    /// [`TestHub::clear_served`].
+    bodies: usize,
+    peak_bodies: usize,
     commits_made: u64,
 }
 
@@ -292,7 +296,18 @@ impl TestHub {
     }
 
     pub fn clear_served(&self) {
-        self.state.lock().unwrap().served.clear();
+        let mut state = self.state.lock().unwrap();
+        state.served.clear();
+        state.peak_bodies = state.bodies;
+    }
+
+    /// The most file bodies the hub was sending at once since
+    /// [`TestHub::clear_served`]: the client's real concurrency, whatever
+    /// connections its pool opened. A body counts from its response until its
+    /// last byte is handed to the connection, so it has stopped counting
+    /// before the client can read that byte and ask for the next.
+    pub fn peak_bodies(&self) -> usize {
+        self.state.lock().unwrap().peak_bodies
     }
 }
 
@@ -870,6 +885,24 @@ fn parse_range(value: &str) -> Option<(u64, Option<u64>)> {
     Some((start, last))
 }
 
+/// One body being sent, counted in [`State::bodies`] until dropped.
+struct Sending(Arc<Mutex<State>>);
+
+impl Sending {
+    fn begin(state: &Arc<Mutex<State>>) -> Self {
+        let mut s = state.lock().unwrap();
+        s.bodies += 1;
+        s.peak_bodies = s.peak_bodies.max(s.bodies);
+        Sending(state.clone())
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().bodies -= 1;
+    }
+}
+
 /// The connection a body goes on, paced at the hub's connection rate.
 struct Pacing {
     state: Arc<Mutex<State>>,
@@ -886,7 +919,9 @@ fn stream_body(
     pacing: Pacing,
 ) -> Body {
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+    let sending = Sending::begin(&pacing.state);
     tokio::spawn(async move {
+        let _sending = sending;
         let mut sent: u64 = 0;
         let mut pos = range.start as usize;
         let stop = range.end as usize;
