@@ -47,6 +47,18 @@ pub struct Config {
     )]
     pub http_addr: String,
 
+    /// Turns on the HTTP inference routes (`POST /embed`, `/v1/embeddings`,
+    /// `/v1/chat/completions`, `/v1/completions`, `GET /v1/models`) on
+    /// `HARNESS_HTTP_ADDR`; callers send `Authorization: Bearer <key>`. Unset,
+    /// those routes answer 404. Never logged.
+    #[arg(long, env = "HARNESS_API_KEY", hide_env_values = true, global = true)]
+    pub api_key: Option<Secret>,
+
+    /// The deadline of each HTTP inference request, in milliseconds from its
+    /// arrival (queued, run and, for a stream, sent).
+    #[arg(long, env = "HARNESS_HTTP_DEADLINE_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    pub http_deadline_ms: u64,
+
     /// The cluster listener remote nodes call. `[::]` falls back to `0.0.0.0`.
     #[arg(
         long,

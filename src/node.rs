@@ -67,6 +67,7 @@ impl Node {
                     live.get()
                         .is_some_and(|s| s.get_status() == ractor::ActorStatus::Running)
                 }),
+                inference: http::Inference::from_config(&config),
             },
         )
         .await

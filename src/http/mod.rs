@@ -1,17 +1,28 @@
-//! Health, status and metrics over HTTP: the only room that touches `hyper`.
+//! The node's HTTP port (`HARNESS_HTTP_ADDR`): the only room that touches
+//! `hyper`.
 //!
-//! - `GET /health/live`: 200 while the process and its supervisor run.
-//! - `GET /health/ready`: 200 when the serving is `ready`, else 503; a small JSON
-//!   body names the phase either way.
-//! - `GET /status`: the serving's state as JSON (schema in the README).
-//! - `GET /metrics`: Prometheus text.
+//! - Health, status and metrics ([`health`]), open to all.
+//! - With `HARNESS_API_KEY`, inference in the shapes the ecosystem's clients
+//!   speak ([`inference`]): text-embeddings-inference's `POST /embed`, OpenAI's
+//!   `/v1/embeddings`, `/v1/chat/completions`, `/v1/completions` and
+//!   `/v1/models`, onto the same serving actor the mesh calls.
 //!
 //! The listener starts before anything slow, so a platform's checks are answered
 //! during a long first download. A client cannot hold it: connections are
-//! bounded, headers must arrive within a few seconds, a connection lives at most a
-//! minute, and when every place is taken a new connection closes the oldest one
-//! that has not sent its headers (so health checks are answered under a
-//! slowloris).
+//! bounded, headers must arrive within a few seconds, a connection takes new
+//! requests for at most a minute (one in flight then ends, within its deadline),
+//! and when every place is taken a new connection closes the oldest one that has
+//! not sent its headers (so health checks are answered under a slowloris).
+
+mod api_error;
+mod auth;
+mod completions;
+mod embeddings;
+mod health;
+mod inference;
+mod local_serving;
+mod request_body;
+mod sse;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -19,15 +30,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
-use hyper::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
-use crate::fetch::ProgressSnapshot;
+pub use health::{status, Status, Versions};
+pub use inference::Inference;
+
 use crate::listener::AcceptFailures;
-use crate::serving::{DeviceInfo, ModelInfo, Phase, ServingShared};
+use crate::serving::ServingShared;
 
 /// Connections open at once; past it, the oldest that has not sent its headers is
 /// closed for a new one. An idle connection costs a task and a few KB, so this is
@@ -36,8 +49,14 @@ use crate::serving::{DeviceInfo, ModelInfo, Phase, ServingShared};
 pub const MAX_CONNECTIONS: usize = 4096;
 /// How long a client has to send its request headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// The longest one connection is kept.
+/// How long one connection takes new requests. A request in flight then is
+/// still answered (a stream too), within its deadline and [`CLOSING_GRACE`].
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// What a connection's last request may take past its deadline to be sent.
+const CLOSING_GRACE: Duration = Duration::from_secs(5);
+
+/// A response body: whole, or a stream of server-sent events.
+pub type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 /// What the endpoints read.
 #[derive(Clone)]
@@ -45,6 +64,8 @@ pub struct HttpState {
     pub shared: Arc<ServingShared>,
     /// Whether the supervisor still runs.
     pub live: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// The inference routes' settings; `None` (no `HARNESS_API_KEY`): off.
+    pub inference: Option<Arc<Inference>>,
 }
 
 /// The running listener; dropping it stops accepting.
@@ -70,7 +91,16 @@ impl Drop for HttpServer {
 pub async fn start(addr: &str, state: HttpState) -> std::io::Result<HttpServer> {
     let listener = bind(addr).await?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "HTTP listening: /health/live /health/ready /status /metrics");
+    match &state.inference {
+        Some(_) => tracing::info!(
+            %addr,
+            "HTTP listening: /health/live /health/ready /status /metrics, and inference (HARNESS_API_KEY is set): POST /embed /v1/embeddings /v1/chat/completions /v1/completions, GET /v1/models"
+        ),
+        None => tracing::info!(
+            %addr,
+            "HTTP listening: /health/live /health/ready /status /metrics (inference routes off: HARNESS_API_KEY is unset)"
+        ),
+    }
     let task = tokio::spawn(accept_loop(listener, state));
     Ok(HttpServer { addr, task })
 }
@@ -122,16 +152,31 @@ async fn accept_loop(listener: TcpListener, state: HttpState) {
         let first_request = slot.clone();
         let task = tokio::spawn(async move {
             let _slot = slot;
+            // The longest a request may take, so a closing connection lets its
+            // last one finish.
+            let last_request = state
+                .inference
+                .as_ref()
+                .map_or(Duration::ZERO, |i| i.deadline)
+                + CLOSING_GRACE;
             let service = hyper::service::service_fn(move |req| {
                 first_request.headers_arrived();
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, &req)) }
+                async move { Ok::<_, Infallible>(route(&state, req).await) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+            tokio::pin!(connection);
+            if tokio::time::timeout(CONNECTION_LIFETIME, connection.as_mut())
+                .await
+                .is_err()
+            {
+                // No new request; the one in flight (if any) is answered.
+                connection.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(last_request, connection).await;
+            }
         });
         connections.started(id, task.abort_handle());
     }
@@ -215,125 +260,37 @@ impl Drop for Slot {
     }
 }
 
-fn route(state: &HttpState, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+/// Sends `req` to its endpoint.
+async fn route(state: &HttpState, req: Request<hyper::body::Incoming>) -> Response<Body> {
     let path = req.uri().path();
-    let known = matches!(
-        path,
-        "/health/live" | "/health/ready" | "/status" | "/metrics"
-    );
-    if !known {
-        return text(
-            StatusCode::NOT_FOUND,
-            "not found: try /health/live, /health/ready, /status, /metrics\n",
-        );
+    if health::PATHS.contains(&path) {
+        return health::answer(state, req.method(), path);
     }
-    if req.method() != Method::GET {
-        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
-        response
-            .headers_mut()
-            .insert(ALLOW, HeaderValue::from_static("GET"));
-        return response;
+    if inference::serves(path) {
+        return inference::answer(state, req).await;
     }
-    let _span = tracing::debug_span!("http", path).entered();
-    match path {
-        "/health/live" if (state.live)() => text(StatusCode::OK, "live\n"),
-        "/health/live" => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the supervisor has stopped\n",
-        ),
-        "/health/ready" => {
-            let info = state.shared.phase();
-            let code = if info.phase == Phase::Ready {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            json(
-                code,
-                &Readiness {
-                    phase: info.phase.as_str(),
-                    message: info.message,
-                },
-            )
-        }
-        "/status" => json(StatusCode::OK, &status(&state.shared)),
-        _ => {
-            let mut response = Response::new(Full::new(Bytes::from(state.shared.render_metrics())));
-            response.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-            );
-            response
-        }
-    }
+    let hint = if state.inference.is_some() {
+        "not found: try /health/live, /health/ready, /status, /metrics, POST /embed, POST /v1/embeddings, POST /v1/chat/completions, POST /v1/completions, GET /v1/models\n"
+    } else {
+        "not found: try /health/live, /health/ready, /status, /metrics\n"
+    };
+    text(StatusCode::NOT_FOUND, hint)
 }
 
-#[derive(Serialize)]
-struct Readiness<'a> {
-    phase: &'a str,
-    message: Option<String>,
+/// A whole body.
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
 }
 
-/// `/status`. The README documents this schema; keep them together.
-#[derive(Serialize)]
-pub struct Status {
-    pub phase: &'static str,
-    pub message: Option<String>,
-    pub serving: String,
-    pub model: Option<ModelInfo>,
-    pub progress: ProgressSnapshot,
-    pub device: Option<DeviceInfo>,
-    pub restarts: u64,
-    pub queue_depth: u64,
-    pub in_flight: u64,
-    pub uptime_s: u64,
-    /// The Fly machine this node runs on (`FLY_MACHINE_ID`, which Fly sets), so
-    /// a caller waking machines can tell which one serves; absent elsewhere.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub machine_id: Option<String>,
-    pub versions: Versions,
-    /// The generation task's slots and memory (absent for other tasks).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub generation: Option<crate::tasks::generation::GenerationStatus>,
-}
-
-#[derive(Serialize)]
-pub struct Versions {
-    pub harness: &'static str,
-    pub libtorch: &'static str,
-    pub protocol: u32,
-}
-
-pub fn status(shared: &ServingShared) -> Status {
-    let info = shared.phase();
-    Status {
-        phase: info.phase.as_str(),
-        message: info.message,
-        serving: shared.name.clone(),
-        model: shared.model(),
-        progress: shared.progress.snapshot(),
-        device: shared.device(),
-        restarts: shared.restarts(),
-        queue_depth: shared.queue_depth(),
-        in_flight: shared.in_flight(),
-        uptime_s: shared.started.elapsed().as_secs(),
-        machine_id: std::env::var("FLY_MACHINE_ID")
-            .ok()
-            .filter(|id| !id.is_empty()),
-        versions: Versions {
-            harness: env!("CARGO_PKG_VERSION"),
-            libtorch: crate::engine::gpu::LIBTORCH_VERSION,
-            protocol: harness_client::PROTOCOL_VERSION,
-        },
-        generation: shared.generation_status(),
-    }
-}
-
-fn json(code: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
+/// `body` as pretty JSON (the small, human-read answers: health and status).
+fn json(code: StatusCode, body: &impl Serialize) -> Response<Body> {
     let bytes = serde_json::to_vec_pretty(body).unwrap_or_else(|_| b"{}".to_vec());
-    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    json_bytes(code, bytes)
+}
+
+/// A JSON answer of `bytes`, never cached.
+fn json_bytes(code: StatusCode, bytes: Vec<u8>) -> Response<Body> {
+    let mut response = Response::new(full(bytes));
     *response.status_mut() = code;
     response
         .headers_mut()
@@ -344,8 +301,8 @@ fn json(code: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
     response
 }
 
-fn text(code: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn text(code: StatusCode, body: &'static str) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::from_static(body.as_bytes())));
     *response.status_mut() = code;
     response.headers_mut().insert(
         CONTENT_TYPE,

@@ -1,0 +1,273 @@
+//! The inference routes, on when `HARNESS_API_KEY` is set. Each request is
+//! checked in the order that costs least first: the route exists, the key is
+//! right (before a byte of the body is read), the method and the node's task
+//! fit, the serving is ready, then the body is read (bounded, timed) and the
+//! route's handler calls the serving with the request's deadline
+//! (`HARNESS_HTTP_DEADLINE_MS`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+use tracing::Instrument;
+
+use super::api_error::{ApiError, Dialect, ErrorKind};
+use super::auth::ApiKey;
+use super::local_serving::LocalServing;
+use super::{completions, embeddings, json_bytes, request_body, Body, HttpState};
+use crate::config::{Config, Task};
+
+/// The inference routes' settings.
+#[derive(Debug)]
+pub struct Inference {
+    key: ApiKey,
+    /// `HARNESS_HTTP_DEADLINE_MS`.
+    pub deadline: Duration,
+    /// `HARNESS_MAX_MESSAGE_BYTES`: the largest body taken.
+    max_body_bytes: u64,
+    task: Task,
+    pub model: ServedModel,
+}
+
+/// The model as `/v1/models` and every answer name it.
+#[derive(Debug, Clone)]
+pub struct ServedModel {
+    /// `HARNESS_MODEL_REPO`, or the name of the `HARNESS_MODEL_DIR` folder.
+    pub id: String,
+    /// `HARNESS_MODEL_REVISION` (`local` for a folder).
+    pub revision: String,
+    /// When this node started, in Unix seconds (OpenAI's `created`).
+    pub created: u64,
+}
+
+impl Inference {
+    /// The routes' settings, or `None` when `HARNESS_API_KEY` is unset (off).
+    pub fn from_config(config: &Config) -> Option<Arc<Self>> {
+        let key = config.api_key.as_ref()?;
+        let model = &config.model;
+        let (id, revision) = match (&model.model_dir, &model.model_repo) {
+            (Some(dir), _) => (
+                dir.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| dir.display().to_string()),
+                "local".to_string(),
+            ),
+            (None, Some(repo)) => (repo.clone(), model.model_revision.clone()),
+            (None, None) => ("model".to_string(), model.model_revision.clone()),
+        };
+        Some(Arc::new(Inference {
+            key: ApiKey::new(key),
+            deadline: Duration::from_millis(config.http_deadline_ms),
+            max_body_bytes: config.max_message_bytes,
+            task: config.serving.task,
+            model: ServedModel {
+                id,
+                revision,
+                created: unix_now(),
+            },
+        }))
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The inference routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// `POST /embed` (text-embeddings-inference).
+    TeiEmbed,
+    /// `POST /v1/embeddings`.
+    Embeddings,
+    /// `POST /v1/chat/completions`.
+    ChatCompletions,
+    /// `POST /v1/completions`.
+    Completions,
+    /// `GET /v1/models`.
+    Models,
+}
+
+impl Route {
+    fn of(path: &str) -> Option<Route> {
+        Some(match path {
+            "/embed" => Route::TeiEmbed,
+            "/v1/embeddings" => Route::Embeddings,
+            "/v1/chat/completions" => Route::ChatCompletions,
+            "/v1/completions" => Route::Completions,
+            "/v1/models" => Route::Models,
+            _ => return None,
+        })
+    }
+
+    fn method(self) -> (Method, &'static str) {
+        match self {
+            Route::Models => (Method::GET, "GET"),
+            _ => (Method::POST, "POST"),
+        }
+    }
+
+    /// The task the route needs, if one.
+    fn task(self) -> Option<Task> {
+        match self {
+            Route::TeiEmbed | Route::Embeddings => Some(Task::Embedding),
+            Route::ChatCompletions | Route::Completions => Some(Task::Generation),
+            Route::Models => None,
+        }
+    }
+}
+
+/// Whether `path` is one of this room's (or would be, were it on).
+pub fn serves(path: &str) -> bool {
+    path == "/embed" || path == "/v1" || path.starts_with("/v1/")
+}
+
+/// Answers an inference request: its result, or its error in its route's shape.
+pub async fn answer(state: &HttpState, req: Request<Incoming>) -> Response<Body> {
+    let received = Instant::now();
+    let path = req.uri().path().to_string();
+    let dialect = if path == "/embed" {
+        Dialect::Tei
+    } else {
+        Dialect::OpenAi
+    };
+    let Some(inference) = state.inference.clone() else {
+        return ApiError::new(
+            ErrorKind::NotFound,
+            "HTTP inference is off on this node: set HARNESS_API_KEY on it to turn on POST /embed and the OpenAI routes (/v1/embeddings, /v1/chat/completions, /v1/completions, /v1/models); callers then send Authorization: Bearer <key>",
+        )
+        .response(dialect);
+    };
+    let span = tracing::info_span!("http_inference", route = %path);
+    async move {
+        let response = match handle(state, &inference, req, &path, received).await {
+            Ok(response) => response,
+            Err(err) => {
+                tracing::debug!(status = err.status().as_u16(), "{}", err.message);
+                err.response(dialect)
+            }
+        };
+        tracing::debug!(
+            status = response.status().as_u16(),
+            elapsed_ms = received.elapsed().as_millis() as u64,
+            "answered"
+        );
+        response
+    }
+    .instrument(span)
+    .await
+}
+
+async fn handle(
+    state: &HttpState,
+    inference: &Inference,
+    req: Request<Incoming>,
+    path: &str,
+    received: Instant,
+) -> Result<Response<Body>, ApiError> {
+    if !inference.key.admits(req.headers()) {
+        return Err(ApiError::new(
+            ErrorKind::Unauthorized,
+            "a missing or wrong API key: send Authorization: Bearer <the node's HARNESS_API_KEY>",
+        ));
+    }
+    let route = Route::of(path).ok_or_else(|| {
+        ApiError::new(
+            ErrorKind::NotFound,
+            format!("no route {path}: try POST /embed, POST /v1/embeddings, POST /v1/chat/completions, POST /v1/completions, GET /v1/models"),
+        )
+    })?;
+    let (method, allow) = route.method();
+    if req.method() != method {
+        return Err(ApiError::new(
+            ErrorKind::MethodNotAllowed(allow),
+            format!("{path} takes {allow} only"),
+        ));
+    }
+    if let Some(task) = route.task() {
+        if task != inference.task {
+            return Err(ApiError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "this node serves the {} task; {path} needs a node with HARNESS_TASK={}",
+                    inference.task.as_str(),
+                    task.as_str()
+                ),
+            ));
+        }
+    }
+    if route == Route::Models {
+        return Ok(models(&inference.model));
+    }
+    let serving = LocalServing::find(&state.shared)?;
+    let body = request_body::read(req, inference.max_body_bytes).await?;
+    let deadline = received + inference.deadline;
+    let call = Call {
+        serving,
+        deadline,
+        model: &inference.model,
+    };
+    match route {
+        Route::TeiEmbed => embeddings::tei(&call, &body).await,
+        Route::Embeddings => embeddings::openai(&call, &body).await,
+        Route::ChatCompletions => completions::chat(&call, &body).await,
+        Route::Completions => completions::text(&call, &body).await,
+        Route::Models => unreachable!("answered above"),
+    }
+}
+
+/// What a route's handler calls with.
+pub struct Call<'a> {
+    pub serving: LocalServing,
+    /// `HARNESS_HTTP_DEADLINE_MS` after the request arrived.
+    pub deadline: Instant,
+    pub model: &'a ServedModel,
+}
+
+/// `body` as compact JSON with 200.
+pub fn ok_json(body: &impl Serialize) -> Result<Response<Body>, ApiError> {
+    let bytes = serde_json::to_vec(body).map_err(|err| {
+        ApiError::new(
+            ErrorKind::Internal,
+            format!("the answer could not be encoded: {err}"),
+        )
+    })?;
+    Ok(json_bytes(StatusCode::OK, bytes))
+}
+
+#[derive(Serialize)]
+struct ModelList<'a> {
+    object: &'static str,
+    data: [ModelEntry<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct ModelEntry<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+    /// Beyond OpenAI's fields: the revision served.
+    revision: &'a str,
+}
+
+/// `GET /v1/models`: the one model this node serves.
+fn models(model: &ServedModel) -> Response<Body> {
+    let list = ModelList {
+        object: "list",
+        data: [ModelEntry {
+            id: &model.id,
+            object: "model",
+            created: model.created,
+            owned_by: "harness",
+            revision: &model.revision,
+        }],
+    };
+    let bytes = serde_json::to_vec(&list).unwrap_or_else(|_| b"{}".to_vec());
+    json_bytes(StatusCode::OK, bytes)
+}
