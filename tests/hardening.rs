@@ -523,3 +523,160 @@ async fn a_short_cookie_is_warned_about_and_the_handshake_is_never_logged() {
     assert!(!log.contains("auth state"), "{log}");
     assert!(!log.contains(cookie), "the cookie itself: {log}");
 }
+
+/// Sends `head` (a request's head, `\r\n\r\n` included) and then `body` on a
+/// new connection to `http`, and reads the answer's status line (the server
+/// may answer before the body is sent, which is what the limits are for).
+async fn status_line_of(http: &str, head: &str, body: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(http).await.unwrap();
+    socket.write_all(head.as_bytes()).await.unwrap();
+    // A server that answered early may close before the body is taken.
+    let _ = socket.write_all(body).await;
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), socket.read_to_end(&mut reply)).await;
+    String::from_utf8_lossy(&reply)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The inference routes on the HTTP port keep its limits: a body announced
+/// over `HARNESS_MAX_MESSAGE_BYTES` is refused before it is read (401 first
+/// without the key, so no stranger makes the node read anything), a chunked
+/// one when it passes the limit, and a body trickled by 200 clients (each
+/// with the key, so their headers are in) and 200 sockets that never finish
+/// their headers neither keep health probes nor a real completion from being
+/// answered; each trickler gets 408 once its body is 10 s late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inference_routes_hold_under_big_and_slow_bodies_and_many_connections() {
+    use support::llm::{Arch, TinyLlm};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const KEY: &str = "hardening-api-key";
+    let model = TinyLlm::get(Arch::Qwen2);
+    let node = ServeSettings::model_dir(COOKIE, &model.dir)
+        .serving("inference-limits")
+        .env("HARNESS_TASK", "generation")
+        .env("HARNESS_API_KEY", KEY)
+        .env("HARNESS_MAX_MESSAGE_BYTES", 65536)
+        .start();
+    let http = node.http_addr();
+    let completion = |body: &str| {
+        format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    // Ready: a real completion is answered.
+    let ok = completion(r#"{"prompt": "hello", "max_tokens": 2}"#);
+    let mut ready = String::new();
+    for _ in 0..600 {
+        ready = status_line_of(&http, &ok, b"").await;
+        if ready.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+
+    // Announced too large: refused without the body (10 MiB is never sent).
+    let big = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10485760\r\nConnection: close\r\n";
+    let no_key = status_line_of(&http, &format!("{big}\r\n"), b"").await;
+    assert!(no_key.starts_with("HTTP/1.1 401"), "{no_key}");
+    let with_key = status_line_of(
+        &http,
+        &format!("{big}Authorization: Bearer {KEY}\r\n\r\n"),
+        b"",
+    )
+    .await;
+    assert!(with_key.starts_with("HTTP/1.1 413"), "{with_key}");
+    // Chunked, passing the limit as it arrives.
+    let chunk = vec![b' '; 32 * 1024];
+    let mut chunked = Vec::new();
+    for _ in 0..4 {
+        chunked.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        chunked.extend_from_slice(&chunk);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let head = format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n");
+    let over = status_line_of(&http, &head, &chunked).await;
+    assert!(over.starts_with("HTTP/1.1 413"), "{over}");
+
+    // 200 tricklers with the key and 200 sockets that never finish headers.
+    let trickled = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut attackers = Vec::new();
+    for _ in 0..200 {
+        let (http, trickled) = (http.clone(), trickled.clone());
+        attackers.push(tokio::spawn(async move {
+            let Ok(mut socket) = tokio::net::TcpStream::connect(&http).await else {
+                return;
+            };
+            let head = format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 1000\r\n\r\n{{");
+            let _ = socket.write_all(head.as_bytes()).await;
+            let mut reply = [0u8; 64];
+            loop {
+                tokio::select! {
+                    read = socket.read(&mut reply) => {
+                        let n = read.unwrap_or(0);
+                        trickled.lock().unwrap().push(String::from_utf8_lossy(&reply[..n]).to_string());
+                        return;
+                    }
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {
+                        let _ = socket.write_all(b" ").await;
+                    }
+                }
+            }
+        }));
+    }
+    for _ in 0..200 {
+        let http = http.clone();
+        attackers.push(tokio::spawn(async move {
+            if let Ok(mut socket) = tokio::net::TcpStream::connect(&http).await {
+                let _ = socket
+                    .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+                    .await;
+                let mut sink = [0u8; 64];
+                let _ = tokio::time::timeout(Duration::from_secs(30), socket.read(&mut sink)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut slow = Vec::new();
+    for _ in 0..6 {
+        let started = Instant::now();
+        let live = status_line_of(
+            &http,
+            "GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"",
+        )
+        .await;
+        if !live.starts_with("HTTP/1.1 200") || started.elapsed() > Duration::from_secs(1) {
+            slow.push(format!("{:?}: {live}", started.elapsed()));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(slow.is_empty(), "probes not answered within 1 s: {slow:?}");
+    let answered = status_line_of(&http, &ok, b"").await;
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+    // Every trickler is told its body was too slow.
+    for attacker in attackers.drain(..200) {
+        tokio::time::timeout(Duration::from_secs(30), attacker)
+            .await
+            .expect("each trickler is answered within BODY_TIMEOUT")
+            .unwrap();
+    }
+    let trickled = trickled.lock().unwrap().clone();
+    assert_eq!(trickled.len(), 200);
+    assert!(
+        trickled.iter().all(|r| r.starts_with("HTTP/1.1 408")),
+        "{:?}",
+        trickled.iter().find(|r| !r.starts_with("HTTP/1.1 408"))
+    );
+    for attacker in attackers {
+        attacker.abort();
+    }
+    // The key never reached the log.
+    assert!(!node.log().contains(KEY), "the key was logged");
+}
