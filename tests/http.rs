@@ -267,3 +267,136 @@ async fn unknown_paths_wrong_methods_and_idle_clients() {
     );
     node.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A POST of `body` (JSON) to `path` with the key `key`: the status, the
+/// `Retry-After` header, and the body.
+async fn post(http: &Http, path: &str, key: &str, body: &str) -> (u16, Option<String>, String) {
+    let response = http
+        .client
+        .post(format!("{}{path}", http.base))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, retry_after, response.text().await.unwrap())
+}
+
+/// OpenAI's error `code` in `body`.
+fn error_code(body: &str) -> String {
+    let json: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    json["error"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The inference routes' answers through the serving's states, each as
+/// OpenAI's clients expect it: 503 with the phase and `Retry-After` while the
+/// model downloads, 429 with `Retry-After: 1` when the open streams are all
+/// taken, 504 when `HARNESS_HTTP_DEADLINE_MS` passes while generating, and a
+/// stream whose deadline passes ends with OpenAI's error object as its last
+/// event and no `[DONE]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inference_errors_follow_the_serving_through_its_states() {
+    use support::llm::{as_published, endless, Arch, TinyLlm};
+    const KEY: &str = "an-http-errors-key";
+    let files = endless(TinyLlm::get(Arch::Llama).files());
+    let published = ModelRepo::publish("tiny/llama-endless", &as_published(&files)).await;
+    let total: usize = files.iter().map(|(_, bytes, _)| bytes.len()).sum();
+    published.hub.set_rate(Some(total as u64 / 3)); // about three seconds
+    let node = Node::start(published.node_config(
+        "http_inference_errors",
+        &[
+            "--task=generation",
+            &format!("--api-key={KEY}"),
+            "--http-deadline-ms=1500",
+            "--max-sequences=1",
+            "--max-queue=1",
+            "--max-context=32768",
+        ],
+    ))
+    .await
+    .unwrap();
+    let http = Http::new(&node);
+    let chat =
+        r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30000}"#;
+
+    // Downloading: 503, naming the phase, worth retrying.
+    let mut seen = Vec::new();
+    let until = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < until {
+        let (status, retry_after, body) = post(&http, "/v1/chat/completions", KEY, chat).await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(error_code(&body), "not_ready");
+        assert!(retry_after.is_some());
+        if body.contains("phase: downloading") {
+            seen.push(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!seen.is_empty(), "never saw 503 while downloading");
+    published.hub.set_rate(None);
+    node.wait_ready(Duration::from_secs(60)).await.unwrap();
+
+    // Two streams take the one slot and the one queue place: a third is 429.
+    let stream = r#"{"prompt": "Hello", "max_tokens": 30000, "stream": true}"#;
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let response = http
+            .client
+            .post(format!("{}/v1/completions", http.base))
+            .bearer_auth(KEY)
+            .body(stream)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        open.push(response);
+    }
+    let (status, retry_after, body) = post(&http, "/v1/completions", KEY, stream).await;
+    assert_eq!((status, retry_after.as_deref()), (429, Some("1")), "{body}");
+    assert_eq!(error_code(&body), "overloaded");
+    // Each open stream passes its 1.5 s deadline mid-generation: its last
+    // event is the error, with no [DONE].
+    for response in open {
+        let text = response.text().await.unwrap();
+        let last = text
+            .split("\n\n")
+            .filter(|e| e.starts_with("data: "))
+            .last()
+            .unwrap()
+            .to_string();
+        assert!(!text.contains("data: [DONE]"), "{text}");
+        assert_eq!(
+            error_code(&last["data: ".len()..]),
+            "deadline_exceeded",
+            "{last}"
+        );
+    }
+
+    // Not streamed: 504 once the deadline passes while generating.
+    let started = Instant::now();
+    let (status, _, body) = post(&http, "/v1/chat/completions", KEY, chat).await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(error_code(&body), "deadline_exceeded");
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    // And the node serves on: a short completion is answered.
+    let (status, _, body) = post(
+        &http,
+        "/v1/completions",
+        KEY,
+        r#"{"prompt": "Hello", "max_tokens": 3}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    node.shutdown(Duration::from_secs(1)).await;
+}
