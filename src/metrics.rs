@@ -20,6 +20,14 @@ struct Outcome {
     outcome: String,
 }
 
+/// An HTTP inference answer: its route (one of a fixed few, so a caller cannot
+/// make labels) and its status code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabel {
+    route: &'static str,
+    code: u16,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FinishLabel {
     finish_reason: String,
@@ -76,6 +84,7 @@ pub struct Metrics {
     download_bytes: Counter,
     model_load_seconds: Gauge<f64, AtomicU64>,
     generation: GenerationMetrics,
+    http: Family<HttpLabel, Counter>,
     /// Totals already added to the counters that mirror shared state.
     mirrored: Mutex<(u64, u64)>,
 }
@@ -170,7 +179,14 @@ impl Default for Metrics {
             model_load_seconds.clone(),
         );
         let generation = GenerationMetrics::register(&mut registry);
+        let http = Family::<HttpLabel, Counter>::default();
+        registry.register(
+            "harness_http_requests",
+            "HTTP inference requests answered, by route and status code (401s, 413s and 422s never reach the serving, so harness_requests_total does not count them)",
+            http.clone(),
+        );
         Metrics {
+            http,
             generation,
             registry,
             requests,
@@ -205,6 +221,11 @@ impl Metrics {
             }
         }
         self.request_duration.observe(duration.as_secs_f64());
+    }
+
+    /// An HTTP inference request on `route` answered `code`.
+    pub fn http_request(&self, route: &'static str, code: u16) {
+        self.http.get_or_create(&HttpLabel { route, code }).inc();
     }
 
     pub fn model_loaded(&self, took: Duration) {

@@ -398,5 +398,25 @@ async fn inference_errors_follow_the_serving_through_its_states() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
+    // Each answer is counted by route and code, the refusals the serving never
+    // saw too.
+    let (_, metrics) = http.get("/metrics").await;
+    let metrics = parse_metrics(&metrics);
+    for (series, count) in [
+        (
+            r#"harness_http_requests_total{route="/v1/completions",code="429"}"#,
+            1.0,
+        ),
+        (
+            r#"harness_http_requests_total{route="/v1/completions",code="200"}"#,
+            3.0,
+        ),
+        (
+            r#"harness_http_requests_total{route="/v1/chat/completions",code="504"}"#,
+            1.0,
+        ),
+    ] {
+        assert_eq!(metrics.get(series), Some(&count), "{series}: {metrics:?}");
+    }
     node.shutdown(Duration::from_secs(1)).await;
 }

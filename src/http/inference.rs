@@ -105,6 +105,17 @@ impl Route {
         })
     }
 
+    /// Its path (also its `route` label in the metrics).
+    fn path(self) -> &'static str {
+        match self {
+            Route::TeiEmbed => "/embed",
+            Route::Embeddings => "/v1/embeddings",
+            Route::ChatCompletions => "/v1/chat/completions",
+            Route::Completions => "/v1/completions",
+            Route::Models => "/v1/models",
+        }
+    }
+
     fn method(self) -> (Method, &'static str) {
         match self {
             Route::Models => (Method::GET, "GET"),
@@ -152,8 +163,11 @@ pub async fn answer(state: &HttpState, req: Request<Incoming>) -> Response<Body>
                 err.response(dialect)
             }
         };
+        let code = response.status().as_u16();
+        let route = Route::of(&path).map_or("other", Route::path);
+        state.shared.metrics.http_request(route, code);
         tracing::debug!(
-            status = response.status().as_u16(),
+            status = code,
             elapsed_ms = received.elapsed().as_millis() as u64,
             "answered"
         );
