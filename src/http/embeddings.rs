@@ -92,7 +92,11 @@ pub async fn tei(call: &Call<'_>, body: &[u8]) -> Result<Response<Body>, ApiErro
 /// (to within f32 rounding, so that `/embed` answers the mesh's very vector),
 /// or when it is all zeros.
 fn unit(mut vector: Vec<f32>) -> Vec<f32> {
-    let norm = vector.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt() as f32;
+    let norm = vector
+        .iter()
+        .map(|v| f64::from(*v).powi(2))
+        .sum::<f64>()
+        .sqrt() as f32;
     if norm > 0.0 && (norm - 1.0).abs() > 1e-4 {
         vector.iter_mut().for_each(|v| *v /= norm);
     }

@@ -35,8 +35,8 @@ const LOG_TAIL_LINES: usize = 10_000;
 /// the CPU with a cookie and `RUST_LOG=info`; the constructors say where its model
 /// comes from, and [`ServeSettings::env`] adds or replaces any other setting.
 /// Settings inherited from the test's environment that would change the model
-/// (`HARNESS_MODEL_DIR`, `HARNESS_MODEL_REPO`, `HF_TOKEN`, `HARNESS_OFFLINE`) are
-/// removed.
+/// (`HARNESS_MODEL_DIR`, `HARNESS_MODEL_REPO`, `HF_TOKEN`, `HARNESS_OFFLINE`), or
+/// turn on the HTTP inference routes (`HARNESS_API_KEY`), are removed.
 #[derive(Clone)]
 pub struct ServeSettings {
     envs: Vec<(String, String)>,
@@ -117,6 +117,7 @@ impl ServeSettings {
             "HARNESS_MODEL_REPO",
             "HF_TOKEN",
             "HARNESS_OFFLINE",
+            "HARNESS_API_KEY",
         ] {
             cmd.env_remove(inherited);
         }
