@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use tracing::Instrument;
@@ -155,14 +156,25 @@ pub async fn answer(state: &HttpState, req: Request<Incoming>) -> Response<Body>
         .response(dialect);
     };
     let span = tracing::info_span!("http_inference", route = %path);
+    let has_body = announces_body(req.headers());
     async move {
-        let response = match handle(state, &inference, req, &path, received).await {
-            Ok(response) => response,
-            Err(err) => {
-                tracing::debug!(status = err.status().as_u16(), "{}", err.message);
-                err.response(dialect)
-            }
-        };
+        let mut body_read = false;
+        let mut response =
+            match handle(state, &inference, req, &path, received, &mut body_read).await {
+                Ok(response) => response,
+                Err(err) => {
+                    tracing::debug!(status = err.status().as_u16(), "{}", err.message);
+                    err.response(dialect)
+                }
+            };
+        if has_body && !body_read {
+            // Answered before its body was read (a refusal): hyper will not
+            // read it and closes the connection, so the client must know not
+            // to send its next request on it.
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
         let code = response.status().as_u16();
         let route = Route::of(&path).map_or("other", Route::path);
         state.shared.metrics.http_request(route, code);
@@ -177,12 +189,21 @@ pub async fn answer(state: &HttpState, req: Request<Incoming>) -> Response<Body>
     .await
 }
 
+/// Whether the request says a body follows.
+fn announces_body(headers: &hyper::HeaderMap) -> bool {
+    headers.contains_key(TRANSFER_ENCODING)
+        || headers
+            .get(CONTENT_LENGTH)
+            .is_some_and(|len| len.as_bytes() != b"0")
+}
+
 async fn handle(
     state: &HttpState,
     inference: &Inference,
     req: Request<Incoming>,
     path: &str,
     received: Instant,
+    body_read: &mut bool,
 ) -> Result<Response<Body>, ApiError> {
     if !inference.key.admits(req.headers()) {
         return Err(ApiError::new(
@@ -220,6 +241,7 @@ async fn handle(
     }
     let serving = LocalServing::find(&state.shared)?;
     let body = request_body::read(req, inference.max_body_bytes).await?;
+    *body_read = true;
     let deadline = received + inference.deadline;
     let call = Call {
         serving,
