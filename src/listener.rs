@@ -54,3 +54,30 @@ impl AcceptFailures {
         Some(std::mem::take(&mut self.since_log))
     }
 }
+
+/// Raises this process's limit of open files to the hard limit (often 1024
+/// by default, below the HTTP port's 4096 connections, so accepts would fail
+/// before a slowloris' sockets could be closed for new ones). Returns the
+/// limit now in force, if it could be read.
+pub fn raise_open_files_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write `limit`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    Some(limit.rlim_cur as u64)
+}

@@ -51,6 +51,15 @@ impl Node {
                 );
             }
         }
+        let inference = http::Inference::from_config(&config).map_err(anyhow::Error::msg)?;
+        if let Some(inference) = &inference {
+            let len = inference.key_chars();
+            if len < MIN_COOKIE_CHARS {
+                tracing::warn!(
+                    "HARNESS_API_KEY is {len} characters: anyone who guesses it can use the model over HTTP; use at least {MIN_COOKIE_CHARS} random ones (openssl rand -hex 32)"
+                );
+            }
+        }
         let shared = ServingShared::new(&config.serving_name);
         if config.cookie.is_some() {
             shared.set_max_message_bytes(config.max_message_bytes);
@@ -67,7 +76,7 @@ impl Node {
                     live.get()
                         .is_some_and(|s| s.get_status() == ractor::ActorStatus::Running)
                 }),
-                inference: http::Inference::from_config(&config),
+                inference,
             },
         )
         .await

@@ -680,3 +680,63 @@ async fn the_inference_routes_hold_under_big_and_slow_bodies_and_many_connection
     // The key never reached the log.
     assert!(!node.log().contains(KEY), "the key was logged");
 }
+
+/// More connections than the HTTP port holds (4096), each answered once and
+/// then trickling its next request's headers: a connection between requests
+/// is as closable as a new one, so health probes are still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_when_every_connection_idles_after_a_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = ServeProcess::start(COOKIE, "idle-after-request", &[]);
+    let http = node.http_addr();
+    // Opened from 64 tasks at once, so that the port is full within about a
+    // second (well inside the 5 s header timeout).
+    let openers: Vec<_> = (0..64)
+        .map(|_| {
+            let http = http.clone();
+            tokio::spawn(async move {
+                let mut held = Vec::new();
+                for _ in 0..(harness::http::MAX_CONNECTIONS + 200) / 64 {
+                    let Ok(mut socket) = tokio::net::TcpStream::connect(&http).await else {
+                        break;
+                    };
+                    let asked = socket
+                        .write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+                        .await;
+                    let mut reply = [0u8; 256];
+                    let answered =
+                        tokio::time::timeout(Duration::from_secs(5), socket.read(&mut reply)).await;
+                    if asked.is_ok() && matches!(answered, Ok(Ok(n)) if n > 0) {
+                        // The start of the next request, never finished.
+                        let _ = socket.write_all(b"GET /health/live HTTP/1.1\r\n").await;
+                        held.push(socket);
+                    }
+                }
+                held
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for opener in openers {
+        held.extend(opener.await.unwrap());
+    }
+    assert!(
+        held.len() > harness::http::MAX_CONNECTIONS / 2,
+        "only {} connections were answered",
+        held.len()
+    );
+    let mut refused = Vec::new();
+    for _ in 0..5 {
+        let live = status_line_of(
+            &http,
+            "GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"",
+        )
+        .await;
+        if !live.starts_with("HTTP/1.1 200") {
+            refused.push(live);
+        }
+    }
+    assert!(refused.is_empty(), "probes refused: {refused:?}");
+    drop(held);
+}

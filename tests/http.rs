@@ -385,8 +385,22 @@ async fn inference_errors_follow_the_serving_through_its_states() {
 
     // Not streamed: 504 once the deadline passes while generating.
     let started = Instant::now();
-    let (status, _, body) = post(&http, "/v1/chat/completions", KEY, chat).await;
+    let response = http
+        .client
+        .post(format!("{}/v1/chat/completions", http.base))
+        .bearer_auth(KEY)
+        .body(chat)
+        .send()
+        .await
+        .unwrap();
+    let (status, should_retry) = (
+        response.status().as_u16(),
+        response.headers().get("x-should-retry").cloned(),
+    );
+    let body = response.text().await.unwrap();
     assert_eq!(status, 504, "{body}");
+    // OpenAI's clients would send it again, to take as long again.
+    assert_eq!(should_retry.unwrap(), "false");
     assert_eq!(error_code(&body), "deadline_exceeded");
     assert!(started.elapsed() >= Duration::from_millis(1500));
     // And the node serves on: a short completion is answered.
@@ -418,5 +432,82 @@ async fn inference_errors_follow_the_serving_through_its_states() {
     ] {
         assert_eq!(metrics.get(series), Some(&count), "{series}: {metrics:?}");
     }
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Callers that leave while their generation is being opened (their socket
+/// reset right after the request) leave nothing behind: every stream is
+/// closed and nothing is in flight long before the 30 s a stream no one
+/// pulls would otherwise linger, and the node answers the next caller.
+/// `GET /v1/models/{id}` answers the served model and 404 for another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn callers_that_leave_while_a_stream_opens_leave_nothing_behind() {
+    use support::llm::{as_published, endless, Arch, TinyLlm};
+    use tokio::io::AsyncWriteExt;
+    const KEY: &str = "an-http-leavers-key";
+    let files = endless(TinyLlm::get(Arch::Llama).files());
+    let published = ModelRepo::publish("tiny/llama-leavers", &as_published(&files)).await;
+    let node = Node::start(published.node_config(
+        "http_leavers",
+        &[
+            "--task=generation",
+            &format!("--api-key={KEY}"),
+            "--max-sequences=2",
+            "--max-context=32768",
+        ],
+    ))
+    .await
+    .unwrap();
+    node.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let http = Http::new(&node);
+    let body = r#"{"prompt": "Hello", "max_tokens": 30000, "stream": true}"#;
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    for i in 0..20u64 {
+        let mut socket = tokio::net::TcpStream::connect(node.http_addr())
+            .await
+            .unwrap();
+        socket.write_all(request.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(i % 4)).await;
+        // A reset, not a polite close.
+        socket.set_zero_linger().unwrap();
+        drop(socket);
+    }
+    let until = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        let (_, status) = http.json("/status").await;
+        let left = (
+            status["generation"]["streams_open"].as_u64(),
+            status["in_flight"].as_u64(),
+        );
+        if left == (Some(0), Some(0)) || Instant::now() > until {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status["generation"]["streams_open"], 0, "{status}");
+    assert_eq!(status["in_flight"], 0, "{status}");
+    let (code, _, answer) = post(
+        &http,
+        "/v1/completions",
+        KEY,
+        r#"{"prompt": "Hello", "max_tokens": 3}"#,
+    )
+    .await;
+    assert_eq!(code, 200, "{answer}");
+
+    let model = |id: &str| {
+        http.client
+            .get(format!("{}/v1/models/{id}", http.base))
+            .bearer_auth(KEY)
+            .send()
+    };
+    let served = model("tiny/llama-leavers").await.unwrap();
+    assert_eq!(served.status(), 200);
+    let entry: serde_json::Value = serde_json::from_str(&served.text().await.unwrap()).unwrap();
+    assert_eq!(entry["id"], "tiny/llama-leavers");
+    assert_eq!(model("other/model").await.unwrap().status(), 404);
     node.shutdown(Duration::from_secs(1)).await;
 }

@@ -152,6 +152,11 @@ impl ApiError {
             ErrorKind::NotReady => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("5"));
             }
+            ErrorKind::Deadline => {
+                // OpenAI's clients retry a 504 by default: the same request
+                // would take as long again, so they are told not to.
+                headers.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
             _ => {}
         }
         response

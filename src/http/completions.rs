@@ -14,34 +14,32 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::api_error::{ApiError, ErrorKind};
+use super::bounded::{bounded_seq, Bounded, OneOrMany, MAX_MESSAGES, MAX_STOPS};
 use super::inference::{ok_json, unix_now, Call};
 use super::local_serving::budget_ms;
-use super::request_body::parse;
+use super::request_body::{parse, ReadBody};
 use super::{sse, Body};
 
-/// The sampling and streaming fields both routes take. Others OpenAI defines
-/// (`user`, `frequency_penalty`, ...) are ignored; `n` must be 1.
+/// The body both routes take: `messages` for a chat, `prompt` for a
+/// completion, and the sampling and streaming fields. Others OpenAI defines
+/// (`user`, `frequency_penalty`, ...) are ignored; `n` must be 1. (One flat
+/// type: serde's `flatten` would buffer every ignored field's value.)
 #[derive(Debug, Default, Deserialize)]
-struct Sampling {
+struct GenerationBody {
+    messages: Option<Bounded<InMessage, MAX_MESSAGES>>,
+    /// A text, or a list of exactly one.
+    prompt: Option<OneOrMany<1>>,
     max_tokens: Option<u32>,
     /// The chat route's newer name for `max_tokens`.
     max_completion_tokens: Option<u32>,
     temperature: Option<f32>,
     top_p: Option<f32>,
-    seed: Option<u64>,
-    stop: Option<Stop>,
-    #[serde(default)]
-    stream: bool,
+    /// OpenAI takes any integer; a negative one is kept as its bits.
+    seed: Option<i64>,
+    stop: Option<OneOrMany<MAX_STOPS>>,
+    stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     n: Option<u32>,
-}
-
-/// One stop string or several.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -50,30 +48,28 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-impl Sampling {
-    /// The mesh's options for these fields; unset ones take the model's
-    /// `generation_config.json`, as on the mesh.
-    fn options(self) -> Result<(GenerateOptions, Streaming), ApiError> {
+impl GenerationBody {
+    /// The mesh's options for the sampling fields; unset ones take the
+    /// model's `generation_config.json`, as on the mesh.
+    fn options(&self) -> Result<(GenerateOptions, Streaming), ApiError> {
         if let Some(n) = self.n.filter(|&n| n != 1) {
             return Err(ApiError::bad_input(format!(
                 "n = {n}: this node makes one choice per request; send n = 1 (or leave it out) and make {n} requests"
             )));
         }
-        let stop = match self.stop {
-            None => Vec::new(),
-            Some(Stop::One(stop)) => vec![stop],
-            Some(Stop::Many(stops)) => stops,
-        };
         let streaming = Streaming {
-            stream: self.stream,
-            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
+            stream: self.stream.unwrap_or(false),
+            include_usage: self
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
         };
         let options = GenerateOptions {
             max_new_tokens: self.max_completion_tokens.or(self.max_tokens),
             temperature: self.temperature,
             top_p: self.top_p,
-            seed: self.seed,
-            stop,
+            seed: self.seed.map(|seed| seed as u64),
+            stop: self.stop.as_ref().map(|s| s.0.clone()).unwrap_or_default(),
             ..GenerateOptions::default()
         };
         Ok((options, streaming))
@@ -87,14 +83,6 @@ pub struct Streaming {
     pub include_usage: bool,
 }
 
-/// `POST /v1/chat/completions`'s body.
-#[derive(Debug, Deserialize)]
-struct ChatRequest {
-    messages: Vec<InMessage>,
-    #[serde(flatten)]
-    sampling: Sampling,
-}
-
 /// A message as OpenAI's clients send it.
 #[derive(Debug, Deserialize)]
 struct InMessage {
@@ -104,11 +92,39 @@ struct InMessage {
 }
 
 /// A message's content: a text, or parts of which only text ones are taken.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 enum Content {
     Text(String),
     Parts(Vec<Part>),
+}
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Content;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(
+                    f,
+                    "a string or a list of at most {MAX_MESSAGES} content parts"
+                )
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Content, E> {
+                Ok(Content::Text(text.to_string()))
+            }
+
+            fn visit_string<E: serde::de::Error>(self, text: String) -> Result<Content, E> {
+                Ok(Content::Text(text))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Content, A::Error> {
+                bounded_seq::<Part, A, MAX_MESSAGES>(seq, "content parts").map(Content::Parts)
+            }
+        }
+        de.deserialize_any(Visit)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -148,22 +164,6 @@ impl InMessage {
     }
 }
 
-/// `POST /v1/completions`'s body.
-#[derive(Debug, Deserialize)]
-struct TextRequest {
-    prompt: TextPrompt,
-    #[serde(flatten)]
-    sampling: Sampling,
-}
-
-/// A prompt: a text, or a list of exactly one.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum TextPrompt {
-    One(String),
-    Many(Vec<String>),
-}
-
 /// Which route answers, which decides the objects' names and shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -172,35 +172,32 @@ pub enum Kind {
 }
 
 /// `POST /v1/chat/completions`.
-pub async fn chat(call: &Call<'_>, body: &[u8]) -> Result<Response<Body>, ApiError> {
-    let request: ChatRequest = parse(body)?;
-    if request.messages.is_empty() {
+pub async fn chat(call: &Call<'_>, body: ReadBody) -> Result<Response<Body>, ApiError> {
+    let mut request: GenerationBody = parse(body).await?;
+    let (options, streaming) = request.options()?;
+    let Some(Bounded(messages)) = request.messages.take() else {
+        return Err(ApiError::bad_input("`messages` is missing"));
+    };
+    if messages.is_empty() {
         return Err(ApiError::bad_input("`messages` is an empty list"));
     }
-    let messages = request
-        .messages
+    let messages = messages
         .into_iter()
         .enumerate()
         .map(|(i, m)| m.into_chat(i))
         .collect::<Result<Vec<_>, _>>()?;
-    let (options, streaming) = request.sampling.options()?;
     complete(call, Kind::Chat, Prompt::Chat(messages), options, streaming).await
 }
 
 /// `POST /v1/completions`.
-pub async fn text(call: &Call<'_>, body: &[u8]) -> Result<Response<Body>, ApiError> {
-    let request: TextRequest = parse(body)?;
-    let prompt = match request.prompt {
-        TextPrompt::One(text) => text,
-        TextPrompt::Many(mut texts) if texts.len() == 1 => texts.remove(0),
-        TextPrompt::Many(texts) => {
-            return Err(ApiError::bad_input(format!(
-                "`prompt` is a list of {} texts; this node takes one prompt per request",
-                texts.len()
-            )))
-        }
+pub async fn text(call: &Call<'_>, body: ReadBody) -> Result<Response<Body>, ApiError> {
+    let mut request: GenerationBody = parse(body).await?;
+    let (options, streaming) = request.options()?;
+    let prompt = match request.prompt.take() {
+        Some(OneOrMany(mut texts)) if texts.len() == 1 => texts.remove(0),
+        Some(_) => return Err(ApiError::bad_input("`prompt` is an empty list")),
+        None => return Err(ApiError::bad_input("`prompt` is missing")),
     };
-    let (options, streaming) = request.sampling.options()?;
     complete(call, Kind::Text, Prompt::Text(prompt), options, streaming).await
 }
 
@@ -379,14 +376,17 @@ mod tests {
 
     #[test]
     fn openais_fields_become_the_meshs_options() {
-        let request: ChatRequest = serde_json::from_str(
+        let request: GenerationBody = serde_json::from_str(
             r#"{"model": "m", "messages": [{"role": "developer", "content": [{"type": "text", "text": "be brief"}]}, {"role": "user", "content": "hi"}],
-                "max_tokens": 5, "temperature": 0.5, "top_p": 0.9, "seed": 7, "stop": "x", "stream": true,
-                "stream_options": {"include_usage": true}, "user": "ignored"}"#,
+                "max_tokens": 5, "temperature": 0.5, "top_p": 0.9, "seed": -1, "stop": "x", "stream": true,
+                "stream_options": {"include_usage": true}, "user": "ignored", "tools": [0, 1, 2]}"#,
         )
         .unwrap();
+        let (options, streaming) = request.options().unwrap();
         let messages: Vec<ChatMessage> = request
             .messages
+            .unwrap()
+            .0
             .into_iter()
             .enumerate()
             .map(|(i, m)| m.into_chat(i).unwrap())
@@ -395,19 +395,27 @@ mod tests {
             messages,
             [ChatMessage::system("be brief"), ChatMessage::user("hi")]
         );
-        let (options, streaming) = request.sampling.options().unwrap();
         assert_eq!(options.max_new_tokens, Some(5));
         assert_eq!(options.temperature, Some(0.5));
         assert_eq!(options.top_p, Some(0.9));
-        assert_eq!(options.seed, Some(7));
+        assert_eq!(options.seed, Some(u64::MAX));
         assert_eq!(options.stop, ["x"]);
         assert!(streaming.stream && streaming.include_usage);
+        let null: GenerationBody =
+            serde_json::from_str(r#"{"prompt": "a", "stream": null}"#).unwrap();
+        assert!(!null.options().unwrap().1.stream);
     }
 
     #[test]
-    fn more_than_one_choice_or_an_image_is_refused() {
-        let n: Sampling = serde_json::from_str(r#"{"n": 2}"#).unwrap();
+    fn more_than_one_choice_or_prompt_or_an_image_is_refused() {
+        let n: GenerationBody = serde_json::from_str(r#"{"n": 2}"#).unwrap();
         assert_eq!(n.options().unwrap_err().status(), 422);
+        assert!(serde_json::from_str::<GenerationBody>(r#"{"prompt": ["a", "b"]}"#).is_err());
+        let stops = format!(
+            r#"{{"stop": [{}]}}"#,
+            vec![r#""s""#; MAX_STOPS + 1].join(",")
+        );
+        assert!(serde_json::from_str::<GenerationBody>(&stops).is_err());
         let image: InMessage =
             serde_json::from_str(r#"{"role": "user", "content": [{"type": "image_url"}]}"#)
                 .unwrap();

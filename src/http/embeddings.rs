@@ -9,43 +9,15 @@ use hyper::Response;
 use serde::{Deserialize, Serialize};
 
 use super::api_error::ApiError;
+use super::bounded::{OneOrMany, MAX_TEXTS};
 use super::inference::{ok_json, Call};
-use super::request_body::parse;
+use super::request_body::{parse, ReadBody};
 use super::Body;
-
-/// One text or several.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Texts {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl Texts {
-    fn into_vec(self) -> Vec<String> {
-        match self {
-            Texts::One(text) => vec![text],
-            Texts::Many(texts) => texts,
-        }
-    }
-}
-
-/// Reads a [`Texts`], saying what was expected when it is neither form (serde's
-/// own message for an untagged enum names no form).
-fn texts<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Texts, D::Error> {
-    let value = serde_json::Value::deserialize(de)?;
-    serde_json::from_value(value).map_err(|_| {
-        serde::de::Error::custom(
-            "expected a string or a list of strings (token ids are not taken: send the text)",
-        )
-    })
-}
 
 /// `POST /embed`'s body.
 #[derive(Debug, Deserialize)]
 struct TeiRequest {
-    #[serde(deserialize_with = "texts")]
-    inputs: Texts,
+    inputs: OneOrMany<MAX_TEXTS>,
     /// Scale each vector to unit length (text-embeddings-inference's default).
     #[serde(default = "yes")]
     normalize: bool,
@@ -60,9 +32,9 @@ fn yes() -> bool {
 }
 
 /// `POST /embed`: a list of vectors, one per input, in order.
-pub async fn tei(call: &Call<'_>, body: &[u8]) -> Result<Response<Body>, ApiError> {
-    let request: TeiRequest = parse(body)?;
-    let texts = request.inputs.into_vec();
+pub async fn tei(call: &Call<'_>, body: ReadBody) -> Result<Response<Body>, ApiError> {
+    let request: TeiRequest = parse(body).await?;
+    let texts = request.inputs.0;
     if texts.is_empty() {
         return Err(ApiError::bad_input("`inputs` is an empty list"));
     }
@@ -107,8 +79,7 @@ fn unit(mut vector: Vec<f32>) -> Vec<f32> {
 /// node serves one); `user` and other fields are ignored.
 #[derive(Debug, Deserialize)]
 struct OpenAiRequest {
-    #[serde(deserialize_with = "texts")]
-    input: Texts,
+    input: OneOrMany<MAX_TEXTS>,
     #[serde(default)]
     encoding_format: Option<String>,
     #[serde(default)]
@@ -146,8 +117,8 @@ struct Usage {
 
 /// `POST /v1/embeddings`: OpenAI's answer; longer texts are truncated to what
 /// the model takes, as on the mesh.
-pub async fn openai(call: &Call<'_>, body: &[u8]) -> Result<Response<Body>, ApiError> {
-    let request: OpenAiRequest = parse(body)?;
+pub async fn openai(call: &Call<'_>, body: ReadBody) -> Result<Response<Body>, ApiError> {
+    let request: OpenAiRequest = parse(body).await?;
     let base64 = match request.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -157,7 +128,7 @@ pub async fn openai(call: &Call<'_>, body: &[u8]) -> Result<Response<Body>, ApiE
             )))
         }
     };
-    let texts = request.input.into_vec();
+    let texts = request.input.0;
     if texts.is_empty() {
         return Err(ApiError::bad_input("`input` is an empty list"));
     }
@@ -209,10 +180,10 @@ mod tests {
     #[test]
     fn inputs_are_a_string_or_a_list_and_nothing_else() {
         let one: TeiRequest = serde_json::from_str(r#"{"inputs": "a"}"#).unwrap();
-        assert_eq!(one.inputs.into_vec(), ["a"]);
+        assert_eq!(one.inputs.0, ["a"]);
         assert!(one.normalize && !one.truncate);
         let many: OpenAiRequest = serde_json::from_str(r#"{"input": ["a", "b"]}"#).unwrap();
-        assert_eq!(many.input.into_vec(), ["a", "b"]);
+        assert_eq!(many.input.0, ["a", "b"]);
         let err = serde_json::from_str::<OpenAiRequest>(r#"{"input": [1, 2]}"#).unwrap_err();
         assert!(err.to_string().contains("token ids are not taken"), "{err}");
     }

@@ -17,17 +17,22 @@ use tracing::Instrument;
 use super::api_error::{ApiError, Dialect, ErrorKind};
 use super::auth::ApiKey;
 use super::local_serving::LocalServing;
+use super::request_body::BodyBudget;
 use super::{completions, embeddings, json_bytes, request_body, Body, HttpState};
 use crate::config::{Config, Task};
+use crate::fetch::Secret;
 
 /// The inference routes' settings.
 #[derive(Debug)]
 pub struct Inference {
     key: ApiKey,
+    key_chars: usize,
     /// `HARNESS_HTTP_DEADLINE_MS`.
     pub deadline: Duration,
     /// `HARNESS_MAX_MESSAGE_BYTES`: the largest body taken.
     max_body_bytes: u64,
+    /// The bodies being read and parsed at once.
+    bodies: BodyBudget,
     task: Task,
     pub model: ServedModel,
 }
@@ -44,9 +49,17 @@ pub struct ServedModel {
 }
 
 impl Inference {
-    /// The routes' settings, or `None` when `HARNESS_API_KEY` is unset (off).
-    pub fn from_config(config: &Config) -> Option<Arc<Self>> {
-        let key = config.api_key.as_ref()?;
+    /// The routes' settings, or `None` when `HARNESS_API_KEY` is unset (off);
+    /// an error for a key no caller could send (empty, or only spaces).
+    pub fn from_config(config: &Config) -> Result<Option<Arc<Self>>, String> {
+        let Some(key) = config.api_key.as_ref() else {
+            return Ok(None);
+        };
+        // A key pasted with a newline or spaces around it still works.
+        let key = Secret::new(key.expose().trim());
+        if key.expose().is_empty() {
+            return Err("HARNESS_API_KEY is set but empty: set a key (openssl rand -hex 32), or unset it to leave the HTTP inference routes off".to_string());
+        }
         let model = &config.model;
         let (id, revision) = match (&model.model_dir, &model.model_repo) {
             (Some(dir), _) => (
@@ -58,17 +71,24 @@ impl Inference {
             (None, Some(repo)) => (repo.clone(), model.model_revision.clone()),
             (None, None) => ("model".to_string(), model.model_revision.clone()),
         };
-        Some(Arc::new(Inference {
-            key: ApiKey::new(key),
+        Ok(Some(Arc::new(Inference {
+            key_chars: key.expose().chars().count(),
+            key: ApiKey::new(&key),
             deadline: Duration::from_millis(config.http_deadline_ms),
             max_body_bytes: config.max_message_bytes,
+            bodies: BodyBudget::new(config.max_message_bytes),
             task: config.serving.task,
             model: ServedModel {
                 id,
                 revision,
                 created: unix_now(),
             },
-        }))
+        })))
+    }
+
+    /// The key's length in characters (to warn about a short one).
+    pub fn key_chars(&self) -> usize {
+        self.key_chars
     }
 }
 
@@ -102,6 +122,7 @@ impl Route {
             "/v1/chat/completions" => Route::ChatCompletions,
             "/v1/completions" => Route::Completions,
             "/v1/models" => Route::Models,
+            _ if path.starts_with("/v1/models/") => Route::Models,
             _ => return None,
         })
     }
@@ -237,22 +258,33 @@ async fn handle(
         }
     }
     if route == Route::Models {
-        return Ok(models(&inference.model));
+        return match path.strip_prefix("/v1/models/") {
+            None => Ok(models(&inference.model)),
+            Some(id) if id == inference.model.id => ok_json(&inference.model.entry()),
+            Some(id) => Err(ApiError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "no model {id:?} here: this node serves {:?}",
+                    inference.model.id
+                ),
+            )),
+        };
     }
     let serving = LocalServing::find(&state.shared)?;
-    let body = request_body::read(req, inference.max_body_bytes).await?;
-    *body_read = true;
     let deadline = received + inference.deadline;
+    let body =
+        request_body::read(req, inference.max_body_bytes, &inference.bodies, deadline).await?;
+    *body_read = true;
     let call = Call {
         serving,
         deadline,
         model: &inference.model,
     };
     match route {
-        Route::TeiEmbed => embeddings::tei(&call, &body).await,
-        Route::Embeddings => embeddings::openai(&call, &body).await,
-        Route::ChatCompletions => completions::chat(&call, &body).await,
-        Route::Completions => completions::text(&call, &body).await,
+        Route::TeiEmbed => embeddings::tei(&call, body).await,
+        Route::Embeddings => embeddings::openai(&call, body).await,
+        Route::ChatCompletions => completions::chat(&call, body).await,
+        Route::Completions => completions::text(&call, body).await,
         Route::Models => unreachable!("answered above"),
     }
 }
@@ -292,17 +324,24 @@ struct ModelEntry<'a> {
     revision: &'a str,
 }
 
+impl ServedModel {
+    /// Its entry in `/v1/models` (and `/v1/models/{id}`).
+    fn entry(&self) -> ModelEntry<'_> {
+        ModelEntry {
+            id: &self.id,
+            object: "model",
+            created: self.created,
+            owned_by: "harness",
+            revision: &self.revision,
+        }
+    }
+}
+
 /// `GET /v1/models`: the one model this node serves.
 fn models(model: &ServedModel) -> Response<Body> {
     let list = ModelList {
         object: "list",
-        data: [ModelEntry {
-            id: &model.id,
-            object: "model",
-            created: model.created,
-            owned_by: "harness",
-            revision: &model.revision,
-        }],
+        data: [model.entry()],
     };
     let bytes = serde_json::to_vec(&list).unwrap_or_else(|_| b"{}".to_vec());
     json_bytes(StatusCode::OK, bytes)

@@ -72,8 +72,27 @@ impl LocalServing {
             .await
     }
 
-    /// Opens a stream of `request` (its `timeout_ms` already set).
+    /// Opens a stream of `request` (its `timeout_ms` already set). The open
+    /// runs on a task of its own: if the HTTP caller goes away meanwhile (hyper
+    /// drops this future), that task still receives the stream's id, and its
+    /// dropped [`OpenStream`] cancels the generation.
     pub async fn open_stream(
+        &self,
+        request: GenerateRequest,
+        deadline: Instant,
+    ) -> Result<OpenStream, ApiError> {
+        let serving = self.clone();
+        tokio::spawn(async move { serving.open_now(request, deadline).await })
+            .await
+            .unwrap_or_else(|err| {
+                Err(ApiError::new(
+                    ErrorKind::Internal,
+                    format!("opening the stream failed: {err}"),
+                ))
+            })
+    }
+
+    async fn open_now(
         &self,
         request: GenerateRequest,
         deadline: Instant,
@@ -129,7 +148,7 @@ pub fn budget_ms(deadline: Instant) -> u64 {
 pub struct OpenStream {
     serving: LocalServing,
     id: u64,
-    /// The serving closed it (its end or an error was pulled).
+    /// The serving closed it (its end was pulled).
     closed: bool,
 }
 
@@ -149,7 +168,10 @@ impl OpenStream {
                 Instant::now() + PULL_WAIT,
             )
             .await;
-        if pulled.as_ref().map_or(true, |chunk| chunk.end.is_some()) {
+        // Only its end closes it for sure: after an error (the serving's, or
+        // no answer in time) a cancel on drop is harmless if the serving had
+        // closed it, and needed if it had not.
+        if pulled.as_ref().is_ok_and(|chunk| chunk.end.is_some()) {
             self.closed = true;
         }
         pulled

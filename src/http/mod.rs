@@ -16,6 +16,7 @@
 
 mod api_error;
 mod auth;
+mod bounded;
 mod completions;
 mod embeddings;
 mod health;
@@ -89,6 +90,14 @@ impl Drop for HttpServer {
 /// Binds `addr` (`[::]:8080` falls back to `0.0.0.0:8080` where IPv6 is off) and
 /// serves the endpoints.
 pub async fn start(addr: &str, state: HttpState) -> std::io::Result<HttpServer> {
+    if let Some(files) = crate::listener::raise_open_files_limit() {
+        if files < MAX_CONNECTIONS as u64 + 256 {
+            tracing::warn!(
+                files,
+                "this process may open only {files} files (ulimit -n): fewer than the HTTP port's {MAX_CONNECTIONS} connections, so a flood of connections can keep health checks out"
+            );
+        }
+    }
     let listener = bind(addr).await?;
     let addr = listener.local_addr()?;
     match &state.inference {
@@ -149,7 +158,7 @@ async fn accept_loop(listener: TcpListener, state: HttpState) {
             continue; // full of requests being answered: the new one is dropped
         };
         let (id, state) = (slot.id, state.clone());
-        let first_request = slot.clone();
+        let requests = slot.clone();
         let task = tokio::spawn(async move {
             let _slot = slot;
             // The longest a request may take, so a closing connection lets its
@@ -160,9 +169,14 @@ async fn accept_loop(listener: TcpListener, state: HttpState) {
                 .map_or(Duration::ZERO, |i| i.deadline)
                 + CLOSING_GRACE;
             let service = hyper::service::service_fn(move |req| {
-                first_request.headers_arrived();
+                let busy = requests.busy();
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, req).await) }
+                async move {
+                    let response = route(&state, req).await;
+                    // Waiting for its next request again once this answer is
+                    // sent (a stream's last event included).
+                    Ok::<_, Infallible>(response.map(|body| busy.until_sent(body)))
+                }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -182,11 +196,12 @@ async fn accept_loop(listener: TcpListener, state: HttpState) {
     }
 }
 
-/// The open connections, and which of them have not yet sent a request's
-/// headers. When all `MAX_CONNECTIONS` are taken, a new connection closes the
-/// oldest that is still waiting for its headers: sockets that never finish them
-/// (slowloris) cannot keep a health check, which sends its headers at once, from
-/// being answered.
+/// The open connections, and which of them are waiting for a request's headers
+/// (new, or idle between requests). When all `MAX_CONNECTIONS` are taken, a
+/// new connection closes the one that has waited longest: sockets that never
+/// finish their headers (slowloris), before or after a first request, cannot
+/// keep a health check, which sends its headers at once, from being answered.
+/// A connection with a request in flight (a stream too) is never closed so.
 #[derive(Default)]
 struct Connections {
     inner: std::sync::Mutex<ConnectionsInner>,
@@ -196,25 +211,27 @@ struct Connections {
 struct ConnectionsInner {
     open: usize,
     next_id: u64,
-    /// Connections without a request yet, oldest first.
-    waiting: std::collections::VecDeque<(u64, Option<tokio::task::AbortHandle>)>,
+    /// Connections waiting for a request's headers, longest waiting first.
+    waiting: std::collections::VecDeque<u64>,
+    /// Each open connection's task, so it can be closed.
+    tasks: std::collections::HashMap<u64, tokio::task::AbortHandle>,
 }
 
 impl Connections {
-    /// A slot for a new connection, closing the oldest one still waiting for its
+    /// A slot for a new connection, closing the one waiting longest for its
     /// headers if every slot is taken; `None` if every slot serves a request.
     fn admit(self: &Arc<Self>) -> Option<Arc<Slot>> {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.lock();
         if inner.open >= MAX_CONNECTIONS {
-            let (_, oldest) = inner.waiting.pop_front()?;
-            if let Some(task) = oldest {
+            let oldest = inner.waiting.pop_front()?;
+            if let Some(task) = inner.tasks.remove(&oldest) {
                 task.abort(); // its Slot frees the place when the task ends
             }
         }
         inner.open += 1;
         inner.next_id += 1;
         let id = inner.next_id;
-        inner.waiting.push_back((id, None));
+        inner.waiting.push_back(id);
         Some(Arc::new(Slot {
             id,
             connections: self.clone(),
@@ -223,15 +240,15 @@ impl Connections {
 
     /// The task serving connection `id`, so it can be closed.
     fn started(&self, id: u64, task: tokio::task::AbortHandle) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = inner.waiting.iter_mut().find(|(i, _)| *i == id) {
-            entry.1 = Some(task);
+        let mut inner = self.lock();
+        // A task that already ended has dropped its Slot (and left `waiting`).
+        if inner.waiting.contains(&id) {
+            inner.tasks.insert(id, task);
         }
     }
 
-    fn forget_waiting(&self, id: u64) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.waiting.retain(|(i, _)| *i != id);
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnectionsInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -242,21 +259,67 @@ struct Slot {
 }
 
 impl Slot {
-    /// A request's headers arrived: the connection is no longer a candidate to close.
-    fn headers_arrived(&self) {
-        self.connections.forget_waiting(self.id);
+    /// A request's headers arrived: the connection is not a candidate to close
+    /// until the returned guard is dropped.
+    fn busy(self: &Arc<Self>) -> Busy {
+        self.connections.lock().waiting.retain(|i| *i != self.id);
+        Busy(self.clone())
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut inner = self
-            .connections
-            .inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.connections.lock();
         inner.open -= 1;
-        inner.waiting.retain(|(i, _)| *i != self.id);
+        inner.waiting.retain(|i| *i != self.id);
+        inner.tasks.remove(&self.id);
+    }
+}
+
+/// A request in flight on a connection; when dropped (its answer sent, or
+/// abandoned), the connection waits for its next request's headers again.
+struct Busy(Arc<Slot>);
+
+impl Busy {
+    /// `body`, holding this guard until hyper has sent it all (or dropped it).
+    fn until_sent(self, body: Body) -> Body {
+        BodyExt::boxed(Sending { body, _busy: self })
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let slot = &self.0;
+        let mut inner = slot.connections.lock();
+        if !inner.waiting.contains(&slot.id) {
+            inner.waiting.push_back(slot.id);
+        }
+    }
+}
+
+/// A response body being sent, with its connection's [`Busy`] guard.
+struct Sending {
+    body: Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for Sending {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

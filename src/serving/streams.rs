@@ -249,7 +249,22 @@ pub fn open(
         if answer.is_err() {
             shared.metrics.request(outcome(&answer), received.elapsed());
         }
-        let _ = port.send(Payload::new(answer));
+        let opened = answer.as_ref().ok().map(|o| o.stream);
+        if port.send(Payload::new(answer)).is_err() {
+            // The caller left (or gave up) before it learned the id: no one
+            // will pull or cancel this stream, so it ends now, not after its
+            // generation and LINGER.
+            if let Some(id) = opened {
+                if let Some(stream) = streams.get(id) {
+                    stream.cancel();
+                }
+                streams.close(id, "cancelled", &shared);
+                tracing::debug!(
+                    stream = id,
+                    "its caller left while it was opened; cancelled"
+                );
+            }
+        }
     });
 }
 
