@@ -79,5 +79,7 @@ pub fn raise_open_files_limit() -> Option<u64> {
             }
         }
     }
+    // rlim_t is u64 on 64-bit Linux, but not on every target.
+    #[allow(clippy::unnecessary_cast)]
     Some(limit.rlim_cur as u64)
 }
