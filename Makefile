@@ -75,7 +75,7 @@ test:
 
 # Side-by-side benchmarks, release build; see BENCHMARKS.md.
 bench:
-	@$(WITH_LIBTORCH) $(CARGO) bench --bench fetch --bench serving --bench cluster --bench embedding --bench verify --bench generation --bench wake
+	@$(WITH_LIBTORCH) $(CARGO) bench --bench fetch --bench serving --bench cluster --bench embedding --bench verify --bench generation --bench wake --bench http
 
 # The chaos and load suite's long form (make test runs the short one): every
 # scenario of tests/chaos.rs at full length, then the protocol fuzz target. The

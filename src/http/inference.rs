@@ -176,7 +176,7 @@ pub async fn answer(state: &HttpState, req: Request<Incoming>) -> Response<Body>
         )
         .response(dialect);
     };
-    let span = tracing::info_span!("http_inference", route = %path);
+    let span = tracing::debug_span!("http_inference", route = %path);
     let has_body = announces_body(req.headers());
     async move {
         let mut body_read = false;
