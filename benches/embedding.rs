@@ -15,82 +15,12 @@ use ractor::ActorRef;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use support::measure::{all_at_once, env_or, percentile, print_table_head};
+use support::measure::{all_at_once, env_or, percentile, print_table_head, sentences};
 use support::serving::{node_config, start_ready};
 
 const CALLERS: usize = 64;
 const ROUNDS: usize = 3;
 const SINGLE_CALLS: usize = 100;
-
-/// Sentences of 4 to 40 words from a fixed vocabulary, the same every run: the
-/// length spread of ordinary English sentences.
-fn sentences(n: usize) -> Vec<String> {
-    let words = [
-        "the",
-        "a",
-        "model",
-        "serves",
-        "vectors",
-        "quickly",
-        "under",
-        "load",
-        "while",
-        "every",
-        "request",
-        "is",
-        "answered",
-        "with",
-        "care",
-        "and",
-        "nothing",
-        "gets",
-        "lost",
-        "cluster",
-        "machine",
-        "learning",
-        "text",
-        "embedding",
-        "search",
-        "similar",
-        "documents",
-        "query",
-        "results",
-        "ranked",
-        "by",
-        "cosine",
-        "distance",
-        "from",
-        "user",
-        "question",
-        "about",
-        "weather",
-        "in",
-        "Paris",
-        "tomorrow",
-        "morning",
-        "library",
-        "books",
-        "written",
-        "long",
-    ];
-    let mut state = 0x2545_f491_4f6c_dd1d_u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    (0..n)
-        .map(|_| {
-            let len = 4 + (next() % 37) as usize;
-            let mut s: Vec<&str> = (0..len)
-                .map(|_| words[(next() % words.len() as u64) as usize])
-                .collect();
-            s[0] = "The";
-            format!("{}.", s.join(" "))
-        })
-        .collect()
-}
 
 /// sentence-transformers' `encode` of the sentences in `file`, timed in Python
 /// after a warm-up: (seconds for all, median single-sentence latency).
@@ -130,7 +60,7 @@ async fn sorted_batches(
     texts: &[String],
 ) -> (harness::engine::Engine, Vec<Vec<tch::Tensor>>) {
     use harness::engine::{BatchConfig, Collate, DeviceChoice, Engine};
-    let files: Vec<_> = ["model.pt", "tokenizer.json", "harness.json"]
+    let files: Vec<_> = harness::tasks::embedding::DEFAULT_FILES
         .iter()
         .map(|n| (n.to_string(), model_dir.join(n)))
         .collect();

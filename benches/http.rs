@@ -36,7 +36,7 @@ use harness_client::HarnessClient;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use support::measure::{all_at_once, env_or, percentile, print_table_head};
+use support::measure::{all_at_once, env_or, percentile, print_table_head, sentences};
 use support::node::{ServeProcess, ServeSettings};
 
 const CALLERS: usize = 64;
@@ -44,76 +44,6 @@ const COOKIE: &str = "bench-cookie";
 const API_KEY: &str = "bench-api-key";
 const MODEL: &str = "sentence-transformers/all-MiniLM-L6-v2";
 const DIMENSIONS: usize = 384;
-
-/// The same sentences as `benches/embedding.rs`: 4 to 40 words from a fixed
-/// vocabulary, the same every run.
-fn sentences(n: usize) -> Vec<String> {
-    let words = [
-        "the",
-        "a",
-        "model",
-        "serves",
-        "vectors",
-        "quickly",
-        "under",
-        "load",
-        "while",
-        "every",
-        "request",
-        "is",
-        "answered",
-        "with",
-        "care",
-        "and",
-        "nothing",
-        "gets",
-        "lost",
-        "cluster",
-        "machine",
-        "learning",
-        "text",
-        "embedding",
-        "search",
-        "similar",
-        "documents",
-        "query",
-        "results",
-        "ranked",
-        "by",
-        "cosine",
-        "distance",
-        "from",
-        "user",
-        "question",
-        "about",
-        "weather",
-        "in",
-        "Paris",
-        "tomorrow",
-        "morning",
-        "library",
-        "books",
-        "written",
-        "long",
-    ];
-    let mut state = 0x2545_f491_4f6c_dd1d_u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    (0..n)
-        .map(|_| {
-            let len = 4 + (next() % 37) as usize;
-            let mut s: Vec<&str> = (0..len)
-                .map(|_| words[(next() % words.len() as u64) as usize])
-                .collect();
-            s[0] = "The";
-            format!("{}.", s.join(" "))
-        })
-        .collect()
-}
 
 /// The three ways of asking for an embedding.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -50,15 +50,7 @@ async fn embeddings_match_sentence_transformers_through_hub_node_and_client() {
     assert_eq!(manifest["pooling"], "mean");
     assert_eq!(manifest["normalize"], true);
     assert_eq!(manifest["max_seq_length"], 256);
-    let files: Vec<(String, Vec<u8>)> = ["model.pt", "tokenizer.json", "harness.json"]
-        .iter()
-        .map(|f| (f.to_string(), std::fs::read(out.join(f)).unwrap()))
-        .collect();
-    let entries: Vec<(&str, &[u8], bool)> = files
-        .iter()
-        .map(|(name, bytes)| (name.as_str(), bytes.as_slice(), name == "model.pt"))
-        .collect();
-    let published = ModelRepo::publish(REPO, &entries).await;
+    let published = minilm::publish(&out, REPO).await;
 
     let texts = minilm::varied_texts();
     assert!(texts.len() >= 50, "{} texts", texts.len());

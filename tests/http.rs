@@ -268,18 +268,23 @@ async fn unknown_paths_wrong_methods_and_idle_clients() {
     node.shutdown(Duration::from_secs(1)).await;
 }
 
-/// A POST of `body` (JSON) to `path` with the key `key`: the status, the
-/// `Retry-After` header, and the body.
-async fn post(http: &Http, path: &str, key: &str, body: &str) -> (u16, Option<String>, String) {
-    let response = http
-        .client
+/// Sends a POST of `body` (JSON) to `path` with the key `key`; its response,
+/// body unread (a stream's events come as they are made).
+async fn send_post(http: &Http, path: &str, key: &str, body: &str) -> reqwest::Response {
+    http.client
         .post(format!("{}{path}", http.base))
         .bearer_auth(key)
         .header("content-type", "application/json")
         .body(body.to_string())
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// A POST of `body` (JSON) to `path` with the key `key`: the status, the
+/// `Retry-After` header, and the body.
+async fn post(http: &Http, path: &str, key: &str, body: &str) -> (u16, Option<String>, String) {
+    let response = send_post(http, path, key, body).await;
     let status = response.status().as_u16();
     let retry_after = response
         .headers()
@@ -351,14 +356,7 @@ async fn inference_errors_follow_the_serving_through_its_states() {
     let stream = r#"{"prompt": "Hello", "max_tokens": 30000, "stream": true}"#;
     let mut open = Vec::new();
     for _ in 0..2 {
-        let response = http
-            .client
-            .post(format!("{}/v1/completions", http.base))
-            .bearer_auth(KEY)
-            .body(stream)
-            .send()
-            .await
-            .unwrap();
+        let response = send_post(&http, "/v1/completions", KEY, stream).await;
         assert_eq!(response.status(), 200);
         open.push(response);
     }
@@ -385,14 +383,7 @@ async fn inference_errors_follow_the_serving_through_its_states() {
 
     // Not streamed: 504 once the deadline passes while generating.
     let started = Instant::now();
-    let response = http
-        .client
-        .post(format!("{}/v1/chat/completions", http.base))
-        .bearer_auth(KEY)
-        .body(chat)
-        .send()
-        .await
-        .unwrap();
+    let response = send_post(&http, "/v1/chat/completions", KEY, chat).await;
     let (status, should_retry) = (
         response.status().as_u16(),
         response.headers().get("x-should-retry").cloned(),

@@ -145,6 +145,19 @@ impl Raw {
         self.post(path, key, &serde_json::to_vec(body).unwrap())
             .await
     }
+
+    /// `POST /embed` of `body` with `key`, asserted 200: its vectors.
+    async fn tei_vectors(&self, key: &str, body: &Value) -> Vec<Vec<f32>> {
+        let answer = self.post_json("/embed", Some(key), body).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        answer
+            .json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(floats)
+            .collect()
+    }
 }
 
 /// Asserts `answer` is `/v1`'s error shape with `status`, `type` and (when
@@ -247,15 +260,7 @@ async fn published_minilm() -> (tempfile::TempDir, ModelRepo) {
         "export failed: {}",
         String::from_utf8_lossy(&exported.stderr)
     );
-    let files: Vec<(String, Vec<u8>)> = ["model.pt", "tokenizer.json", "harness.json"]
-        .iter()
-        .map(|f| (f.to_string(), std::fs::read(out.join(f)).unwrap()))
-        .collect();
-    let entries: Vec<(&str, &[u8], bool)> = files
-        .iter()
-        .map(|(name, bytes)| (name.as_str(), bytes.as_slice(), name == "model.pt"))
-        .collect();
-    let published = ModelRepo::publish(EMBEDDING_REPO, &entries).await;
+    let published = minilm::publish(&out, EMBEDDING_REPO).await;
     (export, published)
 }
 
@@ -401,54 +406,22 @@ async fn embeddings_over_http_equal_the_meshs_vectors() {
     // TEI's /embed: normalized vectors, one list per input in order, for a
     // list or a single text.
     let raw = Raw::new(&node);
-    let tei = raw
-        .post_json(
-            "/embed",
-            Some(KEY),
-            &json!({"inputs": texts, "truncate": true}),
-        )
+    let vectors = raw
+        .tei_vectors(KEY, &json!({"inputs": texts, "truncate": true}))
         .await;
-    assert_eq!(tei.status, 200, "{}", tei.body);
-    let vectors: Vec<Vec<f32>> = tei.json().as_array().unwrap().iter().map(floats).collect();
     assert_close_vectors(&vectors, &mesh, "/embed");
     for v in &vectors {
         assert!((minilm::norm(v) - 1.0).abs() < 1e-5, "not unit length");
     }
-    let tei_short = raw
-        .post_json("/embed", Some(KEY), &json!({ "inputs": short }))
-        .await;
-    assert_eq!(tei_short.status, 200, "{}", tei_short.body);
-    let vectors: Vec<Vec<f32>> = tei_short
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(floats)
-        .collect();
+    let vectors = raw.tei_vectors(KEY, &json!({ "inputs": short })).await;
     assert_close_vectors(&vectors, &mesh_short, "/embed, truncate unset");
-    let single = raw
-        .post_json("/embed", Some(KEY), &json!({"inputs": texts[0]}))
-        .await;
-    assert_eq!(single.status, 200, "{}", single.body);
-    let vectors: Vec<Vec<f32>> = single
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(floats)
-        .collect();
+    let vectors = raw.tei_vectors(KEY, &json!({"inputs": texts[0]})).await;
     // The model's vectors are unit length already: left as they are.
     assert_same_vectors(&vectors, &mesh_alone[..1], "/embed of one text");
     // Not normalized: the model's own output, in the same direction.
     let own = raw
-        .post_json(
-            "/embed",
-            Some(KEY),
-            &json!({"inputs": short, "normalize": false}),
-        )
+        .tei_vectors(KEY, &json!({"inputs": short, "normalize": false}))
         .await;
-    assert_eq!(own.status, 200, "{}", own.body);
-    let own: Vec<Vec<f32>> = own.json().as_array().unwrap().iter().map(floats).collect();
     assert_eq!(own.len(), short.len());
     for (got, want) in own.iter().zip(&mesh_short) {
         assert!(minilm::cosine(got, &want.vector) > 0.99999);

@@ -178,16 +178,26 @@ pub async fn answer(state: &HttpState, req: Request<Incoming>) -> Response<Body>
     };
     let span = tracing::debug_span!("http_inference", route = %path);
     let has_body = announces_body(req.headers());
+    let route = Route::of(&path);
     async move {
         let mut body_read = false;
-        let mut response =
-            match handle(state, &inference, req, &path, received, &mut body_read).await {
-                Ok(response) => response,
-                Err(err) => {
-                    tracing::debug!(status = err.status().as_u16(), "{}", err.message);
-                    err.response(dialect)
-                }
-            };
+        let mut response = match handle(
+            state,
+            &inference,
+            req,
+            route,
+            &path,
+            received,
+            &mut body_read,
+        )
+        .await
+        {
+            Ok(response) => response,
+            Err(err) => {
+                tracing::debug!(status = err.status().as_u16(), "{}", err.message);
+                err.response(dialect)
+            }
+        };
         if has_body && !body_read {
             // Answered before its body was read (a refusal): hyper will not
             // read it and closes the connection, so the client must know not
@@ -197,8 +207,10 @@ pub async fn answer(state: &HttpState, req: Request<Incoming>) -> Response<Body>
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
         let code = response.status().as_u16();
-        let route = Route::of(&path).map_or("other", Route::path);
-        state.shared.metrics.http_request(route, code);
+        state
+            .shared
+            .metrics
+            .http_request(route.map_or("other", Route::path), code);
         tracing::debug!(
             status = code,
             elapsed_ms = received.elapsed().as_millis() as u64,
@@ -222,6 +234,7 @@ async fn handle(
     state: &HttpState,
     inference: &Inference,
     req: Request<Incoming>,
+    route: Option<Route>,
     path: &str,
     received: Instant,
     body_read: &mut bool,
@@ -232,7 +245,7 @@ async fn handle(
             "a missing or wrong API key: send Authorization: Bearer <the node's HARNESS_API_KEY>",
         ));
     }
-    let route = Route::of(path).ok_or_else(|| {
+    let route = route.ok_or_else(|| {
         ApiError::new(
             ErrorKind::NotFound,
             format!("no route {path}: try POST /embed, POST /v1/embeddings, POST /v1/chat/completions, POST /v1/completions, GET /v1/models"),

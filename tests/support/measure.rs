@@ -43,3 +43,74 @@ pub fn print_table_head(title: &str, columns: &[&str]) {
     println!("| {} |", columns.join(" | "));
     println!("|{}", " --- |".repeat(columns.len()));
 }
+
+/// Sentences of 4 to 40 words from a fixed vocabulary, the same every run: the
+/// length spread of ordinary English sentences. The embedding benches share
+/// them, so their figures are of the same texts.
+pub fn sentences(n: usize) -> Vec<String> {
+    let words = [
+        "the",
+        "a",
+        "model",
+        "serves",
+        "vectors",
+        "quickly",
+        "under",
+        "load",
+        "while",
+        "every",
+        "request",
+        "is",
+        "answered",
+        "with",
+        "care",
+        "and",
+        "nothing",
+        "gets",
+        "lost",
+        "cluster",
+        "machine",
+        "learning",
+        "text",
+        "embedding",
+        "search",
+        "similar",
+        "documents",
+        "query",
+        "results",
+        "ranked",
+        "by",
+        "cosine",
+        "distance",
+        "from",
+        "user",
+        "question",
+        "about",
+        "weather",
+        "in",
+        "Paris",
+        "tomorrow",
+        "morning",
+        "library",
+        "books",
+        "written",
+        "long",
+    ];
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    (0..n)
+        .map(|_| {
+            let len = 4 + (next() % 37) as usize;
+            let mut s: Vec<&str> = (0..len)
+                .map(|_| words[(next() % words.len() as u64) as usize])
+                .collect();
+            s[0] = "The";
+            format!("{}.", s.join(" "))
+        })
+        .collect()
+}

@@ -30,6 +30,20 @@ pub fn export(out: &Path) -> std::process::Output {
         .expect("running the export tool")
 }
 
+/// The exported model in `out` published as `repo` on a new test hub (the
+/// embedding task's files; `model.pt` through LFS, as the Hub stores it).
+pub async fn publish(out: &Path, repo: &str) -> super::model_repo::ModelRepo {
+    let files: Vec<(String, Vec<u8>)> = harness::tasks::embedding::DEFAULT_FILES
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read(out.join(f)).unwrap()))
+        .collect();
+    let entries: Vec<(&str, &[u8], bool)> = files
+        .iter()
+        .map(|(name, bytes)| (name.as_str(), bytes.as_slice(), name == "model.pt"))
+        .collect();
+    super::model_repo::ModelRepo::publish(repo, &entries).await
+}
+
 /// What sentence-transformers says about one text.
 #[derive(Debug, serde::Deserialize)]
 pub struct Reference {
